@@ -1,0 +1,46 @@
+"""Plain list files: one image per line, `PATH [LABEL [MASK_PATH]]`.
+
+Fields are separated by tabs when the line has one (so paths may contain spaces), otherwise by
+whitespace. Relative paths are relative to the list file's folder. Blank lines and lines
+starting with '#' are ignored.
+"""
+from __future__ import annotations
+
+import os
+from typing import List
+
+from .base import Sample, SourceError
+
+
+def read_listfile(list_path: str) -> List[Sample]:
+    if not os.path.isfile(list_path):
+        raise SourceError(f"list file {list_path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(list_path))
+    samples: List[Sample] = []
+    seen = set()
+    with open(list_path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            if len(fields) > 3:
+                raise SourceError(f"{list_path}:{lineno}: expected 'PATH [LABEL [MASK]]', got {line!r}")
+            rel = fields[0]
+            try:
+                label = int(fields[1]) if len(fields) > 1 else -1
+            except ValueError:
+                raise SourceError(f"{list_path}:{lineno}: label {fields[1]!r} is not an integer") from None
+            path = rel if os.path.isabs(rel) else os.path.join(base, rel)
+            mask = None
+            if len(fields) > 2:
+                mask = fields[2] if os.path.isabs(fields[2]) else os.path.join(base, fields[2])
+                if not os.path.isfile(mask):
+                    raise SourceError(f"{list_path}:{lineno}: mask {mask!r} does not exist")
+            if rel in seen:
+                raise SourceError(f"{list_path}:{lineno}: {rel!r} is listed twice")
+            seen.add(rel)
+            samples.append(Sample(key=rel, path=path, label=label, gt_mask_path=mask))
+    if not samples:
+        raise SourceError(f"list file {list_path!r} lists no images")
+    return samples

@@ -1,0 +1,271 @@
+"""objloader-build: sources -> records -> data.beton (FFCV) + shards/*.tar (WebDataset) + manifest.
+
+Atomic and resumable: everything is written under OUT.partial/, records are first staged in
+chunk files that exist only when complete, and OUT appears by a rename once every format and
+the manifest are written. A rerun with the same source and options resumes from the staged
+chunks; with different ones it starts over.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+from tqdm import tqdm
+
+from ..sources import SourceError, SourceSpec, open_source
+from .process import SkipRecord, build_record
+from .schema import SCHEMA_VERSION, BuildOptions, Record, digest_of
+from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
+
+FORMATS = ("ffcv", "wds")
+MANIFEST = "manifest.json"
+STATE = "build-state.json"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on; the message says what to do."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(specs: List[SourceSpec], opts: BuildOptions, formats: Sequence[str]) -> str:
+    """Identity of a build: options, formats and every source file's key, size and mtime."""
+    h = hashlib.sha1(json.dumps([opts.to_dict(), sorted(formats), SCHEMA_VERSION]).encode())
+    for spec in specs:
+        h.update(f"{spec.name}|{spec.kind}|{os.path.abspath(spec.path)}\n".encode())
+        for s in spec.samples:
+            try:
+                st = os.stat(s.path)
+                h.update(f"{s.key}|{s.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{s.key}|missing\n".encode())
+    return h.hexdigest()
+
+
+def _process(task):
+    """Record, or the reason the sample is skipped."""
+    sample, opts = task
+    try:
+        return build_record(sample, opts)
+    except (SkipRecord, SourceError) as e:
+        return str(e)
+
+
+def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error: str, label: str) -> int:
+    """Process every sample of spec into chunk files; chunks already on disk are kept."""
+    os.makedirs(stage_dir, exist_ok=True)
+    n_chunks = (len(spec.samples) + CHUNK - 1) // CHUNK
+    todo = [c for c in range(n_chunks) if not os.path.exists(chunk_path(stage_dir, c))]
+    done = (n_chunks - len(todo)) * CHUNK
+    bar = tqdm(total=len(spec.samples), initial=min(done, len(spec.samples)), desc=f"records {label}",
+               unit="img", file=sys.stderr, dynamic_ncols=True)
+    pending = ((s, opts) for c in todo for s in spec.samples[c * CHUNK:(c + 1) * CHUNK])
+    results = pool.imap(_process, pending, chunksize=8) if pool else map(_process, pending)
+    for c in todo:
+        size = len(spec.samples[c * CHUNK:(c + 1) * CHUNK])
+        items = []
+        for k in range(size):
+            item = next(results)
+            if isinstance(item, str) and on_error == "fail":
+                s = spec.samples[c * CHUNK + k]
+                raise BuildError(f"record {s.key!r} ({s.path}): {item}. Use --on-error skip to skip such inputs.")
+            items.append(item)
+            bar.update(1)
+        write_chunk(stage_dir, c, items)
+    bar.close()
+    return n_chunks
+
+
+def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Sequence[str], pool,
+               workers: int, on_error: str, log: Callable) -> dict:
+    label = spec.name or os.path.basename(os.path.normpath(spec.path))
+    if os.path.exists(os.path.join(ds_dir, MANIFEST)):
+        log(f"{label}: already built in the partial output, kept")
+        with open(os.path.join(ds_dir, MANIFEST)) as f:
+            return json.load(f)
+    masks_note = opts.masks
+    if opts.masks == "gt" and not any(s.has_gt_mask for s in spec.samples):
+        # A whole evaluation set without objects (e.g. only_bg_*): build it without object
+        # knowledge rather than skip every record, and say so in its manifest.
+        opts = dataclasses.replace(opts, masks="none")
+        masks_note = "none (the source has no ground-truth masks)"
+        log(f"{label}: no ground-truth masks in this source; built with --masks none")
+    stage_dir = os.path.join(ds_dir, ".stage")
+    t0 = time.time()
+    n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label)
+    stage_seconds = time.time() - t0
+
+    skipped, notes = [], collections.Counter()
+    for c in range(n_chunks):
+        for k, item in enumerate(read_chunk(stage_dir, c)):
+            if isinstance(item, Record):
+                notes.update(item.notes)
+            else:
+                s = spec.samples[c * CHUNK + k]
+                skipped.append({"key": s.key, "path": s.path, "reason": item})
+    staged = StagedRecords(stage_dir, n_chunks)
+    if len(staged) == 0:
+        raise BuildError(f"{label}: every one of {len(spec.samples)} inputs was skipped; first reason: "
+                         f"{skipped[0]['reason'] if skipped else '?'}")
+    with_gt = all(staged[i].gt_mask is not None for i in range(len(staged)))
+    if not with_gt and any(staged[i].gt_mask is not None for i in range(len(staged))):
+        log(f"{label}: only some images have ground-truth masks; gt fields are left out")
+    for s in skipped:
+        log(f"{label}: skipped {s['key']!r}: {s['reason']}")
+
+    checksums = {}
+    if "ffcv" in formats:
+        from .ffcv_writer import write_beton
+
+        tmp = os.path.join(ds_dir, "data.beton.tmp")
+        write_beton(tmp, staged, opts, with_gt, workers)
+        os.replace(tmp, os.path.join(ds_dir, "data.beton"))
+        checksums["data.beton"] = _sha256(os.path.join(ds_dir, "data.beton"))
+    shards = []
+    if "wds" in formats:
+        from .wds_writer import write_shards
+
+        tmp = os.path.join(ds_dir, "shards.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with tqdm(total=len(staged), desc=f"shards {label}", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+            shards = write_shards(tmp, staged, opts.shard_size, with_gt, progress=bar)
+        shutil.rmtree(os.path.join(ds_dir, "shards"), ignore_errors=True)
+        os.replace(tmp, os.path.join(ds_dir, "shards"))
+        for name in shards:
+            for f in (name, name[:-4] + ".idx"):
+                checksums[f"shards/{f}"] = _sha256(os.path.join(ds_dir, "shards", f))
+
+    keys, digests, labels, n_boxes = [], [], [], []
+    for r in staged:
+        if not with_gt:
+            r.gt_mask = r.gt_boxes = None
+            r.n_gt_boxes = 0
+        keys.append(r.key)
+        digests.append(digest_of(r))
+        labels.append(r.label)
+        n_boxes.append(r.n_boxes)
+    manifest = {
+        "kind": "dataset",
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": {"path": os.path.abspath(spec.path), "kind": spec.kind},
+        "options": opts.to_dict(),
+        "masks": masks_note,
+        "formats": list(formats),
+        "classes": spec.classes,
+        "has_gt": with_gt,
+        "counts": {"inputs": len(spec.samples), "records": len(staged), "skipped": len(skipped),
+                   "records_without_boxes": sum(1 for n in n_boxes if n == 0),
+                   "records_without_background": None},
+        "conversions": dict(notes),
+        "skipped": skipped,
+        "shards": [f"shards/{n}" for n in shards],
+        "checksums": checksums,
+        "timing": {"records_seconds": round(stage_seconds, 3)},
+        "records": {"keys": keys, "digests": digests, "labels": labels, "n_boxes": n_boxes},
+    }
+    manifest["counts"]["records_without_background"] = sum(
+        1 for i in range(len(staged)) if _area(staged[i].bg_rect) == 0)
+    shutil.rmtree(stage_dir)
+    _write_json(os.path.join(ds_dir, MANIFEST), manifest)
+    log(f"{label}: {len(staged)} records, {len(skipped)} skipped")
+    return manifest
+
+
+def _area(r) -> float:
+    return float(max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1]))
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
+          workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
+          coco_images: Optional[str] = None, log: Callable = print) -> dict:
+    """Build src into out; returns the top-level manifest."""
+    formats = tuple(formats)
+    for f in formats:
+        if f not in FORMATS:
+            raise BuildError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    if on_error not in ("skip", "fail"):
+        raise BuildError(f"--on-error must be skip or fail, not {on_error!r}")
+    if opts.masks not in ("gt", "none"):
+        raise BuildError(f"--masks {opts.masks!r} is not available; choose gt or none")
+    out = os.path.abspath(out.rstrip("/"))
+    if os.path.exists(out) and not overwrite:
+        raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+    specs = open_source(src, coco_images)
+    workers = workers or os.cpu_count() or 1
+    partial = out + ".partial"
+    fingerprint = _fingerprint(specs, opts, formats)
+    state_path = os.path.join(partial, STATE)
+    if os.path.isdir(partial):
+        try:
+            with open(state_path) as f:
+                same = json.load(f).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            same = False
+        if same:
+            log(f"resuming the interrupted build in {partial}")
+        else:
+            log(f"{partial} is from a different or unreadable build: starting over")
+            shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    _write_json(state_path, {"fingerprint": fingerprint, "source": os.path.abspath(src)})
+
+    t0 = time.time()
+    ctx = mp.get_context("fork")
+    pool = ctx.Pool(workers) if workers > 1 else None
+    try:
+        manifests = {}
+        for spec in specs:
+            ds_dir = os.path.join(partial, spec.name) if spec.name else partial
+            os.makedirs(ds_dir, exist_ok=True)
+            manifests[spec.name] = _build_one(spec, ds_dir, opts, formats, pool, workers, on_error, log)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    seconds = time.time() - t0
+    if len(specs) == 1 and specs[0].name == "":
+        top = manifests[""]
+    else:
+        top = {
+            "kind": "collection",
+            "schema_version": SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": {"path": os.path.abspath(src), "kind": "objloader-demo"},
+            "datasets": {name: {"records": m["counts"]["records"], "skipped": m["counts"]["skipped"]}
+                         for name, m in manifests.items()},
+        }
+    top["build_seconds"] = round(seconds, 3)
+    top["workers"] = workers
+    _write_json(os.path.join(partial, MANIFEST), top)
+    os.remove(state_path)
+    # The output appears complete in one rename; an old output is replaced only now.
+    if os.path.exists(out):
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, out)
+    return top

@@ -1,0 +1,151 @@
+"""Turn one source Sample into one Record: decode once, normalise colour, resize, encode,
+and derive the mask geometry. Runs in build worker processes."""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from typing import Optional, Tuple, Union
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..cam.geometry import bg_rect, mask_to_boxes, pad_boxes
+from ..sources.base import Sample, SourceError
+from .schema import BuildOptions, Record
+
+# Fill colour for transparent pixels: mid-grey keeps them away from both black and white.
+ALPHA_FILL = (128, 128, 128)
+
+
+class SkipRecord(Exception):
+    """An input that cannot become a record; the message is the reason kept in the manifest."""
+
+
+def decode_image(data: bytes, opts: BuildOptions) -> Tuple[np.ndarray, Tuple[int, int], list]:
+    """RGB uint8 [h, w, 3] (already reduced towards max_res for large JPEGs), the source's
+    (height, width) and the conversions applied. Raises SkipRecord for unusable input."""
+    notes = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            src_w, src_h = im.size
+            if src_w * src_h > opts.max_pixels:
+                raise SkipRecord(f"too large: {src_w}x{src_h} pixels exceeds --max-pixels {opts.max_pixels}")
+            if min(src_w, src_h) < opts.min_size:
+                raise SkipRecord(f"too small: {src_w}x{src_h}, a side is below --min-size {opts.min_size}")
+            if im.format == "JPEG" and max(src_w, src_h) > 2 * opts.max_res:
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: huge photos cost a fraction of a full decode.
+                scale = opts.max_res / max(src_w, src_h)
+                im.draft(im.mode, (max(1, int(src_w * scale)), max(1, int(src_h * scale))))
+            im.load()  # truncated or corrupt data fails here, not later in a loader
+    except SkipRecord:
+        raise
+    except Image.UnidentifiedImageError:
+        raise SkipRecord("not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipRecord(f"cannot decode image: {e}") from None
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, ALPHA_FILL + (255,))
+        im = Image.alpha_composite(canvas, rgba)
+        notes.append("alpha composited on grey")
+    elif mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    elif mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+        if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # High bit-depth grey: rescale to 8 bits instead of clipping.
+            a = np.asarray(im, dtype=np.float64)
+            hi = a.max() if a.max() > 0 else 1.0
+            im = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
+        notes.append("grayscale converted to RGB")
+    elif mode not in ("RGB", "P", "YCbCr"):
+        notes.append(f"{mode} converted to RGB")
+    rgb = np.asarray(im.convert("RGB"))
+    return np.ascontiguousarray(rgb), (src_h, src_w), notes
+
+
+def resize_long_side(img: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if max(h, w) <= max_side:
+        return img
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise SkipRecord("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _boxes_from(mask_hw: np.ndarray, given: Optional[np.ndarray], opts: BuildOptions):
+    """Padded [K, 4] boxes and their count: the source's own boxes when it has them (COCO
+    instances stay separate even when they touch), otherwise the mask's components."""
+    if given is not None and len(given):
+        b = np.asarray(given, dtype=np.float32).reshape(-1, 4)
+        b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]  # degenerate boxes cannot hold a crop
+        b = b[np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")]
+    else:
+        b = mask_to_boxes(mask_hw, threshold=opts.box_threshold, max_boxes=opts.max_boxes,
+                          min_area_frac=opts.min_box_area, margin=opts.box_margin)
+    return pad_boxes(b, opts.max_boxes)
+
+
+def build_record(sample: Sample, opts: BuildOptions, mask_override: Optional[np.ndarray] = None) -> Record:
+    """The Record for one sample. Raises SkipRecord (a reason for the manifest) or SourceError."""
+    data = sample.read_bytes()
+    rgb, (src_h, src_w), notes = decode_image(data, opts)
+    rgb = resize_long_side(rgb, opts.max_res)
+    if rgb.shape[:2] != (src_h, src_w):
+        notes.append(f"resized from {src_w}x{src_h}")
+    h, w = rgb.shape[:2]
+    jpeg = encode_jpeg(rgb, opts.jpeg_quality)
+    M = opts.mask_res
+
+    gt = None
+    if sample.has_gt_mask:
+        try:
+            gt = sample.load_gt_mask()
+        except SourceError as e:
+            raise SkipRecord(str(e)) from None
+        if gt.shape != (src_h, src_w):
+            raise SkipRecord(f"ground-truth mask is {gt.shape[1]}x{gt.shape[0]} but the image is "
+                             f"{src_w}x{src_h}: refusing to pair them")
+        gt = cv2.resize(gt, (w, h), interpolation=cv2.INTER_AREA) if gt.shape != (h, w) else gt
+
+    if opts.masks == "gt":
+        if gt is None:
+            raise SkipRecord("no ground-truth mask (--masks gt)")
+        mask_hw, given_boxes = gt, sample.gt_boxes
+    elif opts.masks == "none":
+        mask_hw, given_boxes = None, None
+    elif opts.masks == "provided":
+        if mask_override is None:
+            raise SkipRecord("no mask provided for this record")
+        mask_hw, given_boxes = mask_override, None
+    else:
+        raise ValueError(f"unknown --masks {opts.masks!r}")
+
+    if mask_hw is None:
+        # No object knowledge: the whole image is the object, there is no background.
+        mask = np.full((M, M), 255, np.uint8)
+        boxes, n_boxes = pad_boxes(np.zeros((0, 4), np.float32), opts.max_boxes)
+        bg = np.zeros(4, np.float32)
+    else:
+        mask = cv2.resize(mask_hw, (M, M), interpolation=cv2.INTER_AREA)
+        boxes, n_boxes = _boxes_from(mask_hw, given_boxes, opts)
+        bg = bg_rect(mask_hw, method=opts.bg_patch, threshold=opts.bg_threshold).astype(np.float32)
+
+    rec = Record(key=sample.key, sha1=hashlib.sha1(data).hexdigest(), image=jpeg, height=h, width=w,
+                 label=int(sample.label), mask=mask, boxes=boxes, n_boxes=int(n_boxes), bg_rect=bg,
+                 notes=notes)
+    if gt is not None:
+        rec.gt_mask = cv2.resize(gt, (M, M), interpolation=cv2.INTER_AREA)
+        rec.gt_boxes, rec.n_gt_boxes = _boxes_from(gt, sample.gt_boxes, opts)
+    return rec

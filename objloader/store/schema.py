@@ -1,0 +1,90 @@
+"""The record schema shared by every on-disk format (see DESIGN.md, "Record schema")."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# WebDataset member suffixes, one per field; DALI reads each as an output of readers.webdataset.
+WDS_MEMBERS = {
+    "image": "jpg",
+    "label": "cls",
+    "mask": "mask.png",
+    "boxes": "boxes.npy",
+    "bg_rect": "bg.npy",
+    "meta": "json",
+    "gt_mask": "gt_mask.png",
+    "gt_boxes": "gt_boxes.npy",
+}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Every option that changes the bytes of a built dataset; CLI flags map onto it 1:1."""
+
+    masks: str = "gt"            # gt | none (| contracam, once ContraCAM exists)
+    max_res: int = 256           # long side of the stored JPEG
+    mask_res: int = 64           # M: masks are stored as uint8 [M, M] over the unit square
+    max_boxes: int = 8           # K: boxes are padded to [K, 4]
+    bg_patch: str = "maxrect"    # maxrect | strip
+    jpeg_quality: int = 90
+    min_size: int = 8            # images with a side below this are skipped
+    max_pixels: int = 1 << 28    # images above this many pixels are skipped (decompression bombs)
+    box_threshold: float = 0.5   # mask -> boxes binarisation, fraction of 255
+    bg_threshold: float = 0.2    # mask -> background rectangle binarisation (DESIGN.md)
+    min_box_area: float = 0.01   # components smaller than this fraction of the image are dropped
+    box_margin: float = 0.0      # boxes grow by this fraction of their size on each side
+    shard_size: int = 1000       # records per WebDataset shard
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Record:
+    """One built record: exactly what every format stores for an image."""
+
+    key: str                  # the source's identity for the image
+    sha1: str                 # SHA-1 of the source image file's bytes
+    image: bytes              # JPEG, long side <= max_res
+    height: int
+    width: int
+    label: int
+    mask: np.ndarray          # uint8 [M, M]
+    boxes: np.ndarray         # float32 [K, 4], zero padded
+    n_boxes: int
+    bg_rect: np.ndarray       # float32 [4]
+    gt_mask: Optional[np.ndarray] = None
+    gt_boxes: Optional[np.ndarray] = None
+    n_gt_boxes: int = 0
+    notes: list = field(default_factory=list)  # conversions applied (grayscale, CMYK, alpha, resized)
+
+    def meta(self) -> dict:
+        return {"key": self.key, "sha1": self.sha1, "height": self.height, "width": self.width,
+                "n_boxes": self.n_boxes, "n_gt_boxes": self.n_gt_boxes}
+
+
+def record_digest(image: bytes, label: int, mask: np.ndarray, boxes: np.ndarray, n_boxes: int,
+                  bg_rect: np.ndarray, gt_mask=None, gt_boxes=None, n_gt_boxes: int = 0) -> str:
+    """Digest over every stored field, so a reader can prove it got each record back bit-exactly."""
+    h = hashlib.sha1()
+    h.update(image)
+    h.update(np.int64(label).tobytes())
+    h.update(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(boxes, dtype=np.float32).tobytes())
+    h.update(np.int64(n_boxes).tobytes())
+    h.update(np.ascontiguousarray(bg_rect, dtype=np.float32).tobytes())
+    if gt_mask is not None:
+        h.update(np.ascontiguousarray(gt_mask, dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(gt_boxes, dtype=np.float32).tobytes())
+        h.update(np.int64(n_gt_boxes).tobytes())
+    return h.hexdigest()[:16]
+
+
+def digest_of(rec: Record) -> str:
+    return record_digest(rec.image, rec.label, rec.mask, rec.boxes, rec.n_boxes, rec.bg_rect,
+                         rec.gt_mask, rec.gt_boxes, rec.n_gt_boxes)

@@ -1,0 +1,99 @@
+"""WebDataset writer: shards/shard-NNNNN.tar plus the .idx files DALI's readers.webdataset uses.
+
+Members per record (DESIGN.md): KEY.jpg, KEY.cls, KEY.mask.png (lossless), KEY.boxes.npy,
+KEY.bg.npy, KEY.json, and KEY.gt_mask.png / KEY.gt_boxes.npy when there is ground truth.
+KEY is the record's zero-padded index: source keys may hold dots and slashes, which WebDataset
+would split on; the source key travels in KEY.json.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from typing import Iterable, List
+
+import cv2
+import numpy as np
+
+from .schema import WDS_MEMBERS, Record
+
+TAR_BLOCK = 512
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def png_bytes(mask: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", mask)
+    if not ok:
+        raise RuntimeError("PNG encoding of a mask failed")
+    return buf.tobytes()
+
+
+def record_members(r: Record, with_gt: bool = True) -> List[tuple]:
+    """(suffix, bytes) for each member of a record, in a fixed order."""
+    members = [
+        (WDS_MEMBERS["image"], r.image),
+        (WDS_MEMBERS["label"], str(r.label).encode()),
+        (WDS_MEMBERS["mask"], png_bytes(r.mask)),
+        (WDS_MEMBERS["boxes"], npy_bytes(r.boxes)),
+        (WDS_MEMBERS["bg_rect"], npy_bytes(r.bg_rect)),
+        (WDS_MEMBERS["meta"], json.dumps(r.meta(), sort_keys=True).encode()),
+    ]
+    if with_gt and r.gt_mask is not None:
+        members += [(WDS_MEMBERS["gt_mask"], png_bytes(r.gt_mask)),
+                    (WDS_MEMBERS["gt_boxes"], npy_bytes(r.gt_boxes))]
+    return members
+
+
+def record_name(index: int) -> str:
+    return f"{index:09d}"
+
+
+def write_shard(tar_path: str, idx_path: str, records: Iterable[tuple], with_gt: bool) -> int:
+    """Write (index, Record) pairs to one tar and its DALI index ("v1.2 N", then per sample
+    'ext offset size name' for each member, offsets pointing at the member's data)."""
+    lines = []
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for index, rec in records:
+            name = record_name(index)
+            parts = []
+            for suffix, data in record_members(rec, with_gt):
+                info = tarfile.TarInfo(f"{name}.{suffix}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
+                data_offset = tar.offset + TAR_BLOCK  # a USTAR header is one block (names are short)
+                tar.addfile(info, io.BytesIO(data))
+                parts.append(f"{suffix} {data_offset} {len(data)} {info.name}")
+            lines.append(" ".join(parts))
+    with open(idx_path, "w") as f:
+        f.write(f"v1.2 {len(lines)}\n")
+        f.write("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def write_shards(shard_dir: str, records: Iterable[Record], shard_size: int, with_gt: bool,
+                 progress=None) -> List[str]:
+    """Write all records into shards of shard_size; returns the tar file names (relative)."""
+    os.makedirs(shard_dir, exist_ok=True)
+    names, batch = [], []
+
+    def flush():
+        nonlocal batch
+        name = f"shard-{len(names):05d}.tar"
+        write_shard(os.path.join(shard_dir, name), os.path.join(shard_dir, name[:-4] + ".idx"), batch, with_gt)
+        names.append(name)
+        if progress is not None:
+            progress.update(len(batch))
+        batch = []
+
+    for i, rec in enumerate(records):
+        batch.append((i, rec))
+        if len(batch) == shard_size:
+            flush()
+    if batch:
+        flush()
+    return names

@@ -1,0 +1,283 @@
+"""objloader-demo: layout, determinism, exact masks, Background Challenge variants, COCO json."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from objloader.cli import demo as demo_cli
+from objloader.sources import demo
+
+RES = 48
+TINY = dict(per_class_train=2, per_class_val=2, n_multi=4, resolution=RES)
+K3 = np.ones((3, 3), np.uint8)
+
+# JPEG (quality 95) tolerances, in grey levels: mean absolute difference over a region / the
+# level under which a region counts as black.
+MEAN_TOL = 8.0
+BLACK_TOL = 6.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    demo.generate_demo(out, seed=0, workers=1, **TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def marker(tiny) -> dict:
+    return json.loads((tiny / "demo.json").read_text())
+
+
+def _files(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _img(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert img is not None, path
+    return img.astype(np.float32)
+
+
+def _mask(path: Path) -> np.ndarray:
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert m is not None, path
+    return m
+
+
+def _mad(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    assert where.any()
+    return float(np.abs(a - b)[where].mean())
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    """Independent reference decoder for COCO uncompressed RLE (column-major, zeros first)."""
+    h, w = rle["size"]
+    flat = np.zeros(h * w, bool)
+    pos = 0
+    for i, c in enumerate(rle["counts"]):
+        if i % 2:
+            flat[pos:pos + c] = True
+        pos += c
+    assert pos == h * w
+    return flat.reshape((h, w), order="F")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_marker_and_layout(tiny, marker):
+    assert marker["kind"] == "objloader-demo" and marker["version"] == 1
+    assert marker["seed"] == 0 and marker["resolution"] == RES
+    classes = marker["classes"]
+    assert len(classes) == 9 and classes == sorted(classes)
+    assert marker["counts"]["train"] == 18 and marker["counts"]["val"] == 18
+    assert marker["counts"]["bgchallenge"] == 18 and marker["counts"]["multi"] == 4
+    assert marker["bgchallenge_variants"] == [
+        "original", "only_bg_b", "only_bg_t", "no_fg", "only_fg", "mixed_same", "mixed_rand", "mixed_next"]
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (tiny / split).iterdir()) == classes  # ImageFolder classes
+        jpgs = sorted((tiny / split).glob("*/*.jpg"))
+        assert len(jpgs) == 18
+        assert {r["file"] for r in marker["images"][split]} == {p.relative_to(tiny).as_posix() for p in jpgs}
+    assert not list(tiny.parent.glob("out.tmp-*"))  # atomic: nothing left beside OUT
+
+
+def test_masks_exact_binary_beside_images(tiny, marker):
+    for split in ("train", "val"):
+        for rec in marker["images"][split]:
+            img = cv2.imread(str(tiny / rec["file"]), cv2.IMREAD_UNCHANGED)
+            mask = _mask(tiny / rec["mask"])
+            assert rec["mask"] == rec["file"][:-4] + ".mask.png"
+            assert img.shape == (RES, RES, 3) and mask.shape == (RES, RES) and mask.dtype == np.uint8
+            assert set(np.unique(mask).tolist()) == {0, 255}
+            # Objects cover roughly 10-50% of the image (elongated ones may shrink to fit).
+            assert 0.03 <= (mask > 0).mean() <= 0.55
+            ys, xs = np.nonzero(mask)
+            assert rec["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert rec["area"] == int((mask > 0).sum())
+            assert rec["label"] == marker["classes"].index(rec["file"].split("/")[1])
+
+
+def test_deterministic_and_independent_of_workers(tiny, tmp_path):
+    again = tmp_path / "again"
+    demo.generate_demo(again, seed=0, workers=2, **TINY)
+    assert _files(again) == _files(tiny)
+
+    other = tmp_path / "other"
+    demo.generate_demo(other, seed=1, workers=1, **TINY)
+    a, b = _files(tiny), _files(other)
+    assert a.keys() == b.keys()
+    jpgs = [k for k in a if k.endswith(".jpg")]
+    assert sum(a[k] != b[k] for k in jpgs) > 0.9 * len(jpgs)
+
+
+def test_refuses_non_empty_output_unless_overwrite(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(demo.DemoError, match="not empty"):
+        demo.generate_demo(out, per_class_train=1, per_class_val=1, n_multi=1, resolution=32, workers=1)
+    assert (out / "keep.txt").exists()
+    demo.generate_demo(out, per_class_train=1, per_class_val=1, n_multi=1, resolution=32, workers=1, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "demo.json").exists()
+    assert not list(tmp_path.glob("busy.tmp-*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty directory is fine
+    demo.generate_demo(empty, per_class_train=1, per_class_val=0, n_multi=0, resolution=32, workers=1)
+    assert (empty / "demo.json").exists()
+
+
+def test_background_pools_disjoint_and_biased(marker):
+    pools = marker["background_pools"]
+    classes = marker["classes"]
+    assert list(pools) == classes
+    declared = [set(pools[c]) for c in classes]
+    for i in range(9):
+        for j in range(i + 1, 9):
+            assert not declared[i] & declared[j]
+    used = {c: set() for c in classes}
+    for split in ("train", "val"):
+        for rec in marker["images"][split]:
+            name = classes[rec["label"]]
+            assert rec["bg_pool"] == rec["label"]  # each class's own pool: the bias
+            assert rec["bg_source"] in pools[name]
+            if split == "train":
+                used[name].add(rec["bg_source"])
+    for i in range(9):
+        for j in range(i + 1, 9):
+            assert not used[classes[i]] & used[classes[j]]
+
+
+def _variant(tiny, variant, name, ident):
+    return tiny / "bgchallenge" / variant / name / f"{ident}.jpg"
+
+
+def test_bgchallenge_files_and_provenance(tiny, marker):
+    classes, pools = marker["classes"], marker["background_pools"]
+    val_ids = sorted(r["id"] for r in marker["images"]["val"])
+    assert sorted(r["id"] for r in marker["images"]["bgchallenge"]) == val_ids
+    for rec in marker["images"]["bgchallenge"]:
+        c, name, ident = rec["label"], classes[rec["label"]], rec["id"]
+        for v in marker["bgchallenge_variants"]:
+            path = _variant(tiny, v, name, ident)
+            assert path.exists()
+            has_mask = path.with_suffix(".mask.png").exists()
+            assert has_mask == (v in ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next"))
+            if has_mask:
+                assert path.with_suffix(".mask.png").read_bytes() == (tiny / "val" / name / f"{ident}.mask.png").read_bytes()
+        # original IS the val image.
+        assert _variant(tiny, "original", name, ident).read_bytes() == (tiny / "val" / name / f"{ident}.jpg").read_bytes()
+        p = rec["bg_pool"]
+        assert p["mixed_same"] == c
+        assert p["mixed_rand"] != c and 0 <= p["mixed_rand"] < 9
+        assert p["mixed_next"] == (c + 1) % 9
+        assert p["only_fg"] is None
+        for v in ("mixed_same", "mixed_rand", "mixed_next"):
+            assert rec["bg_source"][v] in pools[classes[p[v]]]
+
+
+def test_bgchallenge_variants_match_definitions(tiny, marker):
+    classes = marker["classes"]
+    checked_inside = 0
+    for rec in marker["images"]["bgchallenge"]:
+        name, ident = classes[rec["label"]], rec["id"]
+        orig = _img(_variant(tiny, "original", name, ident))
+        m = _mask(tiny / "val" / name / f"{ident}.mask.png") > 0
+        inner = cv2.erode(m.astype(np.uint8), K3, iterations=1).astype(bool)
+        outer = ~cv2.dilate(m.astype(np.uint8), K3, iterations=2).astype(bool)
+        x, y, w, h = rec["bbox"]
+        box = np.zeros_like(m)
+        box[y:y + h, x:x + w] = True
+        box_in = np.zeros_like(m)
+        box_in[y + 1:y + h - 1, x + 1:x + w - 1] = True
+        box_out = ~cv2.dilate(box.astype(np.uint8), K3, iterations=2).astype(bool)
+        v = {k: _img(_variant(tiny, k, name, ident)) for k in marker["bgchallenge_variants"]}
+
+        # only_fg: the object on black.
+        assert v["only_fg"][outer].mean() < BLACK_TOL
+        # no_fg: the object's pixels blacked out, the rest kept.
+        assert _mad(v["no_fg"], orig, outer[:, :, None].repeat(3, 2)) < MEAN_TOL
+        # only_bg_b: the object's box blacked out, the rest kept.
+        assert v["only_bg_b"][box_in].mean() < BLACK_TOL
+        if box_out.any():
+            assert _mad(v["only_bg_b"], orig, box_out[:, :, None].repeat(3, 2)) < MEAN_TOL
+            assert _mad(v["only_bg_t"], orig, box_out[:, :, None].repeat(3, 2)) < MEAN_TOL
+        # only_bg_t: the box tiled with the largest object-free strip of the same image.
+        sx, sy, sw, sh = rec["tile_strip"]
+        assert sw * sh > 0 and not (m[sy:sy + sh, sx:sx + sw]).any()
+        strip = orig[sy:sy + sh, sx:sx + sw]
+        tiled = np.tile(strip, (-(-h // sh), -(-w // sw), 1))[:h, :w]
+        assert float(np.abs(v["only_bg_t"][y:y + h, x:x + w] - tiled).mean()) < MEAN_TOL
+        assert not m[y:y + h, x:x + w].all()  # sanity: the box is not all object
+
+        if inner.sum() >= 10:  # thin shapes at 48 px may erode to nothing
+            checked_inside += 1
+            inner3 = inner[:, :, None].repeat(3, 2)
+            assert v["no_fg"][inner].mean() < BLACK_TOL
+            for k in ("only_fg", "mixed_same", "mixed_rand", "mixed_next"):
+                assert _mad(v[k], orig, inner3) < MEAN_TOL, k  # same foreground pixels
+        # The mixed backgrounds are new pictures, not the original background.
+        for k in ("mixed_rand", "mixed_next"):
+            assert _mad(v[k], orig, outer[:, :, None].repeat(3, 2)) > 3.0, k
+    assert checked_inside >= len(marker["images"]["bgchallenge"]) // 2
+
+
+def test_multi_coco_instances(tiny, marker):
+    coco = json.loads((tiny / "multi" / "instances.json").read_text())
+    assert [c["id"] for c in coco["categories"]] == list(range(1, 10))
+    assert [c["name"] for c in coco["categories"]] == marker["classes"]
+    assert len(coco["images"]) == 4
+    image_ids = {im["id"] for im in coco["images"]}
+    assert len(image_ids) == 4
+    for im in coco["images"]:
+        img = cv2.imread(str(tiny / "multi" / "images" / im["file_name"]), cv2.IMREAD_COLOR)
+        assert img is not None and img.shape == (im["height"], im["width"], 3) == (RES, RES, 3)
+    ann_ids = [a["id"] for a in coco["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids)
+    per_image = {}
+    for a in coco["annotations"]:
+        assert a["image_id"] in image_ids and 1 <= a["category_id"] <= 9 and a["iscrowd"] == 0
+        seg = a["segmentation"]
+        assert seg["size"] == [RES, RES] and sum(seg["counts"]) == RES * RES
+        m = _decode_rle(seg)
+        assert m.any()
+        ys, xs = np.nonzero(m)
+        assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert a["area"] == int(m.sum())
+        per_image.setdefault(a["image_id"], []).append(m)
+    for masks in per_image.values():
+        assert 2 <= len(masks) <= 4
+        total = np.sum(masks, axis=0)
+        assert total.max() == 1  # visible masks after occlusion never overlap
+
+
+def test_rle_roundtrip():
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (1, 1), (16, 3)]:
+        for first in (False, True):
+            m = rng.random(shape) < 0.4
+            m.flat[0] = first
+            rle = demo.rle_encode(m)
+            assert rle["size"] == list(shape)
+            assert (first and rle["counts"][0] == 0) or (not first and rle["counts"][0] > 0)
+            assert np.array_equal(_decode_rle(rle), m)
+            assert np.array_equal(demo.rle_decode(rle), m)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = [str(out), "--per-class-train", "1", "--per-class-val", "1", "--multi", "1",
+            "--resolution", "32", "--workers", "1", "--seed", "3", "--no-progress"]
+    assert demo_cli.main(argv) == 0
+    assert "bgchallenge" in capsys.readouterr().out
+    meta = json.loads((out / "demo.json").read_text())
+    assert meta["seed"] == 3 and meta["resolution"] == 32
+    assert demo_cli.main(argv) == 2  # exists and not empty
+    assert "not empty" in capsys.readouterr().err
+    assert demo_cli.main(argv + ["--overwrite"]) == 0
