@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -86,6 +85,8 @@ def test_marker_and_layout(tiny, marker):
         assert len(jpgs) == 18
         assert {r["file"] for r in marker["images"][split]} == {p.relative_to(tiny).as_posix() for p in jpgs}
     assert not list(tiny.parent.glob("out.tmp-*"))  # atomic: nothing left beside OUT
+    every = [p.read_bytes() for s in ("train", "val") for p in (tiny / s).glob("*/*.jpg")]
+    assert len(set(every)) == len(every) == 36  # every image drawn afresh
 
 
 def test_masks_exact_binary_beside_images(tiny, marker):

@@ -1,5 +1,5 @@
 """objloader-build: the record schema, FFCV and WebDataset writers, manifest, readers."""
-from .build import BuildError, build
+from .builder import BuildError, build
 from .reader import BuiltDataset, DatasetError, dataset_dirs, open_dataset, read_manifest
 from .schema import SCHEMA_VERSION, BuildOptions, Record
 
