@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages: $$missing"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
@@ -29,11 +29,17 @@ $(VENV)/.installed: setup.py constraints.txt
 test: install
 	$(PY) -m pytest -q tests
 
-demo: install
-	$(VENV)/bin/objloader-demo $(DEMO_DIR)/data
-	$(VENV)/bin/objloader-build $(DEMO_DIR)/data $(DEMO_DIR)/built --masks gt
+# Each step writes its output atomically, so a finished step is skipped when `make demo` reruns.
+demo: install $(DEMO_DIR)/built/manifest.json
 	$(VENV)/bin/objloader-build --verify $(DEMO_DIR)/built
-	$(VENV)/bin/objloader-viz $(DEMO_DIR)/built --out $(DEMO_DIR)/grid.png
+	$(VENV)/bin/objloader-viz $(DEMO_DIR)/built --split train --out $(DEMO_DIR)/grid_train.png
+	$(VENV)/bin/objloader-viz $(DEMO_DIR)/built --split multi --out $(DEMO_DIR)/grid_multi.png
+
+$(DEMO_DIR)/data/demo.json: | install
+	$(VENV)/bin/objloader-demo $(DEMO_DIR)/data
+
+$(DEMO_DIR)/built/manifest.json: $(DEMO_DIR)/data/demo.json
+	$(VENV)/bin/objloader-build $(DEMO_DIR)/data $(DEMO_DIR)/built --masks gt --overwrite
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
