@@ -13,6 +13,10 @@ from .schema import record_digest
 
 BATCH = 64
 
+# FFCV loaders are kept until the process ends: when one is collected while others still run,
+# numba's dispatcher finaliser raises (harmless) KeyError tracebacks on stderr.
+_LOADERS = []
+
 
 def _check(name: str, manifest: dict, got_keys: List[str], got_digests: List[str]) -> None:
     want_keys, want = manifest["records"]["keys"], manifest["records"]["digests"]
@@ -61,6 +65,7 @@ def verify_ffcv(ds_dir: str, manifest: dict) -> int:
         pipelines.update(gt_mask=[NDArrayDecoder()], gt_boxes=[NDArrayDecoder()], n_gt_boxes=[IntDecoder()])
     loader = Loader(path, batch_size=BATCH, num_workers=min(4, os.cpu_count() or 1),
                     order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines)
+    _LOADERS.append(loader)
     names = list(pipelines)
     jpegs = _beton_jpegs(path)
     keys, digests = [], []
