@@ -1,0 +1,312 @@
+"""Readable torch reference of every objloader op (CPU or CUDA). This file *is* the semantics.
+
+Data flow of one training batch (DESIGN.md "Op semantics"):
+
+    engine stage   crop_views (image + mask, same window and flip)   cut_bg_patch
+    device stage   bg_mixup (eq. 4) -> colour (jitter, gray, blur, solarise) -> normalize
+
+All parameters come from :func:`objloader.augment.params.sample_params`; nothing here is random.
+Fast paths (numba, DALI, Triton) are tested against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .params import AugParams
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "crop_views",
+    "cut_bg_patch",
+    "bg_mixup",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "rgb_to_grayscale",
+    "blur_kernel_size",
+    "gaussian_blur",
+    "solarize",
+    "normalize",
+    "apply_device_ops",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HARD_MIX_THRESHOLD = 0.5  # BG-HardMix: a pixel is object when its soft mask is >= 0.5
+SOLARIZE_THRESHOLD = 0.5  # on [0, 1] images, as in BYOL
+
+# --------------------------------------------------------------------------------------------
+# Geometry (engine stage)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x, device=None) -> torch.Tensor:
+    return x.to(device) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device=device)
+
+
+def _resample(src: torch.Tensor, windows: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear samples of ``src`` [C, H, W] (float) in each normalised window -> [V, C, S, S].
+
+    Output pixel (u, v) samples the unit-square point
+        x = x0 + (u + 0.5) / S * (x1 - x0),   y = y0 + (v + 0.5) / S * (y1 - y0),
+    i.e. pixel centres (align_corners=False) with no antialiasing, the semantics of
+    torchvision's ``resized_crop(..., antialias=False)``. Because the points are defined on the
+    unit square, an image of any size and a mask of any M sampled with the same window land on
+    the same points, which is what keeps the two aligned. Points within half a pixel of the
+    window's edge read the neighbouring source pixels (clamped only at the image border),
+    where torchvision would clamp to the crop's edge; the two agree everywhere else.
+    A flipped view mirrors the sample points (= horizontal flip of the output).
+    """
+    v = windows.shape[0]
+    centres = (torch.arange(size, dtype=torch.float64, device=src.device) + 0.5) / size  # [S]
+    w = windows.to(torch.float64)
+    xs = w[:, 0:1] + centres * (w[:, 2:3] - w[:, 0:1])  # [V, S]
+    ys = w[:, 1:2] + centres * (w[:, 3:4] - w[:, 1:2])  # [V, S]
+    xs = torch.where(flip.to(src.device).view(v, 1), xs.flip(-1), xs)
+    # grid_sample's [-1, 1] spans the pixel edges of src when align_corners=False.
+    gx = (2 * xs - 1).view(v, 1, size).expand(v, size, size)
+    gy = (2 * ys - 1).view(v, size, 1).expand(v, size, size)
+    grid = torch.stack((gx, gy), dim=-1).to(src.dtype)
+    batch = src.unsqueeze(0).expand(v, -1, -1, -1)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def crop_views(image, mask, window, flip, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut V views of one image and its mask with the same windows and flips.
+
+    Args:
+        image: uint8 [H, W, 3] (tensor or array).
+        mask: uint8 [M, M] in [0, 255] (or float in [0, 1]) over the unit square of the image.
+        window: [V, 4] normalised (x0, y0, x1, y1); flip: bool [V].
+        out_size: S.
+    Returns:
+        uint8 views [V, 3, S, S] and float32 masks [V, 1, S, S] in [0, 1].
+    """
+    img = _as_tensor(image)
+    device = img.device
+    img = img.permute(2, 0, 1).to(torch.float32)
+    m = _as_tensor(mask, device)
+    m = (m.to(torch.float32) / 255.0 if m.dtype == torch.uint8 else m.to(torch.float32)).unsqueeze(0)
+    win = _as_tensor(window, device).reshape(-1, 4)
+    fl = _as_tensor(flip, device).reshape(-1).bool()
+    views = _resample(img, win, fl, out_size).round_().clamp_(0, 255).to(torch.uint8)
+    masks = _resample(m, win, fl, out_size).clamp_(0.0, 1.0)
+    return views, masks
+
+
+def cut_bg_patch(image, bg_rect, size: int) -> torch.Tensor:
+    """The background rectangle of an image resized to uint8 [3, size, size].
+
+    A zero-area ``bg_rect`` (no background) gives an all-zero patch; the sampler never picks
+    such a sample as a partner (``has_bg`` false).
+    """
+    img = _as_tensor(image)
+    rect = _as_tensor(bg_rect, img.device).reshape(1, 4).to(torch.float32)
+    if (rect[0, 2] - rect[0, 0]) * (rect[0, 3] - rect[0, 1]) <= 0:
+        return torch.zeros(3, size, size, dtype=torch.uint8, device=img.device)
+    no_flip = torch.zeros(1, dtype=torch.bool, device=img.device)
+    patch = _resample(img.permute(2, 0, 1).to(torch.float32), rect, no_flip, size)[0]
+    return patch.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Soft BG-Mixup (device stage), paper eq. 4
+# --------------------------------------------------------------------------------------------
+
+
+def _tile(patches: torch.Tensor, size: int) -> torch.Tensor:
+    """Tile [..., C, P, P] patches over an S x S view: out[..., y, x] = patch[..., y % P, x % P].
+
+    Tiling rule: one patch pixel per view pixel (the patch is not rescaled to the view), starting
+    at the view's top-left corner and repeating right and down, cut at the view's edge.
+    """
+    p_h, p_w = patches.shape[-2:]
+    reps = (math.ceil(size / p_h), math.ceil(size / p_w))
+    tiled = patches.repeat(*([1] * (patches.dim() - 2)), *reps)
+    return tiled[..., :size, :size]
+
+
+def bg_mixup(views, masks, patches, mix, partner, hard: bool = False) -> torch.Tensor:
+    """x = m * x + (1 - m) * tile(patch_partner)   (paper eq. 4), per view where mixed.
+
+    Args:
+        views: float [B, V, 3, S, S] in [0, 1].
+        masks: float [B, V, 1, S, S] in [0, 1], the views' soft masks.
+        patches: [N, 3, P, P] (uint8 or float in [0, 1]); ``partner`` indexes it. N >= B when
+            the loader appends ring-buffer patches after the batch's own.
+        mix: bool [B, V]; partner: int [B, V], -1 = no partner (view left unmixed).
+        hard: BG-HardMix, binarise m at 0.5 first.
+    """
+    device = views.device
+    mix = _as_tensor(mix, device).bool()
+    partner = _as_tensor(partner, device).long()
+    pf = patches.to(device)
+    pf = pf.float() / 255.0 if pf.dtype == torch.uint8 else pf.to(views.dtype)
+    m = masks.to(views.dtype)
+    if hard:
+        m = (m >= HARD_MIX_THRESHOLD).to(views.dtype)
+    background = _tile(pf[partner.clamp(min=0)], views.shape[-1]).to(views.dtype)  # [B, V, 3, S, S]
+    # Unmixed views keep m = 1 everywhere, so the same formula leaves them untouched.
+    mixed = (mix & (partner >= 0)).view(*mix.shape, 1, 1, 1)
+    m = torch.where(mixed, m, torch.ones_like(m))
+    return m * views + (1 - m) * background
+
+
+# --------------------------------------------------------------------------------------------
+# Colour (device stage), torchvision.transforms.v2.functional semantics on float [3, H, W]
+# --------------------------------------------------------------------------------------------
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma (torchvision's weights), kept as 3 equal channels."""
+    r, g, b = x.unbind(dim=-3)
+    luma = 0.2989 * r + 0.587 * g + 0.114 * b
+    return luma.unsqueeze(-3).expand_as(x).contiguous()
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return (x * factor).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+    # Blend towards the mean grey level of the whole image.
+    mean = rgb_to_grayscale(x)[..., :1, :, :].mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+    # Blend towards the pixel's own grey level.
+    return _blend(x, rgb_to_grayscale(x), factor)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)
+    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
+    delta = maxc - minc
+    grey = delta == 0
+    safe_delta = torch.where(grey, torch.ones_like(delta), delta)  # grey pixels: hue 0, no NaN
+    s = delta / torch.where(grey, torch.ones_like(maxc), maxc)
+    # Hexcone hue in sixths; ties resolve r, then g, then b (as torchvision / PIL).
+    h = torch.where(
+        maxc == r,
+        (g - b) / safe_delta,
+        torch.where(maxc == g, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta),
+    )
+    h = torch.where(grey, torch.zeros_like(h), h)
+    h = torch.remainder(h / 6.0, 1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(dim=-3)
+    h6 = h * 6.0
+    sector = torch.floor(h6)
+    f = h6 - sector
+    sector = sector.long().remainder(6)
+    p = (v * (1 - s)).clamp(0.0, 1.0)
+    q = (v * (1 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1 - s * (1 - f))).clamp(0.0, 1.0)
+    # (r, g, b) for each of the six hue sectors.
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(x)
+    for k, rgb in enumerate(table):
+        out = torch.where((sector == k).unsqueeze(-3), torch.stack(rgb, dim=-3), out)
+    return out
+
+
+def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) in HSV space."""
+    hsv = _rgb_to_hsv(x)
+    h, s, v = hsv.unbind(dim=-3)
+    return _hsv_to_rgb(torch.stack((torch.remainder(h + shift, 1.0), s, v), dim=-3))
+
+
+def blur_kernel_size(sigma: float) -> int:
+    """2 * ceil(3 sigma) + 1: the kernel covers +-3 sigma (99.7 % of the mass).
+
+    Chosen over SimCLR's "10 % of the image size" so the blur of a view does not depend on the
+    view's resolution, and the kernel stays small (<= 13 taps for sigma <= 2).
+    """
+    return 2 * math.ceil(3 * sigma) + 1
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [C, H, W] with reflect padding (torchvision's gaussian_blur)."""
+    k = blur_kernel_size(sigma)
+    half = (k - 1) / 2
+    taps = torch.linspace(-half, half, k, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[-3]
+    y = F.pad(x.unsqueeze(0), [k // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)  # along x
+    y = F.conv2d(y, kernel.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)  # along y
+    return y.squeeze(0)
+
+
+def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ImageNet mean/std normalisation of [..., 3, H, W] in [0, 1], cast to ``dtype``."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _colour_one(x: torch.Tensor, params: AugParams, b: int, v: int) -> torch.Tensor:
+    """MoCo v2 / BYOL colour chain on one view: jitter (random order) -> gray -> blur -> solarise."""
+    if params.jitter[b, v]:
+        factors = (params.brightness[b, v], params.contrast[b, v], params.saturation[b, v], params.hue[b, v])
+        for op in params.jitter_order[b, v]:
+            x = _JITTER_OPS[op](x, float(factors[op]))
+    if params.grayscale[b, v]:
+        x = rgb_to_grayscale(x)
+    if params.blur[b, v]:
+        x = gaussian_blur(x, float(params.sigma[b, v]))
+    if params.solarize[b, v]:
+        x = solarize(x)
+    return x
+
+
+def apply_device_ops(
+    views_uint8: torch.Tensor,
+    masks: torch.Tensor,
+    patches: torch.Tensor | None,
+    params: AugParams,
+    *,
+    hard: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Device stage for a batch: BG-Mixup (eq. 4) -> colour -> normalise.
+
+    Args:
+        views_uint8: uint8 [B, V, 3, S, S]; masks: float [B, V, 1, S, S] in [0, 1].
+        patches: [N, 3, P, P] background patches indexed by ``params.partner`` (None: no mixup).
+        params: the batch's :class:`AugParams`.
+    Returns:
+        [B, V, 3, S, S] normalised in ``dtype``.
+    """
+    x = views_uint8.float() / 255.0
+    if patches is not None and bool(np.any(params.mix & (params.partner >= 0))):
+        x = bg_mixup(x, masks, patches, params.mix, params.partner, hard=hard)
+    b_size, v_size = x.shape[:2]
+    x = torch.stack(
+        [torch.stack([_colour_one(x[b, v], params, b, v) for v in range(v_size)]) for b in range(b_size)]
+    )
+    return normalize(x, dtype)
