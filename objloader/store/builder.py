@@ -109,11 +109,14 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label)
     stage_seconds = time.time() - t0
 
-    skipped, notes = [], collections.Counter()
+    # One pass over the staged chunks for what the manifest reports.
+    skipped, notes, gt_flags, without_bg = [], collections.Counter(), [], 0
     for c in range(n_chunks):
         for k, item in enumerate(read_chunk(stage_dir, c)):
             if isinstance(item, Record):
                 notes.update(item.notes)
+                gt_flags.append(item.gt_mask is not None)
+                without_bg += _area(item.bg_rect) == 0
             else:
                 s = spec.samples[c * CHUNK + k]
                 skipped.append({"key": s.key, "path": s.path, "reason": item})
@@ -121,8 +124,8 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     if len(staged) == 0:
         raise BuildError(f"{label}: every one of {len(spec.samples)} inputs was skipped; first reason: "
                          f"{skipped[0]['reason'] if skipped else '?'}")
-    with_gt = all(staged[i].gt_mask is not None for i in range(len(staged)))
-    if not with_gt and any(staged[i].gt_mask is not None for i in range(len(staged))):
+    with_gt = all(gt_flags)
+    if not with_gt and any(gt_flags):
         log(f"{label}: only some images have ground-truth masks; gt fields are left out")
     for s in skipped:
         log(f"{label}: skipped {s['key']!r}: {s['reason']}")
@@ -170,7 +173,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "has_gt": with_gt,
         "counts": {"inputs": len(spec.samples), "records": len(staged), "skipped": len(skipped),
                    "records_without_boxes": sum(1 for n in n_boxes if n == 0),
-                   "records_without_background": None},
+                   "records_without_background": without_bg},
         "conversions": dict(notes),
         "skipped": skipped,
         "shards": [f"shards/{n}" for n in shards],
@@ -178,8 +181,6 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "timing": {"records_seconds": round(stage_seconds, 3)},
         "records": {"keys": keys, "digests": digests, "labels": labels, "n_boxes": n_boxes},
     }
-    manifest["counts"]["records_without_background"] = sum(
-        1 for i in range(len(staged)) if _area(staged[i].bg_rect) == 0)
     shutil.rmtree(stage_dir)
     _write_json(os.path.join(ds_dir, MANIFEST), manifest)
     log(f"{label}: {len(staged)} records, {len(skipped)} skipped")
