@@ -56,8 +56,8 @@ def main(argv=None) -> int:
         path = args.dataset
         if args.split:
             path = os.path.join(path, args.split)
-        elif read_manifest(path).get("kind") == "collection":
-            names = list(read_manifest(path)["datasets"])
+        elif (manifest := read_manifest(path)).get("kind") == "collection":
+            names = list(manifest["datasets"])
             path = os.path.join(path, "train" if "train" in names else names[0])
         img = grid(path, args.n, args.cols, args.size, args.seed)
     except DatasetError as e:

@@ -10,11 +10,7 @@ from typing import List, Optional
 import cv2
 import numpy as np
 
-from .schema import WDS_MEMBERS
 from .wds_writer import record_name
-
-_SUFFIX_TO_FIELD = {v: k for k, v in WDS_MEMBERS.items()}
-
 
 class DatasetError(ValueError):
     """A path that is not a built dataset, or a dataset that fails its own checks."""
@@ -120,7 +116,7 @@ class BuiltDataset:
             "key": meta["key"],
             "sha1": meta["sha1"],
             "jpeg": raw["jpg"],
-            "image": cv2.cvtColor(_png_or_jpeg(raw["jpg"]), cv2.COLOR_BGR2RGB),
+            "image": cv2.cvtColor(_decode_jpeg(raw["jpg"]), cv2.COLOR_BGR2RGB),
             "label": int(raw["cls"]),
             "mask": _png(raw["mask.png"]),
             "boxes": _npy(raw["boxes.npy"]),
@@ -144,7 +140,7 @@ class BuiltDataset:
             pass
 
 
-def _png_or_jpeg(data: bytes) -> np.ndarray:
+def _decode_jpeg(data: bytes) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError("stored image does not decode")
