@@ -83,22 +83,27 @@ def crop_views(image, mask, window, flip, out_size: int) -> tuple[torch.Tensor, 
 
     Args:
         image: uint8 [H, W, 3] (tensor or array).
-        mask: uint8 [M, M] in [0, 255] (or float in [0, 1]) over the unit square of the image.
+        mask: uint8 [M, M] in [0, 255] over the unit square of the image.
         window: [V, 4] normalised (x0, y0, x1, y1); flip: bool [V].
         out_size: S.
     Returns:
-        uint8 views [V, 3, S, S] and float32 masks [V, 1, S, S] in [0, 1].
+        uint8 views [V, 3, S, S] and uint8 view masks [V, 1, S, S] (255 = object), both
+        bilinear samples at the same points, rounded to the nearest integer.
     """
     img = _as_tensor(image)
     device = img.device
-    img = img.permute(2, 0, 1).to(torch.float32)
     m = _as_tensor(mask, device)
-    m = (m.to(torch.float32) / 255.0 if m.dtype == torch.uint8 else m.to(torch.float32)).unsqueeze(0)
+    if m.dtype != torch.uint8:
+        raise TypeError(f"mask must be uint8 in [0, 255], got {m.dtype}")
     win = _as_tensor(window, device).reshape(-1, 4)
     fl = _as_tensor(flip, device).reshape(-1).bool()
-    views = _resample(img, win, fl, out_size).round_().clamp_(0, 255).to(torch.uint8)
-    masks = _resample(m, win, fl, out_size).clamp_(0.0, 1.0)
-    return views, masks
+    views = _resample(img.permute(2, 0, 1).to(torch.float32), win, fl, out_size)
+    masks = _resample(m.to(torch.float32).unsqueeze(0), win, fl, out_size)
+    return _to_uint8(views), _to_uint8(masks)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def cut_bg_patch(image, bg_rect, size: int) -> torch.Tensor:
@@ -112,8 +117,7 @@ def cut_bg_patch(image, bg_rect, size: int) -> torch.Tensor:
     if (rect[0, 2] - rect[0, 0]) * (rect[0, 3] - rect[0, 1]) <= 0:
         return torch.zeros(3, size, size, dtype=torch.uint8, device=img.device)
     no_flip = torch.zeros(1, dtype=torch.bool, device=img.device)
-    patch = _resample(img.permute(2, 0, 1).to(torch.float32), rect, no_flip, size)[0]
-    return patch.round_().clamp_(0, 255).to(torch.uint8)
+    return _to_uint8(_resample(img.permute(2, 0, 1).to(torch.float32), rect, no_flip, size)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def bg_mixup(views, masks, patches, mix, partner, hard: bool = False) -> torch.T
 
     Args:
         views: float [B, V, 3, S, S] in [0, 1].
-        masks: float [B, V, 1, S, S] in [0, 1], the views' soft masks.
+        masks: [B, V, 1, S, S], the views' soft masks: uint8 (255 = object) or float in [0, 1].
         patches: [N, 3, P, P] (uint8 or float in [0, 1]); ``partner`` indexes it. N >= B when
             the loader appends ring-buffer patches after the batch's own.
         mix: bool [B, V]; partner: int [B, V], -1 = no partner (view left unmixed).
@@ -149,7 +153,8 @@ def bg_mixup(views, masks, patches, mix, partner, hard: bool = False) -> torch.T
     partner = _as_tensor(partner, device).long()
     pf = patches.to(device)
     pf = pf.float() / 255.0 if pf.dtype == torch.uint8 else pf.to(views.dtype)
-    m = masks.to(views.dtype)
+    m = masks.to(device)
+    m = m.to(views.dtype) / 255.0 if m.dtype == torch.uint8 else m.to(views.dtype)
     if hard:
         m = (m >= HARD_MIX_THRESHOLD).to(views.dtype)
     background = _tile(pf[partner.clamp(min=0)], views.shape[-1]).to(views.dtype)  # [B, V, 3, S, S]
@@ -164,6 +169,13 @@ def bg_mixup(views, masks, patches, mix, partner, hard: bool = False) -> torch.T
 # --------------------------------------------------------------------------------------------
 
 
+def _per_image(factor, x: torch.Tensor, dims: int):
+    """A scalar, or a tensor [N] of per-image factors shaped to broadcast over ``dims`` dims."""
+    if isinstance(factor, torch.Tensor) and factor.dim() == 1:
+        return factor.to(x.dtype).view(-1, *([1] * dims))
+    return factor
+
+
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma (torchvision's weights), kept as 3 equal channels."""
     r, g, b = x.unbind(dim=-3)
@@ -171,21 +183,25 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     return luma.unsqueeze(-3).expand_as(x).contiguous()
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
-    return (factor * x + (1 - factor) * other).clamp(0.0, 1.0)
+# Every colour op takes [3, H, W] with a float factor, or [N, 3, H, W] with a tensor [N].
 
 
-def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
-    return (x * factor).clamp(0.0, 1.0)
+def _blend(x: torch.Tensor, other: torch.Tensor, factor) -> torch.Tensor:
+    f = _per_image(factor, x, 3)
+    return (f * x + (1 - f) * other).clamp(0.0, 1.0)
 
 
-def adjust_contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+def adjust_brightness(x: torch.Tensor, factor) -> torch.Tensor:
+    return (x * _per_image(factor, x, 3)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor) -> torch.Tensor:
     # Blend towards the mean grey level of the whole image.
     mean = rgb_to_grayscale(x)[..., :1, :, :].mean(dim=(-3, -2, -1), keepdim=True)
     return _blend(x, mean, factor)
 
 
-def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+def adjust_saturation(x: torch.Tensor, factor) -> torch.Tensor:
     # Blend towards the pixel's own grey level.
     return _blend(x, rgb_to_grayscale(x), factor)
 
@@ -225,11 +241,12 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) in HSV space."""
     hsv = _rgb_to_hsv(x)
     h, s, v = hsv.unbind(dim=-3)
-    return _hsv_to_rgb(torch.stack((torch.remainder(h + shift, 1.0), s, v), dim=-3))
+    h = torch.remainder(h + _per_image(shift, x, 2), 1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -241,18 +258,35 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * math.ceil(3 * sigma) + 1
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [C, H, W] with reflect padding (torchvision's gaussian_blur)."""
-    k = blur_kernel_size(sigma)
-    half = (k - 1) / 2
-    taps = torch.linspace(-half, half, k, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = x.shape[-3]
-    y = F.pad(x.unsqueeze(0), [k // 2] * 4, mode="reflect")
-    y = F.conv2d(y, kernel.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)  # along x
-    y = F.conv2d(y, kernel.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)  # along y
-    return y.squeeze(0)
+def gaussian_taps(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised Gaussian taps [N, size] centred in ``size``; each row keeps only its own
+    2 * ceil(3 sigma) + 1 central taps, so one padded kernel serves views of different sigma."""
+    half = (size - 1) // 2
+    t = torch.arange(-half, half + 1, dtype=sigma.dtype, device=sigma.device)
+    radius = torch.ceil(3 * sigma).unsqueeze(1)  # [N, 1]
+    w = torch.exp(-0.5 * (t / sigma.unsqueeze(1)) ** 2) * (t.abs() <= radius)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding (torchvision's gaussian_blur).
+
+    ``x`` [C, H, W] with a float sigma, or [N, C, H, W] with a tensor of N sigmas. Reflect padding
+    is defined by position, so padding every view by the largest radius and giving each view zero
+    taps beyond its own radius equals blurring each view with its own kernel.
+    """
+    single = not isinstance(sigma, torch.Tensor)
+    xs = x.unsqueeze(0) if single else x
+    sig = torch.as_tensor([sigma] if single else sigma, dtype=torch.float64, device=x.device).reshape(-1)
+    k = blur_kernel_size(float(sig.max()))
+    taps = gaussian_taps(sig, k).to(x.dtype)  # [N, k]
+    n, c, h, w = xs.shape
+    kernel = taps.repeat_interleave(c, dim=0)  # one kernel per (view, channel)
+    y = F.pad(xs.reshape(1, n * c, h, w), [k // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, k), groups=n * c)  # along x
+    y = F.conv2d(y, kernel.view(n * c, 1, k, 1), groups=n * c)  # along y
+    y = y.reshape(n, c, h, w)
+    return y[0] if single else y
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
@@ -269,44 +303,64 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _colour_one(x: torch.Tensor, params: AugParams, b: int, v: int) -> torch.Tensor:
-    """MoCo v2 / BYOL colour chain on one view: jitter (random order) -> gray -> blur -> solarise."""
-    if params.jitter[b, v]:
-        factors = (params.brightness[b, v], params.contrast[b, v], params.saturation[b, v], params.hue[b, v])
-        for op in params.jitter_order[b, v]:
-            x = _JITTER_OPS[op](x, float(factors[op]))
-    if params.grayscale[b, v]:
-        x = rgb_to_grayscale(x)
-    if params.blur[b, v]:
-        x = gaussian_blur(x, float(params.sigma[b, v]))
-    if params.solarize[b, v]:
-        x = solarize(x)
+def _colour_batch(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    """MoCo v2 / BYOL colour chain on [N = B*V, 3, S, S]: jitter (per-view random order) ->
+    gray -> blur -> solarise, each op applied to the views whose parameters ask for it."""
+    dev = x.device
+
+    def flat(a, dtype=None):
+        t = torch.as_tensor(np.asarray(a).reshape(-1), device=dev)
+        return t if dtype is None else t.to(dtype)
+
+    jitter = flat(params.jitter, torch.bool)
+    factors = torch.stack([flat(params.brightness), flat(params.contrast), flat(params.saturation),
+                           flat(params.hue)], dim=1).to(x.dtype)  # [N, 4]
+    order = flat(params.jitter_order.reshape(-1, 4)).view(-1, 4) if params.jitter_order.size else None
+    x = x.clone()
+    if bool(jitter.any()):
+        # ColorJitter: at position p each jittered view applies its own p-th op.
+        for position in range(4):
+            for op, fn in enumerate(_JITTER_OPS):
+                sel = torch.nonzero(jitter & (order[:, position] == op)).flatten()
+                if len(sel):
+                    x[sel] = fn(x[sel], factors[sel, op])
+    for flag, fn in ((params.grayscale, rgb_to_grayscale), (params.blur, None), (params.solarize, solarize)):
+        sel = torch.nonzero(flat(flag, torch.bool)).flatten()
+        if not len(sel):
+            continue
+        if fn is None:
+            x[sel] = gaussian_blur(x[sel], flat(params.sigma, torch.float64)[sel])
+        else:
+            x[sel] = fn(x[sel])
     return x
 
 
 def apply_device_ops(
     views_uint8: torch.Tensor,
-    masks: torch.Tensor,
+    masks: torch.Tensor | None,
     patches: torch.Tensor | None,
     params: AugParams,
     *,
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
+    normalise: bool = True,
 ) -> torch.Tensor:
     """Device stage for a batch: BG-Mixup (eq. 4) -> colour -> normalise.
 
     Args:
-        views_uint8: uint8 [B, V, 3, S, S]; masks: float [B, V, 1, S, S] in [0, 1].
+        views_uint8: uint8 [B, V, 3, S, S]; masks: [B, V, 1, S, S] uint8 (255 = object) or float
+            in [0, 1] (None: no mixup).
         patches: [N, 3, P, P] background patches indexed by ``params.partner`` (None: no mixup).
         params: the batch's :class:`AugParams`.
+        normalise: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
     Returns:
-        [B, V, 3, S, S] normalised in ``dtype``.
+        [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalise``.
     """
     x = views_uint8.float() / 255.0
-    if patches is not None and bool(np.any(params.mix & (params.partner >= 0))):
+    if patches is not None and masks is not None and bool(np.any(params.mix & (params.partner >= 0))):
         x = bg_mixup(x, masks, patches, params.mix, params.partner, hard=hard)
-    b_size, v_size = x.shape[:2]
-    x = torch.stack(
-        [torch.stack([_colour_one(x[b, v], params, b, v) for v in range(v_size)]) for b in range(b_size)]
-    )
+    shape = x.shape
+    x = _colour_batch(x.reshape(-1, *shape[2:]), params).view(shape)
+    if not normalise:
+        return _to_uint8(x * 255.0) if dtype == torch.uint8 else x.to(dtype)
     return normalize(x, dtype)
