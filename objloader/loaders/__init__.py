@@ -1,0 +1,112 @@
+"""make_loader: one entry point over the torch, FFCV and DALI engines (DESIGN.md "Engines").
+
+Every engine runs the same sampler (objloader.augment.params) and the same semantics; an
+engine stage produces uint8 views, view masks and background patches, and one device stage
+(BG-Mixup, colour, normalisation; fused Triton kernels on CUDA) finishes the batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..store.reader import DatasetError, read_manifest
+from .common import ENGINES, Batch, DeviceStage, LoaderConfig
+
+__all__ = ["make_loader", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
+
+
+class ObjectAwareLoader:
+    """Iterable of :class:`Batch`; ``len()`` batches per epoch; ``set_epoch(e)`` before an epoch
+    (without it, each new iteration starts the next epoch)."""
+
+    def __init__(self, engine, cfg: LoaderConfig, engine_name: str):
+        self.engine, self.cfg, self.engine_name = engine, cfg, engine_name
+        self.device_stage = DeviceStage(cfg)
+        self._next_epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.engine)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
+
+    def __iter__(self):
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        self.engine.set_epoch(epoch)
+        for engine_batch in self.engine:
+            yield self.device_stage(engine_batch)
+
+
+def make_loader(
+    path: str,
+    engine: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    views: int = 2,
+    oa_crop: bool = False,
+    bg_mixup: float = 0.0,
+    bg_mode: str = "soft",
+    color: str = "mocov2",
+    normalize: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    patch_size: int | None = None,
+    ring_size: int = 64,
+    return_masks: bool = False,
+) -> ObjectAwareLoader:
+    """A loader of object-aware multi-view batches from a dataset built by objloader-build.
+
+    Args:
+        path: a built dataset directory (for a built demo folder, one split: ``built/train``).
+        engine: "torch" (DataLoader workers), "ffcv" (data.beton) or "dali" (shards/*.tar).
+        batch_size, image_size: samples per batch (per rank) and the views' side in pixels.
+        views: views per sample (2 for MoCo v2 / BYOL).
+        oa_crop: OA-Crop, each sample's views cropped inside one of its boxes (paper Sec. 2.3).
+        bg_mixup: per-view BG-Mixup probability p_mix (paper eq. 4; 0.4 for MoCo v2).
+        bg_mode: "soft" (the soft mask blends) or "hard" (BG-HardMix, mask binarised at 0.5).
+        color: "mocov2", "byol" or "none".
+        normalize, dtype: ImageNet normalisation and the output dtype; ``color="none",
+            normalize=False, dtype=torch.uint8`` returns the raw uint8 pixels.
+        device: where the device stage runs and batches land ("cuda" if available by default).
+        seed, shuffle, drop_last: the run's seed (keys every random choice), order, last batch.
+        num_workers: engine CPU workers/threads (default: the CPUs available).
+        rank, world_size: this process's shard (torchrun: RANK, WORLD_SIZE).
+        patch_size: background patch side (default image_size // 2); ring_size: how many recent
+            background patches serve as BG-Mixup partners when a batch has no other background.
+        return_masks: also return the uint8 view masks in ``batch.masks``.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, views=views, oa_crop=oa_crop,
+                       bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color, normalize=normalize, dtype=dtype,
+                       device=str(device), seed=int(seed), shuffle=shuffle, drop_last=drop_last,
+                       num_workers=int(num_workers), rank=int(rank), world_size=int(world_size),
+                       patch_size=patch_size, ring_size=int(ring_size), return_masks=return_masks)
+    manifest = read_manifest(path)
+    if manifest.get("kind") == "collection":
+        names = ", ".join(manifest["datasets"])
+        raise DatasetError(f"{path!r} holds several datasets ({names}); pass one of them, "
+                           f"e.g. {os.path.join(path, next(iter(manifest['datasets'])))!r}")
+    if engine == "torch":
+        from .torch_engine import TorchEngine as Engine
+    elif engine == "ffcv":
+        from .ffcv_engine import FFCVEngine as Engine
+    else:
+        from .dali_engine import DALIEngine as Engine
+    return ObjectAwareLoader(Engine(path, cfg), cfg, engine)

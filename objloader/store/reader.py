@@ -96,13 +96,15 @@ class BuiltDataset:
             fd = self._files[tar_path] = os.open(tar_path, os.O_RDONLY)
         return os.pread(fd, size, offset)
 
-    def raw(self, i: int) -> dict:
-        """suffix -> member bytes of record i."""
+    def raw(self, i: int, members=None) -> dict:
+        """suffix -> member bytes of record i (only the suffixes in ``members``, if given)."""
         if not 0 <= i < len(self):
             raise IndexError(f"record {i} out of range (dataset has {len(self)})")
         tar_path, entry = self._entries[i]
         out = {}
         for suffix, (offset, size, name) in entry.items():
+            if members is not None and suffix not in members:
+                continue
             if not name.startswith(record_name(i) + "."):
                 raise DatasetError(f"{tar_path}: index entry {name!r} is not record {i}")
             out[suffix] = self._read(tar_path, offset, size)

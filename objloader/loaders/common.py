@@ -1,0 +1,222 @@
+"""What every engine shares: the configuration, the epoch order, the engine -> device contract
+(:class:`EngineBatch`), the device stage and the :class:`Batch` users receive.
+
+An engine (torch, ffcv, dali) turns records into uint8 views, view masks and background patches
+(the *engine stage*, DESIGN.md); :class:`DeviceStage` then runs BG-Mixup, colour and
+normalisation on the target device with one implementation for every engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..augment import AugParams
+from ..augment.params import resolve_color, sample_appearance
+from ..augment.reference import apply_device_ops
+
+__all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch"]
+
+ENGINES = ("torch", "ffcv", "dali")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Arguments of :func:`objloader.make_loader`, validated once (defaults: MoCo v2 recipe)."""
+
+    batch_size: int
+    image_size: int
+    views: int = 2
+    oa_crop: bool = False
+    bg_mixup: float = 0.0  # per-view probability p_mix (paper: 0.4 for MoCo v2)
+    bg_mode: str = "soft"  # "soft" (eq. 4) or "hard" (BG-HardMix)
+    color: str = "mocov2"
+    normalize: bool = True
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = True
+    num_workers: int = 2
+    rank: int = 0
+    world_size: int = 1
+    patch_size: Optional[int] = None  # background patch side; None = image_size // 2
+    ring_size: int = 64  # recent background patches kept as BG-Mixup partners of last resort
+    return_masks: bool = False  # also return the view masks (inspection, tests)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"make_loader: {msg}")
+
+        if self.batch_size < 1:
+            bad(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size < 16:
+            bad(f"image_size must be >= 16 (blur needs room for its reflect padding), got {self.image_size}")
+        if self.views < 1:
+            bad(f"views must be >= 1, got {self.views}")
+        if not 0.0 <= self.bg_mixup <= 1.0:
+            bad(f"bg_mixup is a probability in [0, 1], got {self.bg_mixup}")
+        if self.bg_mode not in ("soft", "hard"):
+            bad(f"bg_mode must be 'soft' or 'hard', got {self.bg_mode!r}")
+        resolve_color(self.color)
+        if not 0 <= self.rank < self.world_size:
+            bad(f"rank {self.rank} outside world_size {self.world_size}")
+        if self.num_workers < 0:
+            bad(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.dtype == torch.uint8 and self.normalize:
+            bad("uint8 views cannot be normalised; pass normalize=False")
+        if self.seed < 0:
+            bad(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def patch(self) -> int:
+        return self.patch_size or max(self.image_size // 2, 1)
+
+    @property
+    def needs_masks(self) -> bool:
+        return self.bg_mixup > 0 or self.return_masks
+
+    @property
+    def needs_patches(self) -> bool:
+        return self.bg_mixup > 0
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int) -> np.ndarray:
+    """The record indices this rank visits in ``epoch``, in order (torch and FFCV engines).
+
+    Shuffled by a generator keyed by (seed, epoch), so every rank computes the same permutation
+    and takes every world_size-th element: shards are disjoint and, together, complete. Like
+    DistributedSampler, the permutation is padded by wrapping so every rank gets as many.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_rank = -(-n // world_size)
+    if per_rank * world_size > n:
+        order = np.concatenate([order, order[: per_rank * world_size - n]])
+    return order[rank::world_size].astype(np.int64)
+
+
+def batches_per_epoch(n_per_rank: int, batch_size: int, drop_last: bool) -> int:
+    return n_per_rank // batch_size if drop_last else -(-n_per_rank // batch_size)
+
+
+@dataclass
+class EngineBatch:
+    """What an engine stage hands to the device stage (CPU tensors, or CUDA for DALI mixed)."""
+
+    views: torch.Tensor  # uint8 [B, V, 3, S, S]
+    masks: Optional[torch.Tensor]  # uint8 [B, V, 1, S, S], 255 = object
+    patches: Optional[torch.Tensor]  # uint8 [B, 3, P, P], zeros where no background
+    index: np.ndarray  # int64 [B] record indices
+    labels: torch.Tensor  # int64 [B]
+    has_bg: np.ndarray  # bool [B]
+    epoch: int
+    window: np.ndarray  # float32 [B, V, 4] the geometry the engine applied
+    flip: np.ndarray  # bool [B, V]
+    box_index: np.ndarray  # int64 [B]
+    aliased: bool = False  # tensors are views of engine buffers that the engine will reuse
+
+    def pin_memory(self) -> "EngineBatch":
+        """Page-locked copies so the host-to-GPU copy can overlap (DataLoader pin_memory)."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return dataclasses.replace(self, views=pin(self.views), masks=pin(self.masks),
+                                   patches=pin(self.patches), labels=pin(self.labels), aliased=False)
+
+
+@dataclass
+class Batch:
+    """One training batch. ``batch.views`` or ``batch["views"]``.
+
+    views: [B, V, 3, H, W] (normalised float, or uint8 with color="none", normalize=False);
+    labels: int64 [B] (-1 = unlabelled); index: int64 [B] record indices;
+    masks: uint8 [B, V, 1, H, W] view masks when the loader computed them, else None;
+    params: every random choice of the batch (:class:`AugParams`); epoch.
+    """
+
+    views: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    masks: Optional[torch.Tensor]
+    params: AugParams
+    epoch: int
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+
+class DeviceStage:
+    """BG-Mixup (eq. 4) -> colour -> normalise on ``cfg.device``, the same for every engine.
+
+    On CUDA the fused Triton kernels run when they are available; everywhere else (and as the
+    semantics) the torch reference of objloader.augment. Keeps the ring buffer of recent
+    background patches that serves as partner pool when a batch has no other background.
+    """
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.hard = cfg.bg_mode == "hard"
+        self._ring: Optional[torch.Tensor] = None
+        self._ring_count = 0
+        self._ring_next = 0
+        self._apply = apply_device_ops
+        if self.device.type == "cuda":
+            try:
+                from ..kernels import apply_device_ops_fused, fused_available
+
+                if fused_available(self.device):
+                    self._apply = apply_device_ops_fused
+            except ImportError as e:  # triton missing: the reference runs on CUDA too
+                warnings.warn(f"fused kernels unavailable ({e}); using the torch reference on {self.device}")
+
+    def reset(self) -> None:
+        self._ring_count = self._ring_next = 0
+
+    def __call__(self, eb: EngineBatch) -> Batch:
+        cfg = self.cfg
+        dev = self.device
+        ring_count = self._ring_count if cfg.needs_patches else 0
+        appearance = sample_appearance(cfg.seed, eb.epoch, eb.index, eb.has_bg, views=cfg.views,
+                                       p_mix=cfg.bg_mixup, color=cfg.color, ring_count=ring_count)
+        params = AugParams(window=eb.window, flip=eb.flip, box_index=eb.box_index, **appearance)
+        views = eb.views.to(dev, non_blocking=True)
+        masks = eb.masks.to(dev, non_blocking=True) if eb.masks is not None else None
+        patches = None
+        if cfg.needs_patches and eb.patches is not None:
+            patches = eb.patches.to(dev, non_blocking=True)
+            if ring_count:
+                patches = torch.cat([patches, self._ring[:ring_count]])
+            self._remember(patches[: len(eb.index)], eb.has_bg)
+        if cfg.color == "none" and not cfg.normalize and cfg.dtype == torch.uint8 and not params.mix.any():
+            out = views.clone() if eb.aliased and views is eb.views else views  # the engine's bytes as they are
+        else:
+            out = self._apply(views, masks, patches, params, hard=self.hard, dtype=cfg.dtype,
+                              normalise=cfg.normalize)
+        if masks is not None and (not cfg.return_masks):
+            masks = None
+        elif masks is not None and eb.aliased and masks is eb.masks:
+            masks = masks.clone()  # outlives the engine's buffer
+        return Batch(views=out, labels=eb.labels.to(dev, non_blocking=True),
+                     index=torch.from_numpy(np.asarray(eb.index, np.int64)).to(dev), masks=masks,
+                     params=params, epoch=eb.epoch)
+
+    def _remember(self, patches: torch.Tensor, has_bg: np.ndarray) -> None:
+        """Append this batch's background patches to the ring (oldest overwritten first)."""
+        rows = torch.from_numpy(np.flatnonzero(has_bg)).to(patches.device)
+        if not len(rows):
+            return
+        size = self.cfg.ring_size
+        if self._ring is None:
+            self._ring = torch.zeros((size,) + tuple(patches.shape[1:]), dtype=patches.dtype, device=patches.device)
+        rows = rows[-size:]
+        slots = (self._ring_next + torch.arange(len(rows), device=patches.device)) % size
+        self._ring[slots] = patches[rows]
+        self._ring_next = int((self._ring_next + len(rows)) % size)
+        self._ring_count = min(self._ring_count + len(rows), size)

@@ -1,0 +1,148 @@
+"""torch engine: DataLoader workers read records from the WebDataset shards (through the .idx
+offsets), decode with OpenCV and cut the views with the torch reference; the baseline a user
+would write, and the readable twin of the FFCV and DALI engines."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..augment.params import sample_geometry_batch
+from ..augment.reference import crop_views, cut_bg_patch
+from ..store.reader import BuiltDataset, DatasetError
+from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order
+
+_MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_record(ds: BuiltDataset, i: int) -> dict:
+    """The fields of record i the engines use: RGB image, label, mask, boxes, n_boxes, bg_rect."""
+    raw = ds.raw(i, _MEMBERS)
+    image = cv2.imdecode(np.frombuffer(raw["jpg"], np.uint8), cv2.IMREAD_COLOR)
+    mask = cv2.imdecode(np.frombuffer(raw["mask.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or mask is None:
+        raise DatasetError(f"{ds.path}: record {i} ({ds.keys[i]!r}) does not decode; run objloader-build --verify")
+    boxes = _npy(raw["boxes.npy"])
+    return {
+        "image": cv2.cvtColor(image, cv2.COLOR_BGR2RGB),
+        "label": int(raw["cls"]),
+        "mask": mask,
+        "boxes": boxes,
+        "n_boxes": int(ds.n_boxes[i]),
+        "bg_rect": _npy(raw["bg.npy"]),
+    }
+
+
+def has_background(bg_rect: np.ndarray) -> np.ndarray:
+    """bool [...]: the background rectangle has positive area."""
+    return (bg_rect[..., 2] > bg_rect[..., 0]) & (bg_rect[..., 3] > bg_rect[..., 1])
+
+
+class _BatchRequest(tuple):
+    """(epoch, indices) handed from the batch sampler to a worker."""
+
+
+class _EpochBatches:
+    """Batch sampler: this rank's share of the epoch order, cut into batches."""
+
+    def __init__(self, n: int, cfg: LoaderConfig):
+        self.n, self.cfg, self.epoch = n, cfg, 0
+
+    def order(self) -> np.ndarray:
+        c = self.cfg
+        return epoch_order(self.n, seed=c.seed, epoch=self.epoch, shuffle=c.shuffle, rank=c.rank,
+                           world_size=c.world_size)
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.cfg.world_size)
+        return batches_per_epoch(per_rank, self.cfg.batch_size, self.cfg.drop_last)
+
+    def __iter__(self):
+        order, b = self.order(), self.cfg.batch_size
+        for k in range(len(self)):
+            yield _BatchRequest((self.epoch, order[k * b:(k + 1) * b]))
+
+
+class _ViewsDataset(Dataset):
+    """Each worker call builds one whole batch: decode once, then views, view masks, patch."""
+
+    def __init__(self, path: str, cfg: LoaderConfig):
+        self.path, self.cfg = path, cfg
+        self.ds = None  # opened lazily in each worker (file descriptors do not cross fork well)
+        self.n = len(BuiltDataset(path))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        raise TypeError("the torch engine fetches whole batches (__getitems__)")
+
+    def __getitems__(self, request: _BatchRequest) -> EngineBatch:
+        if self.ds is None:
+            self.ds = BuiltDataset(self.path)
+            self.ds.n_boxes = np.asarray(self.ds.manifest["records"]["n_boxes"], np.int64)
+        cfg = self.cfg
+        epoch, indices = request
+        recs = [decode_record(self.ds, int(i)) for i in indices]
+        sizes = np.array([r["image"].shape[:2] for r in recs], np.int64)
+        boxes = np.stack([r["boxes"] for r in recs])
+        n_boxes = np.array([r["n_boxes"] for r in recs], np.int64)
+        bg = np.stack([r["bg_rect"] for r in recs]).astype(np.float32)
+        window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, indices, sizes, n_boxes, boxes,
+                                                        views=cfg.views, oa_crop=cfg.oa_crop)
+        views, masks, patches = [], [], []
+        for k, r in enumerate(recs):
+            v, m = crop_views(r["image"], r["mask"], window[k], flip[k], cfg.image_size)
+            views.append(v)
+            masks.append(m)
+            if cfg.needs_patches:
+                patches.append(cut_bg_patch(r["image"], bg[k], cfg.patch))
+        return EngineBatch(
+            views=torch.stack(views),
+            masks=torch.stack(masks) if cfg.needs_masks else None,
+            patches=torch.stack(patches) if cfg.needs_patches else None,
+            index=np.asarray(indices, np.int64),
+            labels=torch.tensor([r["label"] for r in recs], dtype=torch.int64),
+            has_bg=has_background(bg),
+            epoch=int(epoch), window=window, flip=flip, box_index=box_index,
+        )
+
+
+def _identity(batch):
+    return batch
+
+
+class TorchEngine:
+    """Engine stage on torch DataLoader workers; iterating yields :class:`EngineBatch`."""
+
+    def __init__(self, path: str, cfg: LoaderConfig):
+        self.dataset = _ViewsDataset(path, cfg)
+        self.sampler = _EpochBatches(len(self.dataset), cfg)
+        # Each worker runs torch ops on one thread: the workers are the parallelism.
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=_identity,
+                                 num_workers=cfg.num_workers, pin_memory=cfg.device.startswith("cuda"),
+                                 persistent_workers=cfg.num_workers > 0,
+                                 worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+                                 prefetch_factor=4 if cfg.num_workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
