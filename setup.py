@@ -35,6 +35,7 @@ setup(
         "scikit-image>=0.22",
         "tqdm>=4.60",
         "pillow>=9",
+        "matplotlib>=3.7",  # benchmark plots, loss curves
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

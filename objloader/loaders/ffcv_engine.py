@@ -209,13 +209,20 @@ class FFCVEngine:
         self._order = self._epoch_order()
 
     def __iter__(self):
+        self.tables.epoch[0] = self.epoch  # read by the compiled decoder
+        epoch_iter = iter(self.loader)
+        try:
+            yield from self._batches(epoch_iter, self._order.astype(np.int64))
+        finally:
+            # Stopping mid-epoch would otherwise leave ffcv's worker thread blocked, holding buffers.
+            epoch_iter.close()
+
+    def _batches(self, epoch_iter, order):
         cfg, t, dec = self.cfg, self.tables, self.packed
-        t.epoch[0] = self.epoch
-        order = self._order.astype(np.int64)
         b, s, v, p = cfg.batch_size, cfg.image_size, cfg.views, cfg.patch
         view_end = _INDEX_BYTES + dec.view_bytes
         mask_end = view_end + dec.mask_bytes
-        for k, (packed, labels) in enumerate(self.loader):
+        for k, (packed, labels) in enumerate(epoch_iter):
             packed = packed.numpy() if isinstance(packed, torch.Tensor) else packed
             labels = labels.numpy() if isinstance(labels, torch.Tensor) else labels
             index = order[k * b:k * b + len(packed)]

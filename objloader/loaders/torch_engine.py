@@ -5,6 +5,7 @@ would write, and the readable twin of the FFCV and DALI engines."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 
 import cv2
 import numpy as np
@@ -126,9 +127,12 @@ class TorchEngine:
     def __init__(self, path: str, cfg: LoaderConfig):
         self.dataset = _ViewsDataset(path, cfg)
         self.sampler = _EpochBatches(len(self.dataset), cfg)
-        # Each worker runs torch ops on one thread: the workers are the parallelism.
+        # Each worker runs torch ops on one thread: the workers are the parallelism. Workers come
+        # from a forkserver, not fork: a training process has OpenMP, TBB, CUDA and logging threads,
+        # and a child forked while one of them holds a lock deadlocks (seen with plain fork).
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=_identity,
                                  num_workers=cfg.num_workers, pin_memory=cfg.device.startswith("cuda"),
+                                 multiprocessing_context=_worker_context() if cfg.num_workers > 0 else None,
                                  persistent_workers=cfg.num_workers > 0,
                                  worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
                                  prefetch_factor=4 if cfg.num_workers > 0 else None)
@@ -141,6 +145,13 @@ class TorchEngine:
 
     def __iter__(self):
         return iter(self.loader)
+
+
+def _worker_context():
+    ctx = multiprocessing.get_context("forkserver")
+    # Workers then fork from a server that has already imported torch, numba and this module.
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _worker_init(_):
