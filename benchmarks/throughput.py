@@ -173,8 +173,10 @@ def default_data() -> str:
 
 
 def _tree_cpu_ticks() -> int:
-    """CPU ticks used so far by this process (all its threads) and its child processes."""
-    me, total = os.getpid(), 0
+    """CPU ticks used so far by this process (all its threads) and all its descendants (the
+    torch engine's workers are grandchildren: they fork from a forkserver child)."""
+    me = os.getpid()
+    stats = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not entry.isdigit():
             continue
@@ -183,8 +185,14 @@ def _tree_cpu_ticks() -> int:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(entry) == me or int(fields[1]) == me:  # fields[1]: ppid; [11], [12]: utime, stime
-            total += int(fields[11]) + int(fields[12])
+        stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    total = 0
+    for pid, (ppid, ticks) in stats.items():
+        p = pid
+        while p and p != me and p in stats:  # walk up to this process, or to the root
+            p = stats[p][0]
+        if p == me:
+            total += ticks
     return total
 
 

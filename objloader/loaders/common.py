@@ -154,8 +154,9 @@ class Batch:
 class DeviceStage:
     """BG-Mixup (eq. 4) -> colour -> normalise on ``cfg.device``, the same for every engine.
 
-    On CUDA the fused Triton kernels run when they are available; everywhere else (and as the
-    semantics) the torch reference of objloader.augment. Keeps the ring buffer of recent
+    On CUDA the fused Triton kernels run when they are available, on the CPU the fused numba
+    kernel (kernels/cpu_ops.py); both are tested against the torch reference of objloader.augment,
+    which is the semantics and runs wherever neither applies. Keeps the ring buffer of recent
     background patches that serves as partner pool when a batch has no other background.
     """
 
@@ -167,7 +168,12 @@ class DeviceStage:
         self._ring_count = 0
         self._ring_next = 0
         self._apply = apply_device_ops
-        if self.device.type == "cuda":
+        if self.device.type == "cpu":
+            # The fused numba twin of the reference (same results, ~2x the torch ops on 2 cores).
+            from ..kernels.cpu_ops import apply_device_ops_cpu
+
+            self._apply = apply_device_ops_cpu
+        elif self.device.type == "cuda":
             try:
                 from ..kernels import apply_device_ops_fused, fused_available
 
