@@ -308,3 +308,21 @@ def test_device_stage_matches_reference_on_engine_output(crafted):
     full = next(iter(make_loader(crafted, "torch", **kw)))
     expect = apply_device_ops(raw.views, None, None, full.params)
     assert torch.allclose(full.views, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rank_shards_keep_partial_batches_and_every_option(crafted, engine):
+    """world_size 2, drop_last False: each rank's batches (the last one partial) are disjoint and
+    together cover every record; BYOL colour in float16 comes out normalised."""
+    seen = []
+    for rank in range(2):
+        loader = make_loader(crafted, engine, batch_size=3, image_size=16, color="byol", dtype=torch.float16,
+                             drop_last=False, rank=rank, world_size=2, num_workers=1, bg_mixup=0.4,
+                             bg_mode="hard", oa_crop=True, seed=4)
+        batches = list(loader)
+        assert len(loader) == len(batches) == 3 and [len(b.index) for b in batches] == [3, 3, 2]
+        assert all(b.views.dtype == torch.float16 and b.views.shape[1:] == (2, 3, 16, 16) for b in batches)
+        lo, hi = (0 - 0.485) / 0.229 - 0.01, (1 - 0.406) / 0.225 + 0.01  # normalised [0, 1] range
+        assert all(b.views.min() >= lo and b.views.max() <= hi for b in batches)
+        seen.append(torch.cat([b.index for b in batches]).tolist())
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(N_RECORDS))
