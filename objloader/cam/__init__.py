@@ -18,4 +18,22 @@ __all__ = [
     "mask_to_boxes",
     "pad_boxes",
     "strip_bg_rect",
+    "ContraCAM",
+    "ContraCAMConfig",
+    "resnet_trunk",
+    "CRFConfig",
+    "crf_refine",
+    "crf_refine_batch",
 ]
+
+_LAZY = {"ContraCAM": "contracam", "ContraCAMConfig": "contracam", "resnet_trunk": "contracam",
+         "CRFConfig": "crf", "crf_refine": "crf", "crf_refine_batch": "crf"}
+
+
+def __getattr__(name):
+    # ContraCAM needs torch; objloader-build imports this package for the geometry only.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"objloader.cam.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,108 @@
+"""ContraCAM (Mo et al. 2021, Sec. 2.2): object masks from a contrastively trained encoder.
+
+For a batch of images, each image's *contrastive score* is its log-probability of picking itself
+among the batch (eq. 1-2):
+
+    s_i = z_i . z_i / tau - log sum_j exp(z_i . z_j / tau),   z = normalize(head(pool(A)))
+
+where A are the last convolutional stage's activations. As in Grad-CAM, the channel weights
+are the spatially averaged gradients of s_i with respect to A_i, passed through a ReLU
+("negative-signal removal"; ``relu_weights=False`` is the ablation), and the CAM is the min-max
+normalised ReLU(sum_k alpha_k A_i^k), upsampled to the mask resolution.
+
+Batched, with one backward pass: the other images' embeddings enter s_i detached, so the
+gradient of sum_i s_i with respect to A_i is exactly ds_i/dA_i (A_i reaches s_j, j != i, only
+through z_i as a negative, which is detached there).
+
+Iterative refinement (eq. 3): at step t the input is the image softly masked by the aggregated
+mask, x_t = x * (1 - M_{t-1}); the masked batches of earlier steps join the negatives; masks are
+aggregated by max, so M_t grows monotonically and stays in [0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ContraCAMConfig", "ContraCAM", "resnet_trunk"]
+
+
+@dataclass(frozen=True)
+class ContraCAMConfig:
+    temperature: float = 0.2  # MoCo v2's InfoNCE temperature
+    iterations: int = 1  # T: 10 for boxes (several objects), 1 for single-object masks
+    relu_weights: bool = True  # negative-signal removal (ReLU on the channel weights)
+    mask_size: int = 64  # output resolution M
+
+
+def resnet_trunk(backbone: nn.Module, stride_expansion: bool = False) -> nn.Module:
+    """A torchvision ResNet up to its last convolutional stage (images -> A [B, K, h, w]).
+
+    ``stride_expansion`` runs the last stage at stride 1 (paper: finer masks): the same weights,
+    a feature map twice as large on each side.
+    """
+    layers = [backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
+              backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    trunk = nn.Sequential(*[copy.deepcopy(m) for m in layers])
+    if stride_expansion:
+        for module in trunk[-1].modules():
+            if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+                module.stride = (1, 1)
+    return trunk
+
+
+class ContraCAM(nn.Module):
+    """``forward(images [B, 3, H, W]) -> masks [B, M, M]`` in [0, 1] (float32).
+
+    ``trunk`` maps images to the last stage's activations; ``head`` maps pooled features to the
+    projection the encoder was trained with (MoCo v2 head / BYOL projector).
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, cfg: ContraCAMConfig = ContraCAMConfig()):
+        super().__init__()
+        self.trunk, self.head, self.cfg = trunk, head, cfg
+
+    def embed(self, activations: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(activations.mean(dim=(2, 3))), dim=1)
+
+    def cam(self, images: torch.Tensor, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """One ContraCAM step: [B, h, w] maps in [0, 1] at the activations' resolution."""
+        activations = self.trunk(images).detach().requires_grad_(True)
+        z = self.embed(activations)
+        negatives = z.detach()
+        if extra_negatives is not None:
+            negatives = torch.cat([negatives, extra_negatives])
+        logits = z @ negatives.t() / self.cfg.temperature  # [B, B (+ earlier masked batches)]
+        own = torch.arange(len(z), device=z.device)
+        # The positive is the image itself; its logit carries z_i on both sides (eq. 1).
+        positive = (z * z).sum(1) / self.cfg.temperature
+        logits = logits.clone()
+        logits[own, own] = positive
+        score = positive - torch.logsumexp(logits, dim=1)  # eq. 2, one score per image
+        (grad,) = torch.autograd.grad(score.sum(), activations)
+        weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_k: spatially averaged gradient
+        if self.cfg.relu_weights:
+            weights = weights.clamp(min=0)
+        cam = (weights * activations.detach()).sum(1).clamp(min=0)  # ReLU(sum_k alpha_k A^k)
+        lo = cam.amin(dim=(1, 2), keepdim=True)
+        hi = cam.amax(dim=(1, 2), keepdim=True)
+        return (cam - lo) / (hi - lo).clamp(min=1e-12)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.mask_size
+        aggregated = torch.zeros(images.shape[0], 1, size, size, device=images.device)
+        earlier = []  # embeddings of the masked batches of earlier iterations (extra negatives)
+        for _ in range(self.cfg.iterations):
+            # Soft mask of the input at its own resolution (eq. 3).
+            keep = 1 - F.interpolate(aggregated, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            masked = images * keep
+            cam = self.cam(masked, torch.cat(earlier) if earlier else None)
+            cam = F.interpolate(cam.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+            aggregated = torch.maximum(aggregated, cam.clamp(0, 1))
+            with torch.no_grad():
+                earlier.append(self.embed(self.trunk(masked)))
+        return aggregated[:, 0]
