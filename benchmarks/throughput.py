@@ -25,7 +25,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -38,11 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reference_style.py beside this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside this file
 
 from objloader.loaders import make_loader  # noqa: E402
 from objloader.loaders.common import DeviceStage, LoaderConfig  # noqa: E402
 from objloader.store.reader import open_dataset  # noqa: E402
+from build_throughput import machine as base_machine  # noqa: E402
 from reference_style import ReferenceStyleLoader  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,21 +122,15 @@ class _DeviceStageAlone:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """build_throughput's machine record, plus package versions and this run's threads."""
     versions = {}
     for name in VERSIONED:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"cpu": cpu, "cores": os.cpu_count(),
+    return {**base_machine(),
             "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(), "platform": platform.platform(),
             "torch_threads_main": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
             "versions": versions}
 

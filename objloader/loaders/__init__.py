@@ -104,9 +104,15 @@ def make_loader(
         raise DatasetError(f"{path!r} holds several datasets ({names}); pass one of them, "
                            f"e.g. {os.path.join(path, next(iter(manifest['datasets'])))!r}")
     if engine == "torch":
-        from .torch_engine import TorchEngine as Engine
+        from .torch_engine import TorchEngine
+
+        stage = TorchEngine(path, cfg)  # its BuiltDataset reads the manifest with the shard indexes
     elif engine == "ffcv":
-        from .ffcv_engine import FFCVEngine as Engine
+        from .ffcv_engine import FFCVEngine
+
+        stage = FFCVEngine(path, cfg, manifest)
     else:
-        from .dali_engine import DALIEngine as Engine
-    return ObjectAwareLoader(Engine(path, cfg), cfg, engine)
+        from .dali_engine import DALIEngine
+
+        stage = DALIEngine(path, cfg, manifest)
+    return ObjectAwareLoader(stage, cfg, engine)

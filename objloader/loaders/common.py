@@ -20,7 +20,8 @@ from ..augment import AugParams
 from ..augment.params import resolve_color, sample_appearance
 from ..augment.reference import apply_device_ops
 
-__all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch"]
+__all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch",
+           "has_background"]
 
 ENGINES = ("torch", "ffcv", "dali")
 
@@ -98,6 +99,11 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, worl
     if per_rank * world_size > n:
         order = np.concatenate([order, order[: per_rank * world_size - n]])
     return order[rank::world_size].astype(np.int64)
+
+
+def has_background(bg_rect: np.ndarray) -> np.ndarray:
+    """bool [...]: the background rectangle (x0, y0, x1, y1) has positive area."""
+    return (bg_rect[..., 2] > bg_rect[..., 0]) & (bg_rect[..., 3] > bg_rect[..., 1])
 
 
 def batches_per_epoch(n_per_rank: int, batch_size: int, drop_last: bool) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from ..augment.params import sample_geometry_batch
 from ..store.reader import DatasetError, read_manifest
-from .common import EngineBatch, LoaderConfig, batches_per_epoch
+from .common import EngineBatch, LoaderConfig, batches_per_epoch, has_background
 
 _NAME_DIGITS = 9  # members are named by record index: 000000123.jpg (store/wds_writer.py)
 
@@ -45,7 +45,7 @@ class _WindowSampler:
         bg = np.stack(bg).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, self.n_boxes[index], boxes,
                                                         views=cfg.views, oa_crop=cfg.oa_crop)
-        has_bg = (bg[:, 2] > bg[:, 0]) & (bg[:, 3] > bg[:, 1])
+        has_bg = has_background(bg)
         bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
         out = [index[:, None], np.full((len(index), 1), epoch, np.int64), self.labels[index][:, None],
                has_bg[:, None].astype(np.uint8), window, box_index[:, None], flip.astype(np.uint8)]
@@ -102,8 +102,8 @@ def _build_pipeline(shards, cfg: LoaderConfig, sampler: _WindowSampler, device_i
 class DALIEngine:
     """Engine stage on a DALI pipeline over ``PATH/shards/*.tar``; iterating yields EngineBatch."""
 
-    def __init__(self, path: str, cfg: LoaderConfig):
-        manifest = read_manifest(path)
+    def __init__(self, path: str, cfg: LoaderConfig, manifest: dict | None = None):
+        manifest = manifest or read_manifest(path)
         if "wds" not in manifest.get("formats", []):
             raise DatasetError(f"{path!r} has no WebDataset shards; rebuild with objloader-build --formats ffcv,wds")
         self.cfg = cfg

@@ -20,7 +20,7 @@ from numba.extending import intrinsic
 
 from ..augment.params import sample_geometry, sample_geometry_batch
 from ..store.reader import DatasetError, read_manifest
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order
+from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .jpeg import decode_rgb_into
 from .resample import crop_views_into, cut_patch_into
 
@@ -65,7 +65,7 @@ class _RecordTables:
         self.boxes = np.ascontiguousarray(self._gather(data, meta[slot["boxes"]], self.max_boxes * 16)
                                           .view(np.float32).reshape(self.n, self.max_boxes, 4))
         self.bg_rect = np.ascontiguousarray(self._gather(data, meta[slot["bg_rect"]], 16).view(np.float32))
-        self.has_bg = (self.bg_rect[:, 2] > self.bg_rect[:, 0]) & (self.bg_rect[:, 3] > self.bg_rect[:, 1])
+        self.has_bg = has_background(self.bg_rect)
         if np.any(meta[slot["image"]]["mode"] != IMAGE_MODES["jpg"]):
             raise DatasetError(f"{beton}: image field holds non-JPEG records; it was not written by objloader-build")
         self.epoch = np.zeros(1, np.int64)  # read by the compiled decoder at every batch
@@ -158,12 +158,12 @@ def _make_decoder_class():
 class FFCVEngine:
     """Engine stage on an FFCV Loader over ``PATH/data.beton``; iterating yields EngineBatch."""
 
-    def __init__(self, path: str, cfg: LoaderConfig):
+    def __init__(self, path: str, cfg: LoaderConfig, manifest: dict | None = None):
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
 
         beton = os.path.join(path, "data.beton")
-        manifest = read_manifest(path)
+        manifest = manifest or read_manifest(path)
         if "ffcv" not in manifest.get("formats", []) or not os.path.isfile(beton):
             raise DatasetError(f"{path!r} has no data.beton; rebuild with objloader-build --formats ffcv,wds")
         self.cfg, self.beton = cfg, beton

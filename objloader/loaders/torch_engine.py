@@ -4,7 +4,6 @@ would write, and the readable twin of the FFCV and DALI engines."""
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 
 import cv2
@@ -14,37 +13,27 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..augment.params import sample_geometry_batch
 from ..augment.reference import crop_views, cut_bg_patch
-from ..store.reader import BuiltDataset, DatasetError
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order
+from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb
+from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 
 _MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
-
-
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def decode_record(ds: BuiltDataset, i: int) -> dict:
     """The fields of record i the engines use: RGB image, label, mask, boxes, n_boxes, bg_rect."""
     raw = ds.raw(i, _MEMBERS)
-    image = cv2.imdecode(np.frombuffer(raw["jpg"], np.uint8), cv2.IMREAD_COLOR)
-    mask = cv2.imdecode(np.frombuffer(raw["mask.png"], np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or mask is None:
-        raise DatasetError(f"{ds.path}: record {i} ({ds.keys[i]!r}) does not decode; run objloader-build --verify")
-    boxes = _npy(raw["boxes.npy"])
+    try:
+        image, mask = decode_rgb(raw["jpg"]), decode_png(raw["mask.png"])
+    except DatasetError as e:
+        raise DatasetError(f"{ds.path}: record {i} ({ds.keys[i]!r}): {e}; run objloader-build --verify") from e
     return {
-        "image": cv2.cvtColor(image, cv2.COLOR_BGR2RGB),
+        "image": image,
         "label": int(raw["cls"]),
         "mask": mask,
-        "boxes": boxes,
+        "boxes": decode_npy(raw["boxes.npy"]),
         "n_boxes": int(ds.n_boxes[i]),
-        "bg_rect": _npy(raw["bg.npy"]),
+        "bg_rect": decode_npy(raw["bg.npy"]),
     }
-
-
-def has_background(bg_rect: np.ndarray) -> np.ndarray:
-    """bool [...]: the background rectangle has positive area."""
-    return (bg_rect[..., 2] > bg_rect[..., 0]) & (bg_rect[..., 3] > bg_rect[..., 1])
 
 
 class _BatchRequest(tuple):
@@ -76,20 +65,17 @@ class _ViewsDataset(Dataset):
     """Each worker call builds one whole batch: decode once, then views, view masks, patch."""
 
     def __init__(self, path: str, cfg: LoaderConfig):
-        self.path, self.cfg = path, cfg
-        self.ds = None  # opened lazily in each worker (file descriptors do not cross fork well)
-        self.n = len(BuiltDataset(path))
+        # Opened (and its shard indexes parsed) once here; each worker receives a pickled copy
+        # and opens its own file descriptors on first read.
+        self.ds, self.cfg = BuiltDataset(path), cfg
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.ds)
 
     def __getitem__(self, i):
         raise TypeError("the torch engine fetches whole batches (__getitems__)")
 
     def __getitems__(self, request: _BatchRequest) -> EngineBatch:
-        if self.ds is None:
-            self.ds = BuiltDataset(self.path)
-            self.ds.n_boxes = np.asarray(self.ds.manifest["records"]["n_boxes"], np.int64)
         cfg = self.cfg
         epoch, indices = request
         recs = [decode_record(self.ds, int(i)) for i in indices]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 from typing import Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,25 +15,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from objloader.store.reader import BuiltDataset, DatasetError
+from objloader.augment.reference import normalize
+from objloader.store.reader import BuiltDataset, DatasetError, decode_rgb
 
-__all__ = ["extract_features", "eval_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["extract_features", "eval_transform"]
 
 
 def eval_transform(jpeg: bytes, image_size: int) -> torch.Tensor:
     """Stored JPEG bytes -> normalised float32 [3, image_size, image_size] (RGB)."""
-    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DatasetError("stored image does not decode")
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    x = torch.from_numpy(decode_rgb(jpeg)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x.clamp_(0.0, 1.0) - mean) / std)[0]
+    return normalize(x.clamp_(0.0, 1.0))[0]  # the training pipeline's ImageNet normalisation
 
 
 class _EvalImages(Dataset):

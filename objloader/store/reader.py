@@ -53,12 +53,25 @@ def read_index(idx_path: str) -> List[dict]:
     return samples
 
 
-def _npy(data: bytes) -> np.ndarray:
+def decode_npy(data: bytes) -> np.ndarray:
+    """A stored ``.npy`` member (boxes, bg rect) -> array (no pickles)."""
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _png(data: bytes) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+def decode_png(data: bytes) -> np.ndarray:
+    """A stored lossless mask (``.mask.png``) -> uint8 [M, M]; raises when it does not decode."""
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise DatasetError("stored mask does not decode")
+    return mask
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Stored JPEG bytes -> RGB uint8 [H, W, 3]; raises when they do not decode."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError("stored image does not decode")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 class BuiltDataset:
@@ -77,6 +90,7 @@ class BuiltDataset:
         self.classes = self.manifest.get("classes", [])
         self.has_gt = self.manifest["has_gt"]
         self.labels = np.asarray(self.manifest["records"]["labels"], dtype=np.int64)
+        self.n_boxes = np.asarray(self.manifest["records"]["n_boxes"], dtype=np.int64)
         self.keys = self.manifest["records"]["keys"]
         self._entries = []  # record i -> (shard file, {suffix: (offset, size, name)})
         for tar in self.manifest["shards"]:
@@ -118,15 +132,15 @@ class BuiltDataset:
             "key": meta["key"],
             "sha1": meta["sha1"],
             "jpeg": raw["jpg"],
-            "image": cv2.cvtColor(_decode_jpeg(raw["jpg"]), cv2.COLOR_BGR2RGB),
+            "image": decode_rgb(raw["jpg"]),
             "label": int(raw["cls"]),
-            "mask": _png(raw["mask.png"]),
-            "boxes": _npy(raw["boxes.npy"]),
+            "mask": decode_png(raw["mask.png"]),
+            "boxes": decode_npy(raw["boxes.npy"]),
             "n_boxes": int(meta["n_boxes"]),
-            "bg_rect": _npy(raw["bg.npy"]),
+            "bg_rect": decode_npy(raw["bg.npy"]),
         }
         if "gt_mask.png" in raw:
-            rec.update(gt_mask=_png(raw["gt_mask.png"]), gt_boxes=_npy(raw["gt_boxes.npy"]),
+            rec.update(gt_mask=decode_png(raw["gt_mask.png"]), gt_boxes=decode_npy(raw["gt_boxes.npy"]),
                        n_gt_boxes=int(meta["n_gt_boxes"]))
         return rec
 
@@ -140,13 +154,6 @@ class BuiltDataset:
             self.close()
         except Exception:
             pass
-
-
-def _decode_jpeg(data: bytes) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DatasetError("stored image does not decode")
-    return img
 
 
 def open_dataset(path: str, split: Optional[str] = None) -> BuiltDataset:
