@@ -41,6 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "objloader-build=objloader.cli.build:main",
+            "objloader-cam=objloader.cli.cam:main",
             "objloader-demo=objloader.cli.demo:main",
             "objloader-viz=objloader.cli.viz:main",
         ]

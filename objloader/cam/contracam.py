@@ -69,8 +69,9 @@ class ContraCAM(nn.Module):
     def embed(self, activations: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(activations.mean(dim=(2, 3))), dim=1)
 
-    def cam(self, images: torch.Tensor, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
-        """One ContraCAM step: [B, h, w] maps in [0, 1] at the activations' resolution."""
+    def cam(self, images: torch.Tensor, extra_negatives: torch.Tensor | None = None):
+        """One ContraCAM step: ([B, h, w] maps in [0, 1] at the activations' resolution,
+        the images' embeddings [B, D], detached)."""
         activations = self.trunk(images).detach().requires_grad_(True)
         z = self.embed(activations)
         negatives = z.detach()
@@ -90,19 +91,21 @@ class ContraCAM(nn.Module):
         cam = (weights * activations.detach()).sum(1).clamp(min=0)  # ReLU(sum_k alpha_k A^k)
         lo = cam.amin(dim=(1, 2), keepdim=True)
         hi = cam.amax(dim=(1, 2), keepdim=True)
-        return (cam - lo) / (hi - lo).clamp(min=1e-12)
+        return (cam - lo) / (hi - lo).clamp(min=1e-12), z.detach()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, return_steps: bool = False):
+        """Masks [B, M, M] after ``cfg.iterations`` steps; with ``return_steps``, the list of the
+        aggregated masks after each step (the first is single-step ContraCAM)."""
         size = self.cfg.mask_size
         aggregated = torch.zeros(images.shape[0], 1, size, size, device=images.device)
         earlier = []  # embeddings of the masked batches of earlier iterations (extra negatives)
+        steps = []
         for _ in range(self.cfg.iterations):
             # Soft mask of the input at its own resolution (eq. 3).
             keep = 1 - F.interpolate(aggregated, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            masked = images * keep
-            cam = self.cam(masked, torch.cat(earlier) if earlier else None)
+            cam, z = self.cam(images * keep, torch.cat(earlier) if earlier else None)
             cam = F.interpolate(cam.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
             aggregated = torch.maximum(aggregated, cam.clamp(0, 1))
-            with torch.no_grad():
-                earlier.append(self.embed(self.trunk(masked)))
-        return aggregated[:, 0]
+            earlier.append(z)  # this step's masked batch: negatives of every later step
+            steps.append(aggregated[:, 0])
+        return steps if return_steps else steps[-1]

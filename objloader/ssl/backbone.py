@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "ARCHS", "build_backbone", "feature_dim", "load_backbone", "CheckpointError"]
+__all__ = ["CHECKPOINT_FORMAT", "ARCHS", "build_backbone", "feature_dim", "load_backbone", "load_encoder", "CheckpointError"]
 
 CHECKPOINT_FORMAT = "objloader-ssl/1"
 ARCHS = ("resnet18", "resnet50")
@@ -46,8 +46,7 @@ def feature_dim(arch: str) -> int:
     return {"resnet18": 512, "resnet50": 2048}[arch]
 
 
-def load_backbone(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """The encoder of a trainer checkpoint, and the checkpoint's metadata (no tensors)."""
+def _read_checkpoint(path: str, map_location) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
@@ -56,11 +55,55 @@ def load_backbone(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
         raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path!r} is not an objloader checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def _backbone_of(path: str, ckpt: dict) -> nn.Module:
     net = build_backbone(ckpt["arch"], ckpt["small_stem"])
     try:
         net.load_state_dict(ckpt["backbone"])
     except RuntimeError as e:
         raise CheckpointError(f"{path!r}: backbone weights do not fit {ckpt['arch']} "
                               f"(small_stem={ckpt['small_stem']}): {e}") from e
-    meta = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}
-    return net, meta
+    return net
+
+
+def _meta(ckpt: dict) -> dict:
+    return {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}
+
+
+def load_backbone(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
+    """The encoder of a trainer checkpoint, and the checkpoint's metadata (no tensors)."""
+    ckpt = _read_checkpoint(path, map_location)
+    return _backbone_of(path, ckpt), _meta(ckpt)
+
+
+# The projection each method trains its contrastive / predictive objective on, as the prefix of
+# its parameters in the trainer's model state: MoCo v2's MLP head, BYOL's online projector.
+PROJECTION_PREFIX = {"moco": "head.", "byol": "projector."}
+
+
+def load_encoder(path: str, map_location="cpu") -> tuple[nn.Module, nn.Module, dict]:
+    """(backbone, projection head, metadata) of a trainer checkpoint: what ContraCAM explains.
+
+    The head is rebuilt from the shapes of its weights, so it needs no trainer config.
+    """
+    ckpt = _read_checkpoint(path, map_location)
+    method = ckpt.get("method")
+    if method not in PROJECTION_PREFIX or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path!r} holds no MoCo or BYOL model state (method {method!r}); "
+                              "ContraCAM needs the projection head a trainer checkpoint carries")
+    prefix = PROJECTION_PREFIX[method]
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    try:
+        if method == "moco":  # Linear - ReLU - Linear
+            head = nn.Sequential(nn.Linear(*state["0.weight"].shape[::-1]), nn.ReLU(),
+                                 nn.Linear(*state["2.weight"].shape[::-1]))
+        else:  # Linear - BatchNorm1d - ReLU - Linear
+            hidden = state["0.weight"].shape[0]
+            head = nn.Sequential(nn.Linear(*state["0.weight"].shape[::-1]), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(*state["3.weight"].shape[::-1]))
+        head.load_state_dict(state)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path!r}: the {method} projection head cannot be rebuilt: {e}") from e
+    return _backbone_of(path, ckpt), head, _meta(ckpt)

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 from tqdm import tqdm
 
 from ..sources import SourceError, SourceSpec, open_source
-from .process import SkipRecord, build_record
+from .process import MaskPairingError, SkipRecord, build_record
 from .schema import SCHEMA_VERSION, BuildOptions, Record, digest_of
 from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
 
@@ -34,7 +34,7 @@ class BuildError(RuntimeError):
     """A build that cannot go on; the message says what to do."""
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -42,9 +42,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(specs: List[SourceSpec], opts: BuildOptions, formats: Sequence[str]) -> str:
-    """Identity of a build: options, formats and every source file's key, size and mtime."""
-    h = hashlib.sha1(json.dumps([opts.to_dict(), sorted(formats), SCHEMA_VERSION]).encode())
+def source_fingerprint(specs: List[SourceSpec]) -> str:
+    """Identity of a source: every file's key, label, size and mtime."""
+    h = hashlib.sha1()
     for spec in specs:
         h.update(f"{spec.name}|{spec.kind}|{os.path.abspath(spec.path)}\n".encode())
         for s in spec.samples:
@@ -56,30 +56,43 @@ def _fingerprint(specs: List[SourceSpec], opts: BuildOptions, formats: Sequence[
     return h.hexdigest()
 
 
+def _fingerprint(specs: List[SourceSpec], opts: BuildOptions, formats: Sequence[str], extra=None) -> str:
+    """Identity of a build: options, formats, the mask run (``extra``) and the source."""
+    h = hashlib.sha1(json.dumps([opts.to_dict(), sorted(formats), SCHEMA_VERSION, extra]).encode())
+    h.update(source_fingerprint(specs).encode())
+    return h.hexdigest()
+
+
 def _process(task):
     """Record, or the reason the sample is skipped."""
-    sample, opts = task
+    sample, opts, cam_entry = task
     try:
-        return build_record(sample, opts)
+        return build_record(sample, opts, cam_entry)
     except (SkipRecord, SourceError) as e:
         return str(e)
 
 
-def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error: str, label: str) -> int:
-    """Process every sample of spec into chunk files; chunks already on disk are kept."""
+def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error: str, label: str,
+           cam_entries: Optional[dict] = None) -> int:
+    """Process every sample of spec into chunk files; chunks already on disk are kept.
+    ``cam_entries``: key -> ContraCAM mask store entry, with --masks contracam."""
     os.makedirs(stage_dir, exist_ok=True)
     n_chunks = (len(spec.samples) + CHUNK - 1) // CHUNK
     todo = [c for c in range(n_chunks) if not os.path.exists(chunk_path(stage_dir, c))]
     done = (n_chunks - len(todo)) * CHUNK
     bar = tqdm(total=len(spec.samples), initial=min(done, len(spec.samples)), desc=f"records {label}",
                unit="img", file=sys.stderr, dynamic_ncols=True)
-    pending = ((s, opts) for c in todo for s in spec.samples[c * CHUNK:(c + 1) * CHUNK])
+    cam = cam_entries or {}
+    pending = ((s, opts, cam.get(s.key)) for c in todo for s in spec.samples[c * CHUNK:(c + 1) * CHUNK])
     results = pool.imap(_process, pending, chunksize=8) if pool else map(_process, pending)
     for c in todo:
         size = len(spec.samples[c * CHUNK:(c + 1) * CHUNK])
         items = []
         for k in range(size):
-            item = next(results)
+            try:
+                item = next(results)
+            except MaskPairingError as e:
+                raise BuildError(str(e)) from None
             if isinstance(item, str) and on_error == "fail":
                 s = spec.samples[c * CHUNK + k]
                 raise BuildError(f"record {s.key!r} ({s.path}): {item}. Use --on-error skip to skip such inputs.")
@@ -90,8 +103,46 @@ def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error:
     return n_chunks
 
 
+@dataclasses.dataclass(frozen=True)
+class ContraCAMMasks:
+    """Where --masks contracam takes its masks from: a checkpoint to run ContraCAM with inline
+    (``settings`` = objloader.cam.CamSettings), or the store of an earlier objloader-cam run."""
+
+    checkpoint: Optional[str] = None
+    settings: Optional[object] = None
+    store: Optional[str] = None
+
+    def identity(self) -> dict:
+        """What the build's fingerprint needs to know of the masks."""
+        if self.store:
+            with open(os.path.join(self.store, "masks.json"), encoding="utf-8") as f:
+                return {"store": json.load(f)["fingerprint"]}
+        return {"checkpoint_sha256": file_sha256(self.checkpoint), "settings": self.settings.to_dict()}
+
+
+def _contracam_entries(spec: SourceSpec, ds_dir: str, cam: ContraCAMMasks, opts: BuildOptions, workers: int,
+                       log: Callable):
+    """key -> mask store entry for spec, and what the manifest says of the masks."""
+    from ..cam.masks import CamError, MaskStore, compute_masks
+
+    try:
+        if cam.store:
+            store = MaskStore(cam.store)
+        else:
+            # Inside the partial output, so an interrupted build resumes the mask run too.
+            store_dir = os.path.join(ds_dir, ".contracam")
+            compute_masks([spec], store_dir, cam.checkpoint, cam.settings, opts=opts, workers=workers, log=log)
+            store = MaskStore(store_dir)
+        entries = store.entries(spec.name)
+    except CamError as e:
+        raise BuildError(str(e)) from None
+    info = {k: store.info[k] for k in ("checkpoint", "checkpoint_sha256", "method", "arch", "settings", "input_size")}
+    info["store"] = os.path.abspath(cam.store) if cam.store else None
+    return entries, info
+
+
 def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Sequence[str], pool,
-               workers: int, on_error: str, log: Callable) -> dict:
+               workers: int, on_error: str, log: Callable, cam: Optional[ContraCAMMasks] = None) -> dict:
     label = spec.name or os.path.basename(os.path.normpath(spec.path))
     if os.path.exists(os.path.join(ds_dir, MANIFEST)):
         log(f"{label}: already built in the partial output, kept")
@@ -104,9 +155,12 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         opts = dataclasses.replace(opts, masks="none")
         masks_note = "none (the source has no ground-truth masks)"
         log(f"{label}: no ground-truth masks in this source; built with --masks none")
+    cam_entries = cam_info = None
+    if opts.masks == "contracam":
+        cam_entries, cam_info = _contracam_entries(spec, ds_dir, cam, opts, workers, log)
     stage_dir = os.path.join(ds_dir, ".stage")
     t0 = time.time()
-    n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label)
+    n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label, cam_entries)
     stage_seconds = time.time() - t0
 
     # One pass over the staged chunks for what the manifest reports.
@@ -137,7 +191,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         tmp = os.path.join(ds_dir, "data.beton.tmp")
         write_beton(tmp, staged, opts, with_gt, workers)
         os.replace(tmp, os.path.join(ds_dir, "data.beton"))
-        checksums["data.beton"] = _sha256(os.path.join(ds_dir, "data.beton"))
+        checksums["data.beton"] = file_sha256(os.path.join(ds_dir, "data.beton"))
     shards = []
     if "wds" in formats:
         from .wds_writer import write_shards
@@ -150,7 +204,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         os.replace(tmp, os.path.join(ds_dir, "shards"))
         for name in shards:
             for f in (name, name[:-4] + ".idx"):
-                checksums[f"shards/{f}"] = _sha256(os.path.join(ds_dir, "shards", f))
+                checksums[f"shards/{f}"] = file_sha256(os.path.join(ds_dir, "shards", f))
 
     keys, digests, labels, n_boxes = [], [], [], []
     for r in staged:
@@ -168,6 +222,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "source": {"path": os.path.abspath(spec.path), "kind": spec.kind},
         "options": opts.to_dict(),
         "masks": masks_note,
+        "contracam": cam_info,
         "formats": list(formats),
         "classes": spec.classes,
         "has_gt": with_gt,
@@ -182,6 +237,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "records": {"keys": keys, "digests": digests, "labels": labels, "n_boxes": n_boxes},
     }
     shutil.rmtree(stage_dir)
+    shutil.rmtree(os.path.join(ds_dir, ".contracam"), ignore_errors=True)
     _write_json(os.path.join(ds_dir, MANIFEST), manifest)
     log(f"{label}: {len(staged)} records, {len(skipped)} skipped")
     return manifest
@@ -200,23 +256,35 @@ def _write_json(path: str, obj) -> None:
 
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
-          coco_images: Optional[str] = None, log: Callable = print) -> dict:
-    """Build src into out; returns the top-level manifest."""
+          coco_images: Optional[str] = None, contracam: Optional[ContraCAMMasks] = None,
+          log: Callable = print) -> dict:
+    """Build src into out; returns the top-level manifest. ``--masks contracam`` needs ``contracam``."""
     formats = tuple(formats)
     for f in formats:
         if f not in FORMATS:
             raise BuildError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
     if on_error not in ("skip", "fail"):
         raise BuildError(f"--on-error must be skip or fail, not {on_error!r}")
-    if opts.masks not in ("gt", "none"):
-        raise BuildError(f"--masks {opts.masks!r} is not available; choose gt or none")
+    if opts.masks not in ("gt", "none", "contracam"):
+        raise BuildError(f"--masks {opts.masks!r} is not available; choose gt, none or contracam")
+    if opts.masks == "contracam":
+        if contracam is None or bool(contracam.checkpoint) == bool(contracam.store):
+            raise BuildError("--masks contracam needs either --checkpoint CKPT (run ContraCAM now) or "
+                             "--cam-masks DIR (the output of objloader-cam)")
+        if contracam.checkpoint and not os.path.isfile(contracam.checkpoint):
+            raise BuildError(f"checkpoint {contracam.checkpoint!r} does not exist")
+        if contracam.store and not os.path.isfile(os.path.join(contracam.store, "masks.json")):
+            raise BuildError(f"{contracam.store!r} is not a complete ContraCAM mask store (no masks.json); "
+                             "run or finish objloader-cam first")
+    elif contracam is not None:
+        raise BuildError(f"--checkpoint / --cam-masks only apply to --masks contracam, not --masks {opts.masks}")
     out = os.path.abspath(out.rstrip("/"))
     if os.path.exists(out) and not overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
     specs = open_source(src, coco_images)
     workers = workers or os.cpu_count() or 1
     partial = out + ".partial"
-    fingerprint = _fingerprint(specs, opts, formats)
+    fingerprint = _fingerprint(specs, opts, formats, contracam.identity() if contracam else None)
     state_path = os.path.join(partial, STATE)
     if os.path.isdir(partial):
         try:
@@ -240,7 +308,7 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
         for spec in specs:
             ds_dir = os.path.join(partial, spec.name) if spec.name else partial
             os.makedirs(ds_dir, exist_ok=True)
-            manifests[spec.name] = _build_one(spec, ds_dir, opts, formats, pool, workers, on_error, log)
+            manifests[spec.name] = _build_one(spec, ds_dir, opts, formats, pool, workers, on_error, log, contracam)
     finally:
         if pool is not None:
             pool.close()

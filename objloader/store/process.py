@@ -23,6 +23,10 @@ class SkipRecord(Exception):
     """An input that cannot become a record; the message is the reason kept in the manifest."""
 
 
+class MaskPairingError(RuntimeError):
+    """A ContraCAM mask that cannot be paired with its image: never skipped, always an error."""
+
+
 def decode_image(data: bytes, opts: BuildOptions) -> Tuple[np.ndarray, Tuple[int, int], list]:
     """RGB uint8 [h, w, 3] (already reduced towards max_res for large JPEGs), the source's
     (height, width) and the conversions applied. Raises SkipRecord for unusable input."""
@@ -97,9 +101,30 @@ def _boxes_from(mask_hw: np.ndarray, given: Optional[np.ndarray], opts: BuildOpt
     return pad_boxes(b, opts.max_boxes)
 
 
-def build_record(sample: Sample, opts: BuildOptions, mask_override: Optional[np.ndarray] = None) -> Record:
-    """The Record for one sample. Raises SkipRecord (a reason for the manifest) or SourceError."""
+def _contracam_mask(sample: Sample, sha1: str, cam_entry: Optional[tuple], size) -> np.ndarray:
+    """The sample's ContraCAM mask at the stored image's size [h, w], after checking it is this image's."""
+    if cam_entry is None:
+        raise MaskPairingError(f"record {sample.key!r} ({sample.path}): the ContraCAM mask store has no mask "
+                               "for this key; was it computed on another source?")
+    cam_sha1, cam_mask, reason = cam_entry
+    if cam_sha1 and cam_sha1 != sha1:
+        raise MaskPairingError(f"record {sample.key!r} ({sample.path}): the image's content (sha1 {sha1[:12]}) is "
+                               f"not the one ContraCAM explained (sha1 {cam_sha1[:12]}); the source changed "
+                               "since objloader-cam ran: rerun it")
+    if cam_mask is None:
+        raise SkipRecord(f"no ContraCAM mask: {reason}")
+    h, w = size
+    return cv2.resize(cam_mask, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def build_record(sample: Sample, opts: BuildOptions, cam_entry: Optional[tuple] = None) -> Record:
+    """The Record for one sample. Raises SkipRecord (a reason for the manifest) or SourceError.
+
+    With ``--masks contracam``, ``cam_entry`` is the mask store's (sha1, uint8 mask or None, skip
+    reason) for the sample's key; a missing entry or a different image hash raises MaskPairingError.
+    """
     data = sample.read_bytes()
+    sha1 = hashlib.sha1(data).hexdigest()
     rgb, (src_h, src_w), notes = decode_image(data, opts)
     rgb = resize_long_side(rgb, opts.max_res)
     if rgb.shape[:2] != (src_h, src_w):
@@ -125,10 +150,8 @@ def build_record(sample: Sample, opts: BuildOptions, mask_override: Optional[np.
         mask_hw, given_boxes = gt, sample.gt_boxes
     elif opts.masks == "none":
         mask_hw, given_boxes = None, None
-    elif opts.masks == "provided":
-        if mask_override is None:
-            raise SkipRecord("no mask provided for this record")
-        mask_hw, given_boxes = mask_override, None
+    elif opts.masks == "contracam":
+        mask_hw, given_boxes = _contracam_mask(sample, sha1, cam_entry, (h, w)), None
     else:
         raise ValueError(f"unknown --masks {opts.masks!r}")
 
@@ -142,7 +165,7 @@ def build_record(sample: Sample, opts: BuildOptions, mask_override: Optional[np.
         boxes, n_boxes = _boxes_from(mask_hw, given_boxes, opts)
         bg = bg_rect(mask_hw, method=opts.bg_patch, threshold=opts.bg_threshold).astype(np.float32)
 
-    rec = Record(key=sample.key, sha1=hashlib.sha1(data).hexdigest(), image=jpeg, height=h, width=w,
+    rec = Record(key=sample.key, sha1=sha1, image=jpeg, height=h, width=w,
                  label=int(sample.label), mask=mask, boxes=boxes, n_boxes=int(n_boxes), bg_rect=bg,
                  notes=notes)
     if gt is not None:

@@ -26,7 +26,7 @@ WDS_MEMBERS = {
 class BuildOptions:
     """Every option that changes the bytes of a built dataset; CLI flags map onto it 1:1."""
 
-    masks: str = "gt"            # gt | none (| contracam, once ContraCAM exists)
+    masks: str = "gt"            # gt | none | contracam (masks of a ContraCAM mask store)
     max_res: int = 256           # long side of the stored JPEG
     mask_res: int = 64           # M: masks are stored as uint8 [M, M] over the unit square
     max_boxes: int = 8           # K: boxes are padded to [K, 4]

@@ -1,0 +1,235 @@
+"""Localisation quality of ContraCAM masks against ground truth (objloader-cam --eval).
+
+Metrics, on built datasets that carry gt_mask / gt_boxes (the demo's val and multi sets):
+- mask mIoU: the soft mask binarised at a threshold tau, IoU with the ground-truth mask, averaged
+  over images; reported for every tau of the sweep and at the best tau.
+- MaxBoxAccV2 (Choe et al. 2020, "Evaluating Weakly Supervised Object Localization Methods Right"):
+  at threshold tau, every connected region of the binarised mask gives a box; an image is a hit
+  at IoU level delta when one of its boxes overlaps one ground-truth box with IoU >= delta.
+  MaxBoxAcc(delta) is the best hit rate over tau; MaxBoxAccV2 the mean over delta in {0.3, 0.5, 0.7}.
+
+Variants: a centre-prior baseline (a Gaussian bump in the middle of the image, no model),
+ContraCAM without the ReLU on channel weights, single-step, iterative, and iterative + CRF (and
+single-step + CRF, what a single-object build stores with --iterations 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb, read_manifest
+from .geometry import box_iou, mask_to_boxes
+from .settings import CamSettings
+
+__all__ = ["THRESHOLDS", "IOU_LEVELS", "mask_miou_sweep", "max_box_acc", "centre_prior", "evaluate_localisation"]
+
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)  # tau; 0 would make every mask the whole image
+IOU_LEVELS = (0.3, 0.5, 0.7)
+VARIANTS = ("centre prior", "no ReLU", "single-step", "single-step + CRF", "iterative", "iterative + CRF")
+
+
+def mask_miou_sweep(pred: np.ndarray, gt: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
+    """Mean IoU over images of (pred >= tau) and gt, per tau: pred float [N, R, R] in [0, 1],
+    gt bool [N, R, R] -> float [len(thresholds)]. An image where both are empty counts IoU 1."""
+    gt = gt.reshape(len(gt), -1)
+    out = []
+    for t in thresholds:
+        p = pred.reshape(len(pred), -1) >= t
+        inter = (p & gt).sum(1)
+        union = (p | gt).sum(1)
+        out.append(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
+    return np.array(out)
+
+
+def max_box_acc(pred: np.ndarray, gt_boxes: List[np.ndarray], thresholds=THRESHOLDS,
+                levels=IOU_LEVELS) -> np.ndarray:
+    """Box accuracy [len(thresholds), len(levels)]: the fraction of images with a predicted box
+    (one per connected region of pred >= tau) at IoU >= delta with one of its ground-truth boxes."""
+    best = np.zeros((len(thresholds), len(pred)))
+    for i, m in enumerate(pred):
+        m8 = np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)
+        for j, t in enumerate(thresholds):
+            boxes = mask_to_boxes(m8, threshold=float(t), max_boxes=1 << 20, min_area_frac=0.0)
+            if len(boxes) and len(gt_boxes[i]):
+                best[j, i] = box_iou(boxes, gt_boxes[i]).max()
+    return np.stack([(best >= d).mean(1) for d in levels], axis=1)
+
+
+def centre_prior(n: int, res: int, sigma: float = 0.25) -> np.ndarray:
+    """The no-model baseline: exp(-d^2 / 2 sigma^2) around the image centre (unit-square units)."""
+    c = (np.arange(res) + 0.5) / res - 0.5
+    d2 = c[None, :] ** 2 + c[:, None] ** 2
+    return np.broadcast_to(np.exp(-d2 / (2 * sigma ** 2)).astype(np.float32), (n, res, res))
+
+
+def _load_set(path: str, size: int, limit: Optional[int]):
+    """Prepared images uint8 [N, S, S, 3], gt masks bool [N, R, R], gt boxes (list of [k, 4])."""
+    from .masks import prepare_rgb
+
+    ds = BuiltDataset(path)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    images, masks, boxes = [], [], []
+    for i in range(n):
+        raw = ds.raw(i, ("jpg", "gt_mask.png", "gt_boxes.npy", "json"))
+        if "gt_mask.png" not in raw:
+            raise DatasetError(f"{path!r} has no ground truth (gt_mask); evaluate sets built with --masks gt")
+        images.append(prepare_rgb(decode_rgb(raw["jpg"]), size))
+        masks.append(decode_png(raw["gt_mask.png"]) >= 128)
+        k = json.loads(raw["json"])["n_gt_boxes"]
+        boxes.append(decode_npy(raw["gt_boxes.npy"])[:k])
+    ds.close()
+    return np.stack(images), np.stack(masks), boxes
+
+
+def _explain_set(checkpoint, settings: CamSettings, images: np.ndarray, device, pool, progress, label):
+    """Every variant's soft masks float [N, R, R] for one set, in batches of settings.batch_size."""
+    from .masks import chunk_bounds, explain_batch, load_contracam, n_chunks, refine_batch
+
+    model, _, _ = load_contracam(checkpoint, settings, device)
+    no_relu, _, _ = load_contracam(checkpoint, settings, device, relu_weights=False, iterations=1)
+    out = {v: [] for v in VARIANTS[1:]}
+    chunks = n_chunks(len(images), settings.batch_size)
+    for c in tqdm(range(chunks), desc=f"contracam eval {label}", unit="batch", disable=not progress, leave=False):
+        lo, hi = chunk_bounds(len(images), settings.batch_size, c)
+        rgb = images[lo:hi]
+        steps = explain_batch(model, rgb, device)
+        out["single-step"].append(steps[0])
+        out["iterative"].append(steps[-1])
+        out["no ReLU"].append(explain_batch(no_relu, rgb, device)[0])
+        out["single-step + CRF"].append(refine_batch(rgb, steps[0], pool))
+        out["iterative + CRF"].append(refine_batch(rgb, steps[-1], pool))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _summary(pred, gt_masks, gt_boxes) -> dict:
+    sweep = mask_miou_sweep(pred, gt_masks)
+    acc = max_box_acc(pred, gt_boxes)
+    best = acc.max(0)
+    return {
+        "miou": float(sweep.max()), "miou_threshold": float(THRESHOLDS[sweep.argmax()]),
+        "miou_sweep": {f"{t:.2f}": round(float(v), 4) for t, v in zip(THRESHOLDS, sweep)},
+        "maxboxacc": {f"{d}": float(b) for d, b in zip(IOU_LEVELS, best)},
+        "maxboxacc_threshold": {f"{d}": float(THRESHOLDS[acc[:, k].argmax()]) for k, d in enumerate(IOU_LEVELS)},
+        "maxboxaccv2": float(best.mean()),
+    }
+
+
+def _set_dirs(data: str, sets: List[str]) -> Dict[str, str]:
+    m = read_manifest(data)
+    if m.get("kind") != "collection":
+        return {os.path.basename(os.path.normpath(data)): data}
+    missing = [s for s in sets if s not in m["datasets"]]
+    if missing:
+        raise DatasetError(f"{data!r} has no dataset {', '.join(missing)}; it holds {', '.join(m['datasets'])}")
+    return {s: os.path.join(data, s) for s in sets}
+
+
+def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSettings = CamSettings(), *,
+                          sets=("val", "multi"), limit: Optional[int] = None, device: Optional[str] = None,
+                          workers: Optional[int] = None, progress: bool = True, log=print) -> dict:
+    """Evaluate every variant on each set; writes contracam_eval.{json,md,png} under ``out``."""
+    import torch
+
+    from .masks import crf_pool, load_contracam
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _, size, meta = load_contracam(checkpoint, settings, device)
+    t0 = time.time()
+    results, examples = {}, {}
+    pool = crf_pool(workers or os.cpu_count() or 1)
+    try:
+        for name, path in _set_dirs(data, list(sets)).items():
+            images, gt_masks, gt_boxes = _load_set(path, size, limit)
+            preds = {"centre prior": centre_prior(len(images), settings.mask_res)}
+            preds.update(_explain_set(checkpoint, settings, images, device, pool, progress, name))
+            gt_r = np.stack([cv2.resize(g.astype(np.uint8), (settings.mask_res,) * 2,
+                                        interpolation=cv2.INTER_NEAREST) for g in gt_masks]).astype(bool)
+            results[name] = {"records": len(images), **{v: _summary(preds[v], gt_r, gt_boxes) for v in VARIANTS}}
+            examples[name] = (images[:6], gt_r[:6], {v: preds[v][:6] for v in VARIANTS[1:]}, results[name])
+            log(f"{name}: " + ", ".join(f"{v} mIoU {results[name][v]['miou']:.3f}" for v in VARIANTS))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    report = {
+        "checkpoint": os.path.abspath(checkpoint), "method": meta.get("method"), "arch": meta.get("arch"),
+        "train_image_size": meta.get("image_size"), "input_size": size, "settings": settings.to_dict(),
+        "data": os.path.abspath(data), "limit": limit, "thresholds": [float(t) for t in THRESHOLDS],
+        "iou_levels": list(IOU_LEVELS), "seconds": round(time.time() - t0, 1), "device": str(device),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "sets": results,
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "contracam_eval.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "contracam_eval.md"), "w", encoding="utf-8") as f:
+        f.write(format_table(report))
+    _plot_examples(examples, settings, os.path.join(out, "contracam_eval.png"))
+    log(f"wrote {out}/contracam_eval.json, .md, .png ({report['seconds']:.0f} s)")
+    return report
+
+
+def format_table(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# ContraCAM localisation ({report['method']} {report['arch']}, input {report['input_size']} px, "
+             f"T = {s['iterations']}, temperature {s['temperature']}, stride expansion {s['stride_expansion']})", "",
+             f"Checkpoint `{report['checkpoint']}`; {report['machine']}, {report['date']}, {report['seconds']:.0f} s.",
+             "mIoU at the best threshold of the sweep (threshold in brackets); MaxBoxAcc at IoU 0.3 / 0.5 / 0.7 "
+             "(boxes of every connected region, best threshold) and their mean, MaxBoxAccV2.", ""]
+    for name, res in report["sets"].items():
+        lines += [f"## {name} ({res['records']} images)", "",
+                  "| variant | mIoU | MaxBoxAcc@0.3 | @0.5 | @0.7 | MaxBoxAccV2 |", "|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            r = res[v]
+            b = r["maxboxacc"]
+            lines.append(f"| {v} | {100 * r['miou']:.1f} ({r['miou_threshold']:.2f}) | {100 * b['0.3']:.1f} | "
+                         f"{100 * b['0.5']:.1f} | {100 * b['0.7']:.1f} | {100 * r['maxboxaccv2']:.1f} |")
+        lines += ["", "mIoU over the threshold sweep:", "",
+                  "| threshold | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+        for t in res[VARIANTS[0]]["miou_sweep"]:
+            lines.append(f"| {t} | " + " | ".join(f"{100 * res[v]['miou_sweep'][t]:.1f}" for v in VARIANTS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot_examples(examples: dict, settings: CamSettings, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["image", "ground truth"] + list(VARIANTS[1:])
+    rows = [(name, i) for name, ex in examples.items() for i in range(len(ex[0]))]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols), 1.6 * len(rows)), squeeze=False)
+    for r, (name, i) in enumerate(rows):
+        images, gts, preds, res = examples[name]
+        size = images.shape[1]
+        for c, col in enumerate(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(images[i])
+            if col == "ground truth":
+                ax.imshow(cv2.resize(gts[i].astype(np.float32), (size, size)), alpha=0.5, cmap="jet", vmin=0, vmax=1)
+            elif col != "image":
+                m = preds[col][i]
+                ax.imshow(cv2.resize(m, (size, size)), alpha=0.5, cmap="jet", vmin=0, vmax=1)
+                # Boxes at the threshold that gave this variant its best MaxBoxAcc@0.5.
+                t = res[col]["maxboxacc_threshold"]["0.5"]
+                for x0, y0, x1, y1 in mask_to_boxes(np.clip(np.rint(m * 255), 0, 255).astype(np.uint8),
+                                                    threshold=t, max_boxes=8, min_area_frac=0.01) * size:
+                    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", lw=1.2))
+            if r == 0:
+                ax.set_title(col, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

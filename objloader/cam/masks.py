@@ -1,0 +1,360 @@
+"""objloader-cam: ContraCAM masks for every image of a source, in a resumable mask store.
+
+A mask store is a directory:
+
+    run.json                   what is being computed (checkpoint hash, settings, source fingerprint)
+    <dataset>/chunk-000012.npz one batch of images: keys, sha1 (of the source file's bytes),
+                               masks uint8 [n, R, R] over the unit square, reasons ("" = masked)
+    masks.json                 written last, once every chunk exists: the store is complete
+
+A chunk is one ContraCAM batch (its images are each other's negatives), cut from the source's
+sample list at fixed positions, so the masks do not depend on how many ranks computed them or
+whether the run was interrupted. Ranks under torchrun take chunks round-robin; chunk files are
+written atomically, so a rerun computes only the missing ones. Every mask carries its image's key
+and content hash: the build pairs by key and refuses a hash mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..augment.reference import normalize
+from ..ssl.backbone import load_encoder
+from ..store.builder import file_sha256, source_fingerprint
+from ..store.process import SkipRecord, decode_image
+from ..store.schema import BuildOptions
+from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
+from .crf import CRFConfig, crf_refine
+from .settings import CamSettings
+
+__all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
+           "explain_batch", "refine_batch"]
+
+STORE_FORMAT = "objloader-cam/1"
+RUN = "run.json"
+COMPLETE = "masks.json"
+
+
+class CamError(RuntimeError):
+    """A mask run or mask store that cannot be used; the message says what to do."""
+
+
+def load_contracam(checkpoint: str, settings: CamSettings, device="cpu", *, relu_weights: Optional[bool] = None,
+                   iterations: Optional[int] = None):
+    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata).
+
+    ``relu_weights`` / ``iterations`` override the settings (the evaluation's ablations)."""
+    backbone, head, meta = load_encoder(checkpoint)
+    cfg = ContraCAMConfig(temperature=settings.temperature,
+                          iterations=settings.iterations if iterations is None else iterations,
+                          relu_weights=settings.relu_weights if relu_weights is None else relu_weights,
+                          mask_size=settings.mask_res)
+    model = ContraCAM(resnet_trunk(backbone, settings.stride_expansion), head, cfg).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients are taken with respect to activations only
+    size = settings.image_size or 2 * int(meta.get("image_size", 112))
+    return model, size, meta
+
+
+def prepare_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The whole image, squashed to [size, size, 3] uint8 (masks live on the unit square)."""
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+def explain_batch(model: ContraCAM, rgb: np.ndarray, device="cpu") -> List[np.ndarray]:
+    """ContraCAM of a batch of prepared images uint8 [B, S, S, 3]: the aggregated masks after each
+    iteration, float32 [B, R, R] in [0, 1] (the first is single-step ContraCAM)."""
+    x = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    steps = model(normalize(x), return_steps=True)
+    return [s.float().cpu().numpy() for s in steps]
+
+
+def _refine_one(job):
+    rgb, mask, res, cfg = job
+    return cv2.resize(crf_refine(rgb, mask, cfg), (res, res), interpolation=cv2.INTER_AREA)
+
+
+def refine_batch(rgb: np.ndarray, masks: np.ndarray, pool: Optional[ProcessPoolExecutor] = None,
+                 cfg: CRFConfig = CRFConfig()) -> np.ndarray:
+    """Dense-CRF refinement of float masks [B, R, R] on their prepared images [B, S, S, 3]; the CRF
+    runs at the image's resolution, its object marginal comes back at R."""
+    res = masks.shape[-1]
+    jobs = [(rgb[i], masks[i], res, cfg) for i in range(len(masks))]
+    out = pool.map(_refine_one, jobs) if pool is not None else map(_refine_one, jobs)
+    return np.stack(list(out)).astype(np.float32)
+
+
+def crf_pool(workers: int) -> Optional[ProcessPoolExecutor]:
+    if workers <= 1:
+        return None
+    # forkserver: forking next to torch / OpenMP threads can deadlock the child.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+def to_uint8(masks: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(masks * 255.0), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the source
+
+
+class _SourceChunks(Dataset):
+    """Chunk c of a sample list -> its images decoded once and prepared at the input size."""
+
+    def __init__(self, samples, chunks: Sequence[int], batch_size: int, size: int, opts: BuildOptions):
+        self.samples, self.chunks, self.batch_size, self.size, self.opts = samples, list(chunks), batch_size, size, opts
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict:
+        c = self.chunks[i]
+        lo, hi = chunk_bounds(len(self.samples), self.batch_size, c)
+        images = np.zeros((hi - lo, self.size, self.size, 3), np.uint8)
+        keys, sha1s, reasons = [], [], []
+        for k, s in enumerate(self.samples[lo:hi]):
+            sha1, reason = "", ""
+            try:
+                data = s.read_bytes()
+                sha1 = hashlib.sha1(data).hexdigest()
+                rgb, _, _ = decode_image(data, self.opts)  # the build's decoding: same skips, same colour fixes
+                images[k] = prepare_rgb(rgb, self.size)
+            except (SkipRecord, ValueError) as e:  # SourceError is a ValueError
+                reason = str(e) or type(e).__name__
+            keys.append(s.key)
+            sha1s.append(sha1)
+            reasons.append(reason)
+        return {"chunk": c, "images": images, "keys": keys, "sha1": sha1s, "reasons": reasons}
+
+
+def _first(batch):
+    return batch[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the store
+
+
+def _part_dir(root: str, name: str) -> str:
+    return os.path.join(root, name or "_")
+
+
+def _chunk_path(root: str, name: str, c: int) -> str:
+    return os.path.join(_part_dir(root, name), f"chunk-{c:06d}.npz")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_chunk(path: str, keys, sha1s, masks: np.ndarray, reasons) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, keys=np.array(keys, dtype=str), sha1=np.array(sha1s, dtype=str), masks=masks,
+             reasons=np.array(reasons, dtype=str))
+    os.replace(tmp, path)  # a chunk file exists only when it is complete
+
+
+class MaskStore:
+    """A complete mask store, read back: per dataset, key -> (sha1, uint8 mask or None, skip reason)."""
+
+    def __init__(self, root: str):
+        path = os.path.join(root, COMPLETE)
+        if not os.path.isfile(path):
+            hint = " (an interrupted run? rerun objloader-cam with the same arguments to finish it)" \
+                if os.path.isfile(os.path.join(root, RUN)) else ""
+            raise CamError(f"{root!r} is not a complete ContraCAM mask store: no {COMPLETE}{hint}")
+        with open(path, encoding="utf-8") as f:
+            self.info = json.load(f)
+        if self.info.get("format") != STORE_FORMAT:
+            raise CamError(f"{root!r}: mask store format {self.info.get('format')!r}, expected {STORE_FORMAT}")
+        self.root = root
+        self.names = list(self.info["datasets"])
+
+    def entries(self, name: str) -> Dict[str, tuple]:
+        """key -> (sha1, mask uint8 [R, R] or None, reason) of dataset ``name``. A store of a single
+        dataset also answers for a build of a single dataset (its name is then ""), whatever its name."""
+        if name not in self.info["datasets"]:
+            if len(self.names) == 1 and name == "":
+                name = self.names[0]
+            else:
+                raise CamError(f"mask store {self.root!r} has no masks for dataset {name or '(the source)'!r}; "
+                               f"it holds {', '.join(repr(n or '(the source)') for n in self.names)}")
+        out = {}
+        for c in range(self.info["datasets"][name]["chunks"]):
+            with np.load(_chunk_path(self.root, name, c)) as z:
+                for key, sha1, mask, reason in zip(z["keys"], z["sha1"], z["masks"], z["reasons"]):
+                    if key in out:
+                        raise CamError(f"mask store {self.root!r}: key {key!r} appears twice in {name!r}")
+                    out[str(key)] = (str(sha1), None if reason else mask, str(reason))
+        return out
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _pick_device(device: Optional[str]) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: BuildOptions) -> str:
+    h = hashlib.sha1(json.dumps([STORE_FORMAT, checkpoint_sha256, settings.to_dict(), opts.min_size,
+                                 opts.max_pixels]).encode())
+    h.update(source_fingerprint(specs).encode())
+    return h.hexdigest()
+
+
+def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamSettings(), *,
+                  opts: BuildOptions = BuildOptions(), workers: Optional[int] = None, device: Optional[str] = None,
+                  overwrite: bool = False, progress: bool = True, log: Callable = print) -> dict:
+    """ContraCAM masks of every sample of ``specs`` (see objloader.sources) into the store ``out``;
+    returns its masks.json. Resumes an interrupted run with the same arguments; refuses to mix a
+    different run into an existing store unless ``overwrite``."""
+    rank, world = _distributed()
+    dev = _pick_device(device)
+    workers = workers or os.cpu_count() or 1
+    if not os.path.isfile(checkpoint):
+        raise CamError(f"checkpoint {checkpoint!r} does not exist")
+    ckpt_sha = file_sha256(checkpoint)
+    fingerprint = run_fingerprint(specs, ckpt_sha, settings, opts)
+    run_path, done_path = os.path.join(out, RUN), os.path.join(out, COMPLETE)
+    if rank == 0:
+        old = None
+        for path in (done_path, run_path):
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    old = json.load(f).get("fingerprint")
+                break
+        if old is None and os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise CamError(f"{out!r} exists and is not a mask store of this run; pass --overwrite to replace it")
+        if old is not None and old != fingerprint:
+            if not overwrite:
+                raise CamError(f"{out!r} holds masks of a different run (checkpoint, settings or source differ); "
+                               "pass --overwrite to replace them")
+            shutil.rmtree(out)
+        if os.path.isfile(done_path) and old == fingerprint:
+            log(f"{out}: masks of this run are already complete")
+        os.makedirs(out, exist_ok=True)
+        _write_json(run_path, {"format": STORE_FORMAT, "fingerprint": fingerprint, "checkpoint": os.path.abspath(checkpoint),
+                               "checkpoint_sha256": ckpt_sha, "settings": settings.to_dict()})
+    _barrier(world)
+    if os.path.isfile(done_path):
+        with open(done_path, encoding="utf-8") as f:
+            return json.load(f)
+
+    model, size, meta = load_contracam(checkpoint, settings, dev)
+    t0 = time.time()
+    pool = crf_pool(workers) if settings.crf else None
+    try:
+        for spec in specs:
+            _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    seconds = time.time() - t0
+    _barrier(world)
+    if rank == 0:
+        datasets = {}
+        for spec in specs:
+            n_chunks = _n_chunks(spec, settings)
+            missing = [c for c in range(n_chunks) if not os.path.isfile(_chunk_path(out, spec.name, c))]
+            if missing:
+                raise CamError(f"{out}: {len(missing)} chunk(s) of {spec.name or 'the source'!r} are missing after "
+                               "every rank finished; rerun to compute them")
+            skipped = []
+            for c in range(n_chunks):
+                with np.load(_chunk_path(out, spec.name, c)) as z:
+                    skipped += [{"key": str(k), "reason": str(r)} for k, r in zip(z["keys"], z["reasons"]) if r]
+            datasets[spec.name] = {"images": len(spec.samples), "chunks": n_chunks,
+                                   "masked": len(spec.samples) - len(skipped), "skipped": skipped}
+        info = {"format": STORE_FORMAT, "fingerprint": fingerprint, "checkpoint": os.path.abspath(checkpoint),
+                "checkpoint_sha256": ckpt_sha, "method": meta.get("method"), "arch": meta.get("arch"),
+                "settings": settings.to_dict(), "input_size": size, "device": str(dev), "ranks": world,
+                "seconds_last_run": round(seconds, 3), "datasets": datasets}
+        _write_json(done_path, info)
+        for name, d in datasets.items():
+            log(f"contracam {name or 'masks'}: {d['masked']} masked, {len(d['skipped'])} skipped")
+    _barrier(world)
+    with open(done_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def n_chunks(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size)
+
+
+def chunk_bounds(n: int, batch_size: int, c: int) -> tuple:
+    """Samples [lo, hi) of chunk c: whole batches, the last one absorbing the remainder, so that no
+    image is explained in a batch too small to hold negatives."""
+    lo = c * batch_size
+    return lo, (n if c == n_chunks(n, batch_size) - 1 else lo + batch_size)
+
+
+def _n_chunks(spec, settings: CamSettings) -> int:
+    return n_chunks(len(spec.samples), settings.batch_size)
+
+
+def _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool, progress) -> None:
+    n_chunks = _n_chunks(spec, settings)
+    os.makedirs(_part_dir(out, spec.name), exist_ok=True)
+    todo = [c for c in range(rank, n_chunks, world) if not os.path.isfile(_chunk_path(out, spec.name, c))]
+    if not todo:
+        return
+    reader = _SourceChunks(spec.samples, todo, settings.batch_size, size, opts)
+    loader = DataLoader(reader, batch_size=1, collate_fn=_first, num_workers=1,
+                        multiprocessing_context=multiprocessing.get_context("forkserver"))
+    n_todo = sum(np.subtract(*chunk_bounds(len(spec.samples), settings.batch_size, c)[::-1]) for c in todo)
+    label = f"contracam {spec.name}" if spec.name else "contracam"
+    with tqdm(total=n_todo, desc=label + (f" rank {rank}" if world > 1 else ""), unit="img", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for chunk in loader:
+            ok = np.array([r == "" for r in chunk["reasons"]])
+            masks = np.zeros((len(ok), settings.mask_res, settings.mask_res), np.uint8)
+            if ok.sum() >= 2:
+                rgb = chunk["images"][ok]
+                soft = explain_batch(model, rgb, dev)[-1]
+                if settings.crf:
+                    soft = refine_batch(rgb, soft, pool)
+                masks[ok] = to_uint8(soft)
+            else:
+                # Without another image in the batch there are no negatives: the score is constant.
+                for k in np.flatnonzero(ok):
+                    chunk["reasons"][k] = "no other decodable image in its ContraCAM batch (no negatives)"
+            _write_chunk(_chunk_path(out, spec.name, chunk["chunk"]), chunk["keys"], chunk["sha1"], masks,
+                         chunk["reasons"])
+            bar.update(len(ok))

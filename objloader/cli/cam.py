@@ -1,0 +1,98 @@
+"""objloader-cam --checkpoint CKPT SRC --out MASKS: ContraCAM masks of a source (resumable,
+sharded by rank under torchrun). objloader-cam --eval --checkpoint CKPT --data BUILT --out DIR:
+localisation quality (mask mIoU, MaxBoxAccV2) against the ground truth of built datasets."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cam.settings import CamSettings
+
+def add_cam_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The flags of :class:`objloader.cam.masks.CamSettings`; objloader-build prefixes them with 'cam-'."""
+    D = CamSettings()
+    g = p.add_argument_group("ContraCAM")
+    g.add_argument(f"--{prefix}iterations", type=int, default=D.iterations, metavar="T",
+                   help="iterative refinement steps (paper: 10 to find several objects, 1 for one object per image)")
+    g.add_argument(f"--{prefix}temperature", type=float, default=D.temperature, help="temperature of the contrastive score")
+    g.add_argument(f"--{prefix}no-relu", action="store_true",
+                   help="keep negative channel weights (the ablation of negative-signal removal)")
+    g.add_argument(f"--{prefix}stride-expansion", action="store_true",
+                   help="run the last ResNet stage at stride 1: masks from a feature map twice as fine")
+    g.add_argument(f"--{prefix}image-size", type=int, default=None, metavar="PX",
+                   help="side of the square input (default: twice the checkpoint's training view size)")
+    g.add_argument(f"--{prefix}no-crf", action="store_true", help="skip the dense-CRF refinement")
+    g.add_argument(f"--{prefix}batch-size", type=int, default=D.batch_size,
+                   help="images per ContraCAM batch; they are each other's negatives")
+
+
+def cam_settings(args, prefix: str = "", mask_res: int = 64) -> CamSettings:
+    a = {k: getattr(args, (prefix + k).replace("-", "_")) for k in
+         ("iterations", "temperature", "no_relu", "stride_expansion", "image_size", "no_crf", "batch_size")}
+    return CamSettings(temperature=a["temperature"], iterations=a["iterations"], relu_weights=not a["no_relu"],
+                       stride_expansion=a["stride_expansion"], image_size=a["image_size"], mask_res=mask_res,
+                       crf=not a["no_crf"], batch_size=a["batch_size"])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="objloader-cam", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="ContraCAM (Mo et al. 2021): object masks from a MoCo v2 / BYOL checkpoint of this project, "
+                    "without labels. Writes a mask store that objloader-build --masks contracam --cam-masks reads. "
+                    "Multi-process: torchrun --nproc_per_node N objloader-cam ... (ranks take batches round-robin).")
+    p.add_argument("src", nargs="?", help="source: ImageFolder dir, COCO .json, list file, or objloader-demo dir")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train/moco.py or train/byol.py")
+    p.add_argument("--out", required=True, help="mask store directory (with --eval: the results directory)")
+    p.add_argument("--mask-res", type=int, default=CamSettings().mask_res, help="side R of the stored [R, R] masks")
+    add_cam_arguments(p)
+    p.add_argument("--workers", type=int, default=None, help="CRF processes (default: all cores)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
+    p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = p.add_argument_group("evaluation (--eval)")
+    e.add_argument("--eval", action="store_true",
+                   help="evaluate localisation on built datasets with ground truth instead of writing masks")
+    e.add_argument("--data", default=None, help="a built collection (e.g. demo/built) or dataset directory")
+    e.add_argument("--sets", default="val,multi", help="datasets of the collection to evaluate")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N records of each set")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from ..cam.masks import CamError
+    from ..sources import SourceError, open_source
+    from ..ssl.backbone import CheckpointError
+    from ..store import DatasetError
+
+    try:
+        settings = cam_settings(args, mask_res=args.mask_res)
+        if args.eval:
+            from ..cam.evaluate import evaluate_localisation
+
+            if not args.data:
+                parser().error("--eval needs --data BUILT (a built dataset with ground-truth masks)")
+            evaluate_localisation(args.checkpoint, args.data, args.out, settings,
+                                  sets=[s for s in args.sets.split(",") if s], limit=args.limit,
+                                  device=args.device, workers=args.workers, progress=not args.no_progress)
+            return 0
+        if not args.src:
+            parser().error("SRC is required (or --eval --data BUILT)")
+        from ..cam.masks import compute_masks
+
+        specs = open_source(args.src, args.coco_images)
+        info = compute_masks(specs, args.out, args.checkpoint, settings, workers=args.workers, device=args.device,
+                             overwrite=args.overwrite, progress=not args.no_progress)
+        n = sum(d["masked"] for d in info["datasets"].values())
+        skipped = sum(len(d["skipped"]) for d in info["datasets"].values())
+        print(f"objloader-cam: {n} masks, {skipped} skipped in {args.out} (see {args.out}/masks.json); build with "
+              f"objloader-build {args.src} OUT --masks contracam --cam-masks {args.out}")
+        return 0
+    except (CamError, CheckpointError, SourceError, DatasetError, ValueError) as e:
+        print(f"objloader-cam: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
