@@ -217,3 +217,23 @@ def test_eval_writes_the_table_and_grid(world, tmp_path):
     assert "iterative + CRF" in md and "MaxBoxAccV2" in md
     assert json.load(open(os.path.join(out, "contracam_eval.json")))["sets"][name]["records"] == N_IMAGES
     assert os.path.getsize(os.path.join(out, "contracam_eval.png")) > 1000
+
+
+def test_two_ranks_under_torchrun_write_the_same_store(world, tmp_path):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "masks2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+           "-m", "objloader.cli.cam", world["src"], "--checkpoint", world["ckpt"], "--out", out,
+           "--iterations", "2", "--image-size", "32", "--mask-res", "16", "--batch-size", "4", "--workers", "1",
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.load(open(os.path.join(out, "masks.json")))
+    assert info["ranks"] == 2
+    a, b = MaskStore(world["store"]).entries(""), MaskStore(out).entries("")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0] and ((a[k][1] is None and b[k][1] is None) or np.array_equal(a[k][1], b[k][1]))

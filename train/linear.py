@@ -9,6 +9,7 @@ report.json and report.md into --out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -29,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for decoding")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device of the encoder")
     p.add_argument("--seed", type=int, default=0, help="seed of the 80/20 split the weight decay is chosen on")
+    p.add_argument("--compare", default=None, metavar="REPORT_JSON",
+                   help="report.json of another run (e.g. the vanilla baseline): also write comparison.md")
     return p.parse_args(argv)
 
 
@@ -40,7 +43,7 @@ def _cuda() -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from objloader.ssl.backbone import CheckpointError
-    from objloader.ssl.bgchallenge import bgchallenge_report, format_report
+    from objloader.ssl.bgchallenge import bgchallenge_report, format_comparison, format_report
     from objloader.store.reader import DatasetError
 
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
@@ -53,6 +56,13 @@ def main(argv=None) -> int:
         return 2
     print(format_report(report))
     print(f"\nwrote {os.path.join(out, 'report.json')} and report.md", file=sys.stderr)
+    if args.compare:
+        with open(args.compare, encoding="utf-8") as f:
+            baseline = json.load(f)
+        table = format_comparison(baseline, report, ("baseline", "this run"))
+        with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print("\n" + table)
     return 0
 
 

@@ -8,9 +8,10 @@ Metrics, on built datasets that carry gt_mask / gt_boxes (the demo's val and mul
   at IoU level delta when one of its boxes overlaps one ground-truth box with IoU >= delta.
   MaxBoxAcc(delta) is the best hit rate over tau; MaxBoxAccV2 the mean over delta in {0.3, 0.5, 0.7}.
 
-Variants: a centre-prior baseline (a Gaussian bump in the middle of the image, no model),
-ContraCAM without the ReLU on channel weights, single-step, iterative, and iterative + CRF (and
-single-step + CRF, what a single-object build stores with --iterations 1).
+Variants: a centre-prior baseline (a Gaussian bump in the middle of the image, no model) alone
+and refined by the CRF (what the CRF finds without ContraCAM), ContraCAM without the ReLU on
+channel weights, single-step, single-step + CRF (what a single-object build stores with
+--iterations 1), iterative, and iterative + CRF.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ __all__ = ["THRESHOLDS", "IOU_LEVELS", "mask_miou_sweep", "max_box_acc", "centre
 
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)  # tau; 0 would make every mask the whole image
 IOU_LEVELS = (0.3, 0.5, 0.7)
-VARIANTS = ("centre prior", "no ReLU", "single-step", "single-step + CRF", "iterative", "iterative + CRF")
+VARIANTS = ("centre prior", "centre prior + CRF", "no ReLU", "single-step", "single-step + CRF", "iterative",
+            "iterative + CRF")
 
 
 def mask_miou_sweep(pred: np.ndarray, gt: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
@@ -75,9 +77,12 @@ def _load_set(path: str, size: int, limit: Optional[int]):
     from .masks import prepare_rgb
 
     ds = BuiltDataset(path)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    picked = range(len(ds))
+    if limit is not None and limit < len(ds):
+        # Evenly spaced, not the first N: ImageFolder records are sorted by class.
+        picked = np.unique(np.linspace(0, len(ds) - 1, limit).round().astype(int))
     images, masks, boxes = [], [], []
-    for i in range(n):
+    for i in picked:
         raw = ds.raw(i, ("jpg", "gt_mask.png", "gt_boxes.npy", "json"))
         if "gt_mask.png" not in raw:
             raise DatasetError(f"{path!r} has no ground truth (gt_mask); evaluate sets built with --masks gt")
@@ -105,6 +110,7 @@ def _explain_set(checkpoint, settings: CamSettings, images: np.ndarray, device, 
         out["iterative"].append(steps[-1])
         out["no ReLU"].append(explain_batch(no_relu, rgb, device)[0])
         out["single-step + CRF"].append(refine_batch(rgb, steps[0], pool))
+        out["centre prior + CRF"].append(refine_batch(rgb, centre_prior(len(rgb), settings.mask_res), pool))
         out["iterative + CRF"].append(refine_batch(rgb, steps[-1], pool))
     return {k: np.concatenate(v) for k, v in out.items()}
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..sources import SourceError
-from ..store import BuildError, BuildOptions, DatasetError, build
+from ..store import BuildError, BuildOptions, ContraCAMMasks, DatasetError, build
+from .cam import add_cam_arguments, cam_settings
 
 _D = BuildOptions()
 
@@ -21,8 +22,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", help="output dataset directory")
     p.add_argument("--verify", metavar="OUT", help="verify a built dataset through FFCV and DALI, then exit")
     p.add_argument("--formats", default="ffcv,wds", help="comma-separated: ffcv, wds")
-    p.add_argument("--masks", default=_D.masks, choices=["gt", "none"],
-                   help="gt: ground-truth masks of the source; none: full masks (no object knowledge)")
+    p.add_argument("--masks", default=_D.masks, choices=["gt", "none", "contracam"],
+                   help="gt: ground-truth masks of the source; none: full masks (no object knowledge); "
+                        "contracam: unsupervised ContraCAM masks (needs --checkpoint or --cam-masks)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="--masks contracam: run ContraCAM with this train/moco.py or train/byol.py checkpoint")
+    p.add_argument("--cam-masks", default=None, metavar="DIR",
+                   help="--masks contracam: take the masks of an earlier objloader-cam run")
     p.add_argument("--max-res", type=int, default=_D.max_res, help="long side of stored images")
     p.add_argument("--mask-res", type=int, default=_D.mask_res, help="side M of the stored [M, M] masks")
     p.add_argument("--max-boxes", type=int, default=_D.max_boxes, help="boxes per record (K)")
@@ -40,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
                    help="bad inputs: skip and report them in the manifest, or stop")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_cam_arguments(p, prefix="cam-")
     return p
 
 
@@ -57,9 +64,13 @@ def main(argv=None) -> int:
                             max_boxes=args.max_boxes, bg_patch=args.bg_patch, jpeg_quality=args.jpeg_quality,
                             min_size=args.min_size, max_pixels=args.max_pixels, box_margin=args.box_margin,
                             min_box_area=args.min_box_area, shard_size=args.shard_size)
+        contracam = None
+        if args.checkpoint or args.cam_masks:
+            contracam = ContraCAMMasks(checkpoint=args.checkpoint, store=args.cam_masks,
+                                       settings=cam_settings(args, "cam-", args.mask_res) if args.checkpoint else None)
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite,
-                  coco_images=args.coco_images)
+                  coco_images=args.coco_images, contracam=contracam)
         if m["kind"] == "collection":
             n = sum(d["records"] for d in m["datasets"].values())
             skipped = sum(d["skipped"] for d in m["datasets"].values())
@@ -68,7 +79,7 @@ def main(argv=None) -> int:
         print(f"built {args.out}: {n} records, {skipped} skipped, {m['build_seconds']:.1f} s "
               f"({n / max(m['build_seconds'], 1e-9):.0f} records/s); see {args.out}/manifest.json")
         return 0
-    except (BuildError, SourceError, DatasetError) as e:
+    except (BuildError, SourceError, DatasetError, ValueError) as e:
         print(f"objloader-build: error: {e}", file=sys.stderr)
         return 2
 

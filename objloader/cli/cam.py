@@ -17,8 +17,8 @@ def add_cam_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}temperature", type=float, default=D.temperature, help="temperature of the contrastive score")
     g.add_argument(f"--{prefix}no-relu", action="store_true",
                    help="keep negative channel weights (the ablation of negative-signal removal)")
-    g.add_argument(f"--{prefix}stride-expansion", action="store_true",
-                   help="run the last ResNet stage at stride 1: masks from a feature map twice as fine")
+    g.add_argument(f"--{prefix}no-stride-expansion", action="store_true",
+                   help="keep the last ResNet stage at stride 2 (default: stride 1, a feature map twice as fine)")
     g.add_argument(f"--{prefix}image-size", type=int, default=None, metavar="PX",
                    help="side of the square input (default: twice the checkpoint's training view size)")
     g.add_argument(f"--{prefix}no-crf", action="store_true", help="skip the dense-CRF refinement")
@@ -28,9 +28,9 @@ def add_cam_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def cam_settings(args, prefix: str = "", mask_res: int = 64) -> CamSettings:
     a = {k: getattr(args, (prefix + k).replace("-", "_")) for k in
-         ("iterations", "temperature", "no_relu", "stride_expansion", "image_size", "no_crf", "batch_size")}
+         ("iterations", "temperature", "no_relu", "no_stride_expansion", "image_size", "no_crf", "batch_size")}
     return CamSettings(temperature=a["temperature"], iterations=a["iterations"], relu_weights=not a["no_relu"],
-                       stride_expansion=a["stride_expansion"], image_size=a["image_size"], mask_res=mask_res,
+                       stride_expansion=not a["no_stride_expansion"], image_size=a["image_size"], mask_res=mask_res,
                        crf=not a["no_crf"], batch_size=a["batch_size"])
 
 
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluate localisation on built datasets with ground truth instead of writing masks")
     e.add_argument("--data", default=None, help="a built collection (e.g. demo/built) or dataset directory")
     e.add_argument("--sets", default="val,multi", help="datasets of the collection to evaluate")
-    e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N records of each set")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate N records of each set, evenly spaced through it")
     return p
 
 

@@ -114,3 +114,22 @@ def format_report(report: dict) -> str:
     lines.append(f"BG-gap = acc({BG_SAME}) - acc({BG_RAND}) = "
                  + (f"{100 * gap:.2f} points" if gap is not None else f"n/a ({BG_SAME} or {BG_RAND} missing)"))
     return "\n".join(lines)
+
+
+def format_comparison(baseline: dict, report: dict, names=("baseline", "this run")) -> str:
+    """Two reports side by side (top-1 in %, the difference, and the BG-gap): the demo's vanilla
+    vs object-aware table. A lower BG-gap means less reliance on the background."""
+    def run(r):
+        m = r.get("checkpoint_meta", {})
+        return f"{os.path.basename(os.path.dirname(r['checkpoint']))} ({m.get('method', '?')}, step {m.get('step', '?')})"
+
+    lines = [f"{names[0]}: {run(baseline)}; {names[1]}: {run(report)}", "",
+             f"| dataset | {names[0]} top-1 (%) | {names[1]} top-1 (%) | difference |", "|---|---:|---:|---:|"]
+    for name, a in report["accuracy"].items():
+        if name in baseline["accuracy"]:
+            x, y = 100 * baseline["accuracy"][name]["top1"], 100 * a["top1"]
+            lines.append(f"| {name} | {x:.2f} | {y:.2f} | {y - x:+.2f} |")
+    ga, gb = baseline.get("bg_gap"), report.get("bg_gap")
+    if ga is not None and gb is not None:
+        lines.append(f"| **BG-gap** ({BG_SAME} - {BG_RAND}) | {100 * ga:.2f} | {100 * gb:.2f} | {100 * (gb - ga):+.2f} |")
+    return "\n".join(lines)
