@@ -159,7 +159,9 @@ def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSet
             gt_r = np.stack([cv2.resize(g.astype(np.uint8), (settings.mask_res,) * 2,
                                         interpolation=cv2.INTER_NEAREST) for g in gt_masks]).astype(bool)
             results[name] = {"records": len(images), **{v: _summary(preds[v], gt_r, gt_boxes) for v in VARIANTS}}
-            examples[name] = (images[:6], gt_r[:6], {v: preds[v][:6] for v in VARIANTS[1:]}, results[name])
+            # The grid shows four images per set, spread through it (sets are sorted by class).
+            shown = np.linspace(0, len(images) - 1, min(4, len(images))).round().astype(int)
+            examples[name] = (images[shown], gt_r[shown], {v: preds[v][shown] for v in VARIANTS[1:]}, results[name])
             log(f"{name}: " + ", ".join(f"{v} mIoU {results[name][v]['miou']:.3f}" for v in VARIANTS))
     finally:
         if pool is not None:
@@ -237,5 +239,5 @@ def _plot_examples(examples: dict, settings: CamSettings, path: str) -> None:
             if c == 0:
                 ax.set_ylabel(name, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
