@@ -140,8 +140,10 @@ def _set_dirs(data: str, sets: List[str]) -> Dict[str, str]:
 
 def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSettings = CamSettings(), *,
                           sets=("val", "multi"), limit: Optional[int] = None, device: Optional[str] = None,
-                          workers: Optional[int] = None, progress: bool = True, log=print) -> dict:
-    """Evaluate every variant on each set; writes contracam_eval.{json,md,png} under ``out``."""
+                          workers: Optional[int] = None, progress: bool = True, plot: bool = True,
+                          log=print) -> dict:
+    """Evaluate every variant on each set; writes contracam_eval.{json,md} (and .png with ``plot``)
+    under ``out``."""
     import torch
 
     from .masks import crf_pool, load_contracam
@@ -179,7 +181,8 @@ def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSet
         json.dump(report, f, indent=1)
     with open(os.path.join(out, "contracam_eval.md"), "w", encoding="utf-8") as f:
         f.write(format_table(report))
-    _plot_examples(examples, settings, os.path.join(out, "contracam_eval.png"))
+    if plot:
+        _plot_examples(examples, settings, os.path.join(out, "contracam_eval.png"))
     log(f"wrote {out}/contracam_eval.json, .md, .png ({report['seconds']:.0f} s)")
     return report
 
