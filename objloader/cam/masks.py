@@ -281,7 +281,8 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
     pool = crf_pool(workers) if settings.crf else None
     try:
         for spec in specs:
-            _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool, progress)
+            _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool,
+                          max(1, min(4, workers // 2)), progress)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -328,16 +329,18 @@ def _n_chunks(spec, settings: CamSettings) -> int:
     return n_chunks(len(spec.samples), settings.batch_size)
 
 
-def _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool, progress) -> None:
-    n_chunks = _n_chunks(spec, settings)
+def _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool, decoders, progress) -> None:
     os.makedirs(_part_dir(out, spec.name), exist_ok=True)
-    todo = [c for c in range(rank, n_chunks, world) if not os.path.isfile(_chunk_path(out, spec.name, c))]
+    todo = [c for c in range(rank, _n_chunks(spec, settings), world)
+            if not os.path.isfile(_chunk_path(out, spec.name, c))]
     if not todo:
         return
     reader = _SourceChunks(spec.samples, todo, settings.batch_size, size, opts)
-    loader = DataLoader(reader, batch_size=1, collate_fn=_first, num_workers=1,
+    # Decoding runs ahead in worker processes while the model explains the previous batch.
+    loader = DataLoader(reader, batch_size=1, collate_fn=_first, num_workers=decoders,
                         multiprocessing_context=multiprocessing.get_context("forkserver"))
-    n_todo = sum(np.subtract(*chunk_bounds(len(spec.samples), settings.batch_size, c)[::-1]) for c in todo)
+    bounds = [chunk_bounds(len(spec.samples), settings.batch_size, c) for c in todo]
+    n_todo = sum(hi - lo for lo, hi in bounds)
     label = f"contracam {spec.name}" if spec.name else "contracam"
     with tqdm(total=n_todo, desc=label + (f" rank {rank}" if world > 1 else ""), unit="img", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:

@@ -17,7 +17,7 @@ class CamSettings:
     iterations: int = 10           # T of the iterative refinement: 10 for boxes of several objects, 1 for one
     relu_weights: bool = True      # negative-signal removal on the channel weights
     stride_expansion: bool = True  # last ResNet stage at stride 1: twice the map resolution (better masks
-                                   # on the demo, see benchmarks/results/contracam_demo)
+                                   # on the demo: benchmarks/results/demo_loop/contracam_settings)
     image_size: Optional[int] = None  # side of the square input; None = 2x the checkpoint's view size
     mask_res: int = 64             # R: stored masks are uint8 [R, R] over the unit square
     crf: bool = True               # dense-CRF refinement of the final mask

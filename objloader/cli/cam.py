@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="mask store directory (with --eval: the results directory)")
     p.add_argument("--mask-res", type=int, default=CamSettings().mask_res, help="side R of the stored [R, R] masks")
     add_cam_arguments(p)
-    p.add_argument("--workers", type=int, default=None, help="CRF processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CRF processes; half as many (1 to 4) decode images (default: all cores)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
