@@ -10,11 +10,12 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
 
-__all__ = ["CRFConfig", "crf_refine", "crf_refine_batch"]
+__all__ = ["CRFConfig", "crf_pool", "crf_refine", "crf_refine_batch"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,29 @@ def crf_refine(image: np.ndarray, mask: np.ndarray, cfg: CRFConfig = CRFConfig()
     return marginals[1]
 
 
-def _refine_one(args):
-    return crf_refine(*args)
+def crf_pool(workers: int) -> Optional[ProcessPoolExecutor]:
+    """A process pool for :func:`crf_refine_batch` to reuse across batches (None for one worker)."""
+    if workers <= 1:
+        return None
+    # forkserver: forking a process that runs OpenMP / numba / torch threads can deadlock the child.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
 
 
-def crf_refine_batch(images, masks, cfg: CRFConfig = CRFConfig(), workers: int = 1) -> list:
-    """:func:`crf_refine` over pairs (image, mask); ``workers`` > 1 uses a process pool."""
-    jobs = [(img, m, cfg) for img, m in zip(images, masks)]
+def _refine_one(job):
+    image, mask, cfg, out_size = job
+    m = crf_refine(image, mask, cfg)
+    return m if out_size is None else cv2.resize(m, (out_size, out_size), interpolation=cv2.INTER_AREA)
+
+
+def crf_refine_batch(images, masks, cfg: CRFConfig = CRFConfig(), workers: int = 1,
+                     pool: Optional[ProcessPoolExecutor] = None, out_size: Optional[int] = None) -> list:
+    """:func:`crf_refine` over pairs (image, mask), each result resized to [out_size, out_size] when
+    given. Runs in ``pool`` (see :func:`crf_pool`) when given, else in a pool of ``workers`` > 1
+    made for this call, else serially."""
+    jobs = [(img, m, cfg, out_size) for img, m in zip(images, masks)]
+    if pool is not None:
+        return list(pool.map(_refine_one, jobs))
     if workers <= 1 or len(jobs) < 2:
         return [_refine_one(j) for j in jobs]
-    # forkserver: forking a process that runs OpenMP / numba threads can deadlock the child.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-        return list(pool.map(_refine_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    with crf_pool(workers) as own:
+        return list(own.map(_refine_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))

@@ -16,6 +16,7 @@ channel weights, single-step, single-step + CRF (what a single-object build stor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -94,12 +95,14 @@ def _load_set(path: str, size: int, limit: Optional[int]):
     return np.stack(images), np.stack(masks), boxes
 
 
-def _explain_set(checkpoint, settings: CamSettings, images: np.ndarray, device, pool, progress, label):
+def _explain_set(model, settings: CamSettings, images: np.ndarray, device, pool, progress, label):
     """Every variant's soft masks float [N, R, R] for one set, in batches of settings.batch_size."""
-    from .masks import chunk_bounds, explain_batch, load_contracam, n_chunks, refine_batch
+    from .contracam import ContraCAM
+    from .masks import chunk_bounds, explain_batch, n_chunks, refine_batch
 
-    model, _, _ = load_contracam(checkpoint, settings, device)
-    no_relu, _, _ = load_contracam(checkpoint, settings, device, relu_weights=False, iterations=1)
+    # The ablation shares the encoder: only its ContraCAM config differs.
+    no_relu = ContraCAM(model.trunk, model.head,
+                        dataclasses.replace(model.cfg, relu_weights=False, iterations=1))
     out = {v: [] for v in VARIANTS[1:]}
     chunks = n_chunks(len(images), settings.batch_size)
     for c in tqdm(range(chunks), desc=f"contracam eval {label}", unit="batch", disable=not progress, leave=False):
@@ -146,10 +149,11 @@ def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSet
     under ``out``."""
     import torch
 
-    from .masks import crf_pool, load_contracam
+    from .crf import crf_pool
+    from .masks import load_contracam
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _, size, meta = load_contracam(checkpoint, settings, device)
+    model, size, meta = load_contracam(checkpoint, settings, device)
     t0 = time.time()
     results, examples = {}, {}
     pool = crf_pool(workers or os.cpu_count() or 1)
@@ -157,7 +161,7 @@ def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSet
         for name, path in _set_dirs(data, list(sets)).items():
             images, gt_masks, gt_boxes = _load_set(path, size, limit)
             preds = {"centre prior": centre_prior(len(images), settings.mask_res)}
-            preds.update(_explain_set(checkpoint, settings, images, device, pool, progress, name))
+            preds.update(_explain_set(model, settings, images, device, pool, progress, name))
             gt_r = np.stack([cv2.resize(g.astype(np.uint8), (settings.mask_res,) * 2,
                                         interpolation=cv2.INTER_NEAREST) for g in gt_masks]).astype(bool)
             results[name] = {"records": len(images), **{v: _summary(preds[v], gt_r, gt_boxes) for v in VARIANTS}}

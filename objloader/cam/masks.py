@@ -39,7 +39,7 @@ from ..store.builder import file_sha256, source_fingerprint
 from ..store.process import SkipRecord, decode_image
 from ..store.schema import BuildOptions
 from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
-from .crf import CRFConfig, crf_refine
+from .crf import CRFConfig, crf_pool, crf_refine_batch
 from .settings import CamSettings
 
 __all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
@@ -54,16 +54,11 @@ class CamError(RuntimeError):
     """A mask run or mask store that cannot be used; the message says what to do."""
 
 
-def load_contracam(checkpoint: str, settings: CamSettings, device="cpu", *, relu_weights: Optional[bool] = None,
-                   iterations: Optional[int] = None):
-    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata).
-
-    ``relu_weights`` / ``iterations`` override the settings (the evaluation's ablations)."""
+def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
+    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata)."""
     backbone, head, meta = load_encoder(checkpoint)
-    cfg = ContraCAMConfig(temperature=settings.temperature,
-                          iterations=settings.iterations if iterations is None else iterations,
-                          relu_weights=settings.relu_weights if relu_weights is None else relu_weights,
-                          mask_size=settings.mask_res)
+    cfg = ContraCAMConfig(temperature=settings.temperature, iterations=settings.iterations,
+                          relu_weights=settings.relu_weights, mask_size=settings.mask_res)
     model = ContraCAM(resnet_trunk(backbone, settings.stride_expansion), head, cfg).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are taken with respect to activations only
@@ -86,26 +81,11 @@ def explain_batch(model: ContraCAM, rgb: np.ndarray, device="cpu") -> List[np.nd
     return [s.float().cpu().numpy() for s in steps]
 
 
-def _refine_one(job):
-    rgb, mask, res, cfg = job
-    return cv2.resize(crf_refine(rgb, mask, cfg), (res, res), interpolation=cv2.INTER_AREA)
-
-
 def refine_batch(rgb: np.ndarray, masks: np.ndarray, pool: Optional[ProcessPoolExecutor] = None,
                  cfg: CRFConfig = CRFConfig()) -> np.ndarray:
     """Dense-CRF refinement of float masks [B, R, R] on their prepared images [B, S, S, 3]; the CRF
     runs at the image's resolution, its object marginal comes back at R."""
-    res = masks.shape[-1]
-    jobs = [(rgb[i], masks[i], res, cfg) for i in range(len(masks))]
-    out = pool.map(_refine_one, jobs) if pool is not None else map(_refine_one, jobs)
-    return np.stack(list(out)).astype(np.float32)
-
-
-def crf_pool(workers: int) -> Optional[ProcessPoolExecutor]:
-    if workers <= 1:
-        return None
-    # forkserver: forking next to torch / OpenMP threads can deadlock the child.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    return np.stack(crf_refine_batch(rgb, masks, cfg, pool=pool, out_size=masks.shape[-1])).astype(np.float32)
 
 
 def to_uint8(masks: np.ndarray) -> np.ndarray:
