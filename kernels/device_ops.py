@@ -300,27 +300,41 @@ def _reflect(i, size):
 
 
 @triton.jit
-def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, S, K, BLOCK: tl.constexpr):
-    """First pass of reference.gaussian_blur: conv along x with the view's K taps (zero beyond its
-    own radius) over reflect padding. Grid (blurred views, pixel blocks); src/dst rows = slots."""
-    j = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _blur_pass(src_ptr, taps_ptr, j, offs, S, K, ALONG_Y: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass of reference.gaussian_blur for view slot j at pixels ``offs``: the K taps of that
+    view (zero beyond its own radius) along x, or along y with ALONG_Y, over reflect padding.
+    Returns the three channel sums."""
     ss = S * S
     valid = offs < ss
     y = offs // S
     x = offs % S
     half = K // 2
-    base = j.to(tl.int64) * 3 * ss
+    base = src_ptr + j.to(tl.int64) * 3 * ss
     acc_r = tl.full([BLOCK], 0.0, tl.float32)
     acc_g = tl.full([BLOCK], 0.0, tl.float32)
     acc_b = tl.full([BLOCK], 0.0, tl.float32)
     for k in range(K):
         w = tl.load(taps_ptr + j * K + k)
-        src = src_ptr + base + y * S + _reflect(x + (k - half), S)
+        if ALONG_Y:
+            src = base + _reflect(y + (k - half), S) * S + x
+        else:
+            src = base + y * S + _reflect(x + (k - half), S)
         acc_r += w * tl.load(src, mask=valid, other=0.0)
         acc_g += w * tl.load(src + ss, mask=valid, other=0.0)
         acc_b += w * tl.load(src + 2 * ss, mask=valid, other=0.0)
-    dst = dst_ptr + base + offs
+    return acc_r, acc_g, acc_b
+
+
+@triton.jit
+def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, S, K, BLOCK: tl.constexpr):
+    """First pass of reference.gaussian_blur: conv along x. Grid (blurred views, pixel blocks);
+    src/dst rows = slots."""
+    j = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ss = S * S
+    valid = offs < ss
+    acc_r, acc_g, acc_b = _blur_pass(src_ptr, taps_ptr, j, offs, S, K, False, BLOCK)
+    dst = dst_ptr + j.to(tl.int64) * 3 * ss + offs
     tl.store(dst, acc_r, mask=valid)
     tl.store(dst + ss, acc_g, mask=valid)
     tl.store(dst + 2 * ss, acc_b, mask=valid)
@@ -329,25 +343,13 @@ def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, S, K, BLOCK: tl.constexpr):
 @triton.jit
 def _blur_cols_finish_kernel(src_ptr, taps_ptr, blur_ptr, ip_ptr, out_ptr, S, K,
                              NORMALISE: tl.constexpr, OUT_U8: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass of reference.gaussian_blur (conv along y, reflect padding) fused with the rest
-    of the chain: reference.solarize + normalize + store into view blur_views[j] of ``out``."""
+    """Second pass of reference.gaussian_blur (conv along y) fused with the rest of the chain:
+    reference.solarize + normalize + store into view blur_views[j] of ``out``."""
     j = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ss = S * S
     valid = offs < ss
-    y = offs // S
-    x = offs % S
-    half = K // 2
-    base = j.to(tl.int64) * 3 * ss
-    acc_r = tl.full([BLOCK], 0.0, tl.float32)
-    acc_g = tl.full([BLOCK], 0.0, tl.float32)
-    acc_b = tl.full([BLOCK], 0.0, tl.float32)
-    for k in range(K):
-        w = tl.load(taps_ptr + j * K + k)
-        src = src_ptr + base + _reflect(y + (k - half), S) * S + x
-        acc_r += w * tl.load(src, mask=valid, other=0.0)
-        acc_g += w * tl.load(src + ss, mask=valid, other=0.0)
-        acc_b += w * tl.load(src + 2 * ss, mask=valid, other=0.0)
+    acc_r, acc_g, acc_b = _blur_pass(src_ptr, taps_ptr, j, offs, S, K, True, BLOCK)
     n = tl.load(blur_ptr + j)
     solar = tl.load(ip_ptr + n * _I_COLS + _I_SOLAR)
     out = out_ptr + n.to(tl.int64) * 3 * ss + offs
