@@ -1,5 +1,7 @@
 """ContraCAM (objloader/cam/contracam.py) and the dense-CRF refinement (objloader/cam/crf.py)."""
 
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -103,3 +105,58 @@ def test_crf_batch_in_a_process_pool_equals_serial():
     assert all(np.array_equal(a, b) for a, b in zip(serial, pooled))
     with pytest.raises(ValueError, match="RGB uint8"):
         crf_refine(images[0].astype(np.float32), masks[0])
+
+
+def _literal_contracam(trunk, head, x, tau, relu, iterations, size):
+    """Eq. 1-3 written out per image in float64, with autograd on the image's own activations.
+
+    s_con(x^t; x, U_{l<=t} (B^l minus x^l)) = log exp(sim(z(x^t), z(x))/tau)
+        / [exp(sim(z(x^t), z(x))/tau) + sum_{l<=t} sum_{j != i} exp(sim(z(x^t), z(x_j^l))/tau)]
+    with x^1 = x, x^t = (1 - M^{t-1}) * x and M^t = max(M^{t-1}, CAM^t).
+    """
+    trunk, head, x = trunk.double(), head.double(), x.double()
+
+    def z_of(a):
+        return F.normalize(head(a.mean(dim=(2, 3))), dim=1)
+
+    masks = torch.zeros(len(x), 1, size, size, dtype=torch.float64)
+    batches = []  # z of every step's masked batch B^l
+    for t in range(iterations):
+        x_t = x * (1 - F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        with torch.no_grad():
+            batches.append(z_of(trunk(x_t)))
+        cams = []
+        for i in range(len(x)):
+            a = trunk(x_t[i:i + 1]).detach().requires_grad_(True)
+            z = z_of(a)[0]
+            if t == 0:
+                positive = z @ z  # x^1 = x: the image is its own positive, gradient on both sides
+            else:
+                positive = z @ batches[0][i]  # the ORIGINAL image x, not x^t
+            others = torch.cat([b[[j for j in range(len(x)) if j != i]] for b in batches])
+            logits = torch.cat([positive[None], others @ z]) / tau
+            s = logits[0] - torch.logsumexp(logits, dim=0)
+            (g,) = torch.autograd.grad(s, a)
+            w = g[0].mean(dim=(1, 2), keepdim=True)
+            w = w.clamp(min=0) if relu else w
+            cam = (w * a[0].detach()).sum(0).clamp(min=0)
+            cams.append((cam - cam.min()) / (cam.max() - cam.min()).clamp(min=1e-12))
+        up = F.interpolate(torch.stack(cams)[:, None], size=(size, size), mode="bilinear", align_corners=False)
+        masks = torch.maximum(masks, up.clamp(0, 1))
+    return masks[:, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_contracam_equals_eq_1_to_3_written_per_image(seed, relu, iterations):
+    trunk, head = _tiny(seed)
+    torch.manual_seed(100 + seed)
+    x = torch.randn(5, 3, 16, 16)
+    expected = _literal_contracam(copy.deepcopy(trunk), copy.deepcopy(head), x, 0.2, relu, iterations, 12)
+    cc = ContraCAM(trunk.double(), head.double(),
+                   ContraCAMConfig(temperature=0.2, relu_weights=relu, iterations=iterations, mask_size=12))
+    got = cc(x.double())
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    assert expected.std() > 0.05  # the masks carry structure, not a constant both sides agree on

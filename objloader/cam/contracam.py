@@ -14,9 +14,12 @@ Batched, with one backward pass: the other images' embeddings enter s_i detached
 gradient of sum_i s_i with respect to A_i is exactly ds_i/dA_i (A_i reaches s_j, j != i, only
 through z_i as a negative, which is detached there).
 
-Iterative refinement (eq. 3): at step t the input is the image softly masked by the aggregated
-mask, x_t = x * (1 - M_{t-1}); the masked batches of earlier steps join the negatives; masks are
-aggregated by max, so M_t grows monotonically and stays in [0, 1].
+Iterative refinement (eq. 3): step t >= 2 explains the masked input x^t = (1 - M^{t-1}) * x
+(the aggregated mask, upsampled bilinearly to the image, softly removes what was found). Its
+score is s_con(x^t; x, U_{l<=t} (B^l minus x^l)): the positive is the projection of the ORIGINAL
+image x ("the original image x as the positive, to highlight the undetected objects"), the
+negatives are the OTHER images' masked inputs of every step so far, never the image's own. Masks
+are aggregated by max, M^t = max(M^{t-1}, CAM^t), so they grow monotonically within [0, 1].
 """
 
 from __future__ import annotations
@@ -69,21 +72,27 @@ class ContraCAM(nn.Module):
     def embed(self, activations: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(activations.mean(dim=(2, 3))), dim=1)
 
-    def cam(self, images: torch.Tensor, extra_negatives: torch.Tensor | None = None):
+    def cam(self, images: torch.Tensor, positives: torch.Tensor | None = None,
+            earlier: list[torch.Tensor] = ()):
         """One ContraCAM step: ([B, h, w] maps in [0, 1] at the activations' resolution,
-        the images' embeddings [B, D], detached)."""
+        the images' embeddings [B, D], detached).
+
+        ``positives`` [B, D]: the projections each score treats as the positive (eq. 3: the
+        original images'); None = the images' own (eq. 1-2, step 1). ``earlier``: the [B, D]
+        projections of earlier steps' masked batches; row j of each is a negative of every image
+        but j.
+        """
         activations = self.trunk(images).detach().requires_grad_(True)
         z = self.embed(activations)
-        negatives = z.detach()
-        if extra_negatives is not None:
-            negatives = torch.cat([negatives, extra_negatives])
-        logits = z @ negatives.t() / self.cfg.temperature  # [B, B (+ earlier masked batches)]
-        own = torch.arange(len(z), device=z.device)
-        # The positive is the image itself; its logit carries z_i on both sides (eq. 1).
-        positive = (z * z).sum(1) / self.cfg.temperature
-        logits = logits.clone()
-        logits[own, own] = positive
-        score = positive - torch.logsumexp(logits, dim=1)  # eq. 2, one score per image
+        if positives is None:
+            positives = z.detach()  # z.z = 1 for unit vectors: no gradient is lost by detaching
+        positive = (z * positives).sum(1, keepdim=True)
+        own = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        # Other images' projections, this step's and every earlier step's (B^l minus x^l).
+        negatives = [(z @ block.t()).masked_fill(own, float("-inf")) for block in (z.detach(), *earlier)]
+        logits = torch.cat([positive, *negatives], dim=1) / self.cfg.temperature
+        score = logits[:, 0] - torch.logsumexp(logits, dim=1)  # eq. 2/3, one score per image
+        # Other images' projections enter every score detached, so d(sum_i s_i)/dA_i = ds_i/dA_i.
         (grad,) = torch.autograd.grad(score.sum(), activations)
         weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_k: spatially averaged gradient
         if self.cfg.relu_weights:
@@ -97,15 +106,17 @@ class ContraCAM(nn.Module):
         """Masks [B, M, M] after ``cfg.iterations`` steps; with ``return_steps``, the list of the
         aggregated masks after each step (the first is single-step ContraCAM)."""
         size = self.cfg.mask_size
-        aggregated = torch.zeros(images.shape[0], 1, size, size, device=images.device)
-        earlier = []  # embeddings of the masked batches of earlier iterations (extra negatives)
+        aggregated = torch.zeros(images.shape[0], 1, size, size, device=images.device, dtype=images.dtype)
+        original = None  # projections of the unmasked images: the positives of steps >= 2
+        earlier = []  # projections of every earlier step's masked batch: negatives of later steps
         steps = []
         for _ in range(self.cfg.iterations):
-            # Soft mask of the input at its own resolution (eq. 3).
             keep = 1 - F.interpolate(aggregated, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            cam, z = self.cam(images * keep, torch.cat(earlier) if earlier else None)
+            cam, z = self.cam(images * keep, original, earlier)  # x^t = (1 - M^{t-1}) * x
+            if original is None:
+                original = z  # step 1 sees the unmasked images
             cam = F.interpolate(cam.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
             aggregated = torch.maximum(aggregated, cam.clamp(0, 1))
-            earlier.append(z)  # this step's masked batch: negatives of every later step
+            earlier.append(z)
             steps.append(aggregated[:, 0])
         return steps if return_steps else steps[-1]
