@@ -71,7 +71,7 @@ def _decode_rle(rle: dict) -> np.ndarray:
 
 
 def test_marker_and_layout(tiny, marker):
-    assert marker["kind"] == "objloader-demo" and marker["version"] == 1
+    assert marker["kind"] == "objloader-demo" and marker["version"] == 2
     assert marker["seed"] == 0 and marker["resolution"] == RES
     classes = marker["classes"]
     assert len(classes) == 9 and classes == sorted(classes)
@@ -142,17 +142,39 @@ def test_background_pools_disjoint_and_biased(marker):
     for i in range(9):
         for j in range(i + 1, 9):
             assert not declared[i] & declared[j]
-    used = {c: set() for c in classes}
     for split in ("train", "val"):
         for rec in marker["images"][split]:
-            name = classes[rec["label"]]
-            assert rec["bg_pool"] == rec["label"]  # each class's own pool: the bias
-            assert rec["bg_source"] in pools[name]
-            if split == "train":
-                used[name].add(rec["bg_source"])
-    for i in range(9):
-        for j in range(i + 1, 9):
-            assert not used[classes[i]] & used[classes[j]]
+            assert rec["bg_source"] in pools[classes[rec["bg_pool"]]]  # provenance is true
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.5, 1.0])
+def test_bg_bias_is_how_often_the_background_is_the_class_own(bias):
+    labels = np.repeat(np.arange(9), 200)
+    pools = np.array([demo._single(0, "train", int(c), k, 24, bias, 0.0)[3]
+                      for c, k in zip(labels, np.tile(np.arange(200), 9))])
+    share = float((pools == labels).mean())
+    assert abs(share - bias) < 0.05, share
+    if bias < 1:  # the other pools are drawn uniformly among the other classes
+        counts = np.bincount((pools - labels)[pools != labels] % 9, minlength=9)[1:]
+        assert counts.min() > 0.5 * counts.mean()
+
+
+def test_variation_gives_each_instance_its_own_shape():
+    def masks(variation):
+        out = []
+        for k in range(2):  # same class, two instances, pose made identical by a shared rng state
+            rng = np.random.default_rng(7)
+            contours = demo._SHAPES["cross"][0](rng)
+            if variation:
+                contours = demo._deform(contours, np.random.default_rng(k), variation)
+            out.append(demo._fill(contours, (64, 64), lambda p: p * 28 + 32))
+        return out
+
+    a, b = masks(0.0)
+    assert np.array_equal(a, b)
+    a, b = masks(1.0)
+    assert (a != b).mean() > 0.01  # another instance, another outline
+    assert abs(int(a.sum()) - int(masks(0.0)[0].sum())) < 0.25 * a.sum()  # still the class's shape
 
 
 def _variant(tiny, variant, name, ident):

@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=demo.DEFAULT_RESOLUTION, metavar="PX",
                    help="side of the square images in pixels (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--bg-bias", type=float, default=demo.DEFAULT_BG_BIAS, metavar="P",
+                   help="probability that an image's background comes from its class's own pool "
+                        "(1 = the background always tells the class; default %(default)s)")
+    p.add_argument("--variation", type=float, default=demo.DEFAULT_VARIATION, metavar="S",
+                   help="strength of each object's own deformation and markings, 0-2 "
+                        "(0 = only pose, scale, hue and pattern vary; default %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all available cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
@@ -45,6 +51,8 @@ def main(argv=None) -> int:
             n_multi=args.multi,
             resolution=args.resolution,
             seed=args.seed,
+            bg_bias=args.bg_bias,
+            variation=args.variation,
             workers=workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,

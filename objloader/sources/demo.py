@@ -11,10 +11,12 @@
     OUT/demo.json                                   marker, counts and per-image provenance
 
 Why it looks like this: the method being demonstrated removes *background bias*, so the data
-must carry one. Each class draws its backgrounds from its own pool of sources (bundled
-scikit-image photos and procedural texture families, disjoint between classes), as ImageNet
-classes do with their habitats, while the objects themselves are learnable from shape and
-surface pattern (hue is random for every class, so colour alone says nothing). The
+must carry one. Each class has its own pool of background sources (bundled scikit-image photos
+and procedural texture families, disjoint between classes) and draws its backgrounds from it
+with probability `bg_bias` (otherwise from another class's pool), as ImageNet classes do with
+their habitats, while the objects themselves are learnable from shape and surface pattern (hue
+is random for every class, so colour alone says nothing) and, with `variation`, every instance
+has its own deformation and markings. The
 Background Challenge variants then measure how much a model relies on the background:
 BG-gap = acc(mixed_same) - acc(mixed_rand).
 
@@ -50,7 +52,7 @@ BGCHALLENGE_VARIANTS: Tuple[str, ...] = (
 VARIANTS_WITH_MASK: Tuple[str, ...] = ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next")
 
 DEMO_KIND = "objloader-demo"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 MASK_SUFFIX = ".mask.png"
 JPEG_QUALITY = 95
 
@@ -65,6 +67,17 @@ DEFAULT_RESOLUTION = 128
 SINGLE_AREA = (0.10, 0.50)
 MULTI_AREA = (0.04, 0.16)
 MULTI_MIN_VISIBLE = 0.4  # each instance keeps at least this fraction of itself visible
+
+# How often a single-object image's background comes from its class's own pool (otherwise from
+# another class's pool): the strength of the bias. A background alone then predicts the class
+# about this often, as in ImageNet-9 (Xiao et al. 2021: 40-45 % of 9 classes from the background
+# alone), instead of always, which leaves a linear probe no reason to look at the object.
+DEFAULT_BG_BIAS = 0.5
+# Strength of each object's own random deformation and markings (0 = only pose, scale, hue and
+# pattern parameters vary). Real objects differ from instance to instance; without that, the
+# object tells one image from another less than its unique background does, and instance
+# discrimination learns the background.
+DEFAULT_VARIATION = 1.0
 
 # Independent random streams; part of every SeedSequence spawn key.
 _STREAM = {"train": 1, "val": 2, "bgchallenge": 3, "multi": 4}
@@ -445,15 +458,58 @@ def _canonical_area(contours: Contours) -> float:
     return float(mask.sum()) / (half * half)
 
 
-def render_object(rng: np.random.Generator, cls: int, res: int, area: Tuple[float, float]):
+def _densify(pts: np.ndarray, step: float = 0.12) -> np.ndarray:
+    """A closed polygon with extra points along its edges (corners kept), so a smooth warp bends
+    the edges instead of only moving the corners."""
+    out = []
+    for a, b in zip(pts, np.roll(pts, -1, axis=0)):
+        n = max(1, int(math.ceil(np.hypot(*(b - a)) / step)))
+        out.append(a + (b - a) * (np.arange(n) / n)[:, None])
+    return np.concatenate(out)
+
+
+def _deform(contours: Contours, rng: np.random.Generator, strength: float) -> Contours:
+    """This instance's own shape: a smooth random displacement field (three plane waves in the
+    canonical square) applied to every contour, amplitude about 0.1 * strength."""
+    waves = [(rng.normal(size=2), rng.uniform(1.0, 2.5), rng.uniform(0, 2 * math.pi),
+              rng.normal(0, 0.06 * strength, size=2)) for _ in range(3)]
+
+    def warp(p):
+        out = p.copy()
+        for direction, freq, phase, amp in waves:
+            out += np.sin(freq * (p @ (direction / np.linalg.norm(direction))) + phase)[:, None] * amp
+        return out
+
+    return [(warp(_densify(pts)), value) for pts, value in contours]
+
+
+def _markings(u: np.ndarray, v: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """This instance's own markings, in [0, 1]: a few soft spots at random places on its body
+    (canonical coordinates), like the patches that tell one animal from another of its kind."""
+    out = np.zeros(u.shape, np.float32)
+    if strength <= 0:
+        return out
+    for _ in range(int(rng.integers(1, 4))):
+        cu, cv, r = rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.15, 0.35)
+        ru = r * math.exp(rng.uniform(-0.4, 0.4))
+        d = np.hypot((u - cu) / ru, (v - cv) / r)
+        out = np.maximum(out, np.clip(1.5 - 1.5 * d, 0, 1) * min(strength, 1.0))
+    return out
+
+
+def render_object(rng: np.random.Generator, cls: int, res: int, area: Tuple[float, float],
+                  variation: float = DEFAULT_VARIATION):
     """One object of class `cls` placed in a res x res frame.
 
     Returns (colour BGR float32 [res, res, 3] valid where the mask is set, mask bool [res, res]).
     Random rotation, scale (target area fraction drawn from `area`, shrunk if the object would
-    not fit), aspect jitter, position, hue, pattern parameters and shading.
+    not fit), aspect jitter, position, hue, pattern parameters and shading; with ``variation``
+    > 0 also the instance's own deformation of the class shape and its own markings.
     """
     shape_fn, pattern_fn = _SHAPES[CLASSES[cls]]
     contours = shape_fn(rng)
+    if variation > 0:
+        contours = _deform(contours, rng, variation)
     theta = rng.uniform(0, 2 * math.pi)
     aspect = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
     ca, sa = math.cos(theta), math.sin(theta)
@@ -462,7 +518,7 @@ def render_object(rng: np.random.Generator, cls: int, res: int, area: Tuple[floa
 
     outline = np.concatenate([p for p, v in contours if v]) @ lin.T
     extent = outline.max(0) - outline.min(0)
-    scale = min(scale, 0.96 * res / float(extent.max()))  # elongated shapes shrink to fit
+    scale = min(scale, 0.96 * (res - 1) / float(extent.max()))  # elongated shapes shrink to fit
     lo, hi = outline.min(0) * scale, outline.max(0) * scale
     # Pixel centres are at integer coordinates; keep the whole object inside [0, res-1].
     shift = np.array([rng.uniform(-lo[0], res - 1 - hi[0]), rng.uniform(-lo[1], res - 1 - hi[1])])
@@ -483,6 +539,10 @@ def render_object(rng: np.random.Generator, cls: int, res: int, area: Tuple[floa
     else:
         c1 = _hsv(hue + rng.uniform(-0.05, 0.05), sat * rng.uniform(0.5, 1.0), val * rng.uniform(0.3, 0.6))
     colour = _blend(t, c0, c1)
+    if variation > 0:
+        spots = _markings(u, v, rng, variation)
+        mark = _hsv(hue + rng.uniform(0.3, 0.7), sat, val * rng.uniform(0.2, 0.5))
+        colour = colour * (1 - spots[:, :, None]) + mark * spots[:, :, None]
     # Mild shading: a light direction across the object, plus fine grain.
     phi = rng.uniform(0, 2 * math.pi)
     shade = 1.0 + rng.uniform(0.08, 0.22) * (u * math.cos(phi) + v * math.sin(phi))
@@ -551,19 +611,23 @@ def _rng(seed: int, stream: str, *key: int) -> np.random.Generator:
 # Per-image tasks (run in worker processes; each writes its own files and returns provenance)
 # ----------------------------------------------------------------------------------------------
 
-def _single(seed: int, split: str, cls: int, k: int, res: int):
-    """(image uint8, mask bool, fg colour, bg source) of one single-object image."""
+def _single(seed: int, split: str, cls: int, k: int, res: int, bg_bias: float, variation: float):
+    """(image uint8, mask bool, fg colour, bg pool, bg source) of one single-object image."""
     rng = _rng(seed, split, cls, k)
-    bg, source = render_background(rng, cls, res)  # biased on purpose: the class's own pool
-    colour, mask = render_object(rng, cls, res, SINGLE_AREA)
+    pool = cls  # biased on purpose: usually the class's own pool
+    if rng.random() >= bg_bias:
+        other = int(rng.integers(NUM_CLASSES - 1))
+        pool = other + (other >= cls)
+    bg, source = render_background(rng, pool, res)
+    colour, mask = render_object(rng, cls, res, SINGLE_AREA, variation)
     fg = np.clip(colour + 0.5, 0, 255).astype(np.uint8)
     img = np.where(mask[:, :, None], fg, bg)
-    return img, mask, fg, source
+    return img, mask, fg, pool, source
 
 
 def _task_single(args) -> dict:
-    root, seed, split, cls, k, idx, res = args
-    img, mask, fg, source = _single(seed, split, cls, k, res)
+    root, seed, split, cls, k, idx, res, bg_bias, variation = args
+    img, mask, fg, pool, source = _single(seed, split, cls, k, res, bg_bias, variation)
     name = CLASSES[cls]
     ident = f"{idx:06d}"
     rel = f"{split}/{name}/{ident}"
@@ -572,7 +636,7 @@ def _task_single(args) -> dict:
     _write(root / f"{rel}{MASK_SUFFIX}", _png(mask))
     box = tight_box(mask)
     record = {"id": ident, "file": f"{rel}.jpg", "mask": f"{rel}{MASK_SUFFIX}", "label": cls,
-              "bg_pool": cls, "bg_source": source, "bbox": box, "area": int(mask.sum())}
+              "bg_pool": pool, "bg_source": source, "bbox": box, "area": int(mask.sum())}
     if split != "val":
         return {"split": split, "record": record}
 
@@ -600,7 +664,7 @@ def _task_single(args) -> dict:
     variants["no_fg"] = np.where(mask[:, :, None], black, img)
     variants["only_fg"] = np.where(mask[:, :, None], fg, black)
     for v in ("original", "only_bg_b", "only_bg_t", "no_fg"):
-        pools[v], sources[v] = cls, source
+        pools[v], sources[v] = pool, source
     pools["only_fg"], sources["only_fg"] = None, None
 
     # Mixed variants: the same foreground on a clean background from a chosen pool. The three
@@ -623,7 +687,7 @@ def _task_single(args) -> dict:
 
 
 def _task_multi(args) -> dict:
-    root, seed, idx, res = args
+    root, seed, idx, res, variation = args
     rng = _rng(seed, "multi", idx)
     pool = int(rng.integers(NUM_CLASSES))
     img, source = render_background(rng, pool, res)
@@ -633,7 +697,7 @@ def _task_multi(args) -> dict:
     for _ in range(n_target):
         for _attempt in range(30):
             cls = int(rng.integers(NUM_CLASSES))
-            colour, mask = render_object(rng, cls, res, MULTI_AREA)
+            colour, mask = render_object(rng, cls, res, MULTI_AREA, variation)
             # The new object goes on top; every earlier one must keep enough of itself visible.
             ok = all((vis & ~mask).sum() >= max(min_px, MULTI_MIN_VISIBLE * full.sum())
                      for _, full, vis in objects)
@@ -691,6 +755,8 @@ def generate_demo(
     n_multi: int = DEFAULT_N_MULTI,
     resolution: int = DEFAULT_RESOLUTION,
     seed: int = 0,
+    bg_bias: float = DEFAULT_BG_BIAS,
+    variation: float = DEFAULT_VARIATION,
     workers: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -700,6 +766,11 @@ def generate_demo(
                                  ("n_multi", n_multi, 0), ("resolution", resolution, 16), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
             raise DemoError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not 0.0 <= float(bg_bias) <= 1.0:
+        raise DemoError(f"bg_bias is a probability in [0, 1], got {bg_bias!r}")
+    if not 0.0 <= float(variation) <= 2.0:
+        raise DemoError(f"variation must be in [0, 2], got {variation!r}")
+    bg_bias, variation = float(bg_bias), float(variation)
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DemoError(f"workers must be >= 1, got {workers}")
@@ -726,11 +797,12 @@ def generate_demo(
         for split, per_class in (("train", per_class_train), ("val", per_class_val)):
             for c in range(NUM_CLASSES):
                 for k in range(per_class):
-                    tasks.append(("single", (tmp, seed, split, c, k, c * per_class + k, resolution)))
-        tasks += [("multi", (tmp, seed, i + 1, resolution)) for i in range(n_multi)]
+                    tasks.append(("single", (tmp, seed, split, c, k, c * per_class + k, resolution, bg_bias,
+                                             variation)))
+        tasks += [("multi", (tmp, seed, i + 1, resolution, variation)) for i in range(n_multi)]
 
         results = _run_all(tasks, workers, progress)
-        marker = _assemble(tmp, results, seed=seed, resolution=resolution,
+        marker = _assemble(tmp, results, seed=seed, resolution=resolution, bg_bias=bg_bias, variation=variation,
                            per_class_train=per_class_train, per_class_val=per_class_val, n_multi=n_multi)
 
         if out.exists():
@@ -794,6 +866,8 @@ def _assemble(root: Path, results: List[dict], **opts) -> dict:
         "version": DEMO_VERSION,
         "seed": opts["seed"],
         "resolution": opts["resolution"],
+        "bg_bias": opts["bg_bias"],
+        "variation": opts["variation"],
         "classes": list(CLASSES),
         "per_class": {"train": opts["per_class_train"], "val": opts["per_class_val"]},
         "counts": {
