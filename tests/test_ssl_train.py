@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from objloader.ssl.backbone import CheckpointError, load_backbone
+from objloader.ssl.backbone import CheckpointError, load_backbone, load_encoder
 from objloader.ssl.moco import MoCo, queue_size_for
 from objloader.ssl.trainer import TrainConfig, _build_model, train
 from objloader.store import BuildOptions, build
@@ -113,6 +113,41 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="method='moco'") as e:
         train(_cfg(tiny, tmp_path, method="byol", resume=str(other)))
     assert str(other) in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:MoCo queue")
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_width_is_trained_saved_and_checked_on_resume(tiny, tmp_path, method):
+    """--width 32: a step trains, the checkpoint carries the width, every loader rebuilds it, and
+    resuming with another width is refused."""
+    res = train(_cfg(tiny, tmp_path, method=method, width=32, max_steps=1))
+    assert res["step"] == 1 and np.isfinite(res["loss"])
+    assert torch.load(res["checkpoint"], weights_only=True)["width"] == 32
+    net, meta = load_backbone(res["checkpoint"])
+    assert meta["width"] == 32 and net.conv1.out_channels == 32
+    assert all(torch.equal(v, res["model"].state_dict()["backbone." + k]) for k, v in net.state_dict().items())
+    assert net.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 256)
+    backbone, head, meta = load_encoder(res["checkpoint"])
+    assert meta["width"] == 32 and head[0].in_features == 256
+    with pytest.raises(CheckpointError, match="width=32"):
+        train(_cfg(tiny, tmp_path, method=method, resume=""))  # width 64
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        _cfg(tiny, tmp_path, width=0)
+
+
+def test_cli_flags_map_onto_the_config():
+    from objloader.ssl.trainer import build_parser
+
+    moco = build_parser("moco")
+    assert vars(moco.parse_args([]))["shuffle_bn"] is True and vars(moco.parse_args([]))["width"] == 64
+    args = vars(moco.parse_args(["--no-shuffle-bn", "--width", "32"]))
+    assert args["shuffle_bn"] is False and args["width"] == 32
+    cfg = TrainConfig(method="moco", **{k: v for k, v in args.items() if k != "no_progress"})
+    assert cfg.shuffle_bn is False and cfg.width == 32
+    byol = build_parser("byol")
+    assert "shuffle_bn" not in vars(byol.parse_args([])) and vars(byol.parse_args(["--width", "16"]))["width"] == 16
+    with pytest.raises(SystemExit):
+        byol.parse_args(["--no-shuffle-bn"])
 
 
 def test_queue_scales_down_for_small_datasets():

@@ -174,7 +174,8 @@ def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSet
             pool.shutdown()
     report = {
         "checkpoint": os.path.abspath(checkpoint), "method": meta.get("method"), "arch": meta.get("arch"),
-        "train_image_size": meta.get("image_size"), "input_size": size, "settings": settings.to_dict(),
+        "width": meta.get("width"), "train_image_size": meta.get("image_size"), "input_size": size,
+        "settings": settings.to_dict(),
         "data": os.path.abspath(data), "limit": limit, "thresholds": [float(t) for t in THRESHOLDS],
         "iou_levels": list(IOU_LEVELS), "seconds": round(time.time() - t0, 1), "device": str(device),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "date": time.strftime("%Y-%m-%d %H:%M"),

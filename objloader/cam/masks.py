@@ -284,7 +284,8 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
                                    "masked": len(spec.samples) - len(skipped), "skipped": skipped}
         info = {"format": STORE_FORMAT, "fingerprint": fingerprint, "checkpoint": os.path.abspath(checkpoint),
                 "checkpoint_sha256": ckpt_sha, "method": meta.get("method"), "arch": meta.get("arch"),
-                "settings": settings.to_dict(), "input_size": size, "device": str(dev), "ranks": world,
+                "width": meta.get("width"), "settings": settings.to_dict(), "input_size": size, "device": str(dev),
+                "ranks": world,
                 "seconds_last_run": round(seconds, 3), "datasets": datasets}
         _write_json(done_path, info)
         for name, d in datasets.items():

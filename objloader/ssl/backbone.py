@@ -3,7 +3,10 @@
 A checkpoint written by the trainers is a dict loadable with ``torch.load(path, weights_only=True)``:
 
     {"format": CHECKPOINT_FORMAT, "method": "moco" | "byol", "arch": "resnet18" | "resnet50",
-     "small_stem": bool, "image_size": int, "backbone": state_dict of build_backbone(...), ...}
+     "small_stem": bool, "width": int, "image_size": int, "backbone": state_dict of build_backbone(...), ...}
+
+``width`` is the ResNet's base channel count (64 = torchvision's); checkpoints written before it
+existed carry none and mean 64.
 
 plus whatever the trainer needs to resume (optimizer, queue, momentum encoder, step, RNG state).
 """
@@ -16,34 +19,65 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "ARCHS", "build_backbone", "feature_dim", "load_backbone", "load_encoder", "CheckpointError"]
+__all__ = ["CHECKPOINT_FORMAT", "ARCHS", "DEFAULT_WIDTH", "build_backbone", "feature_dim", "checkpoint_width",
+           "load_backbone", "load_encoder", "CheckpointError"]
 
 CHECKPOINT_FORMAT = "objloader-ssl/1"
 ARCHS = ("resnet18", "resnet50")
+DEFAULT_WIDTH = 64  # torchvision's base channels
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or not what the caller needs."""
 
 
-def build_backbone(arch: str = "resnet18", small_stem: bool = False) -> nn.Module:
+def build_backbone(arch: str = "resnet18", small_stem: bool = False, width: int = DEFAULT_WIDTH) -> nn.Module:
     """torchvision ResNet without its classifier: images [B, 3, H, W] -> features [B, D].
 
     ``small_stem`` replaces the 7x7 stride-2 conv + max-pool with a 3x3 stride-1 conv (the usual
     CIFAR-size stem), so low-resolution images keep spatial detail through the network.
+    ``width`` is the base channel count: the stem and the four stages have width, width, 2 width,
+    4 width, 8 width channels (x4 at the output of resnet50's bottleneck blocks), so
+    D = :func:`feature_dim` (arch, width). 64 is torchvision's network, unchanged.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    width = int(width)
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
     net = getattr(torchvision.models, arch)(weights=None)
+    if width != DEFAULT_WIDTH:
+        _rewidth(net, width)
     if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
 
 
-def feature_dim(arch: str) -> int:
-    return {"resnet18": 512, "resnet50": 2048}[arch]
+def _rewidth(net: torchvision.models.ResNet, width: int) -> None:
+    """Rebuild the stem and the four stages of a torchvision ResNet with ``width`` base channels,
+    initialised as torchvision does (kaiming-normal fan-out convs, BN weight 1 and bias 0)."""
+    block = type(net.layer1[0])
+    depths = [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
+    net.inplanes, net.dilation = width, 1
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = net._norm_layer(width)
+    net.layer1 = net._make_layer(block, width, depths[0])
+    net.layer2 = net._make_layer(block, 2 * width, depths[1], stride=2)
+    net.layer3 = net._make_layer(block, 4 * width, depths[2], stride=2)
+    net.layer4 = net._make_layer(block, 8 * width, depths[3], stride=2)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def feature_dim(arch: str, width: int = DEFAULT_WIDTH) -> int:
+    """Channels of build_backbone(arch, width=width)'s output: 8 width (x4 for resnet50)."""
+    return {"resnet18": 8, "resnet50": 32}[arch] * int(width)
 
 
 def _read_checkpoint(path: str, map_location) -> dict:
@@ -58,18 +92,29 @@ def _read_checkpoint(path: str, map_location) -> dict:
     return ckpt
 
 
+def checkpoint_width(ckpt: dict) -> int:
+    """The backbone width a checkpoint was written with (64 for checkpoints older than the option)."""
+    return int(ckpt.get("width", DEFAULT_WIDTH))
+
+
 def _backbone_of(path: str, ckpt: dict) -> nn.Module:
-    net = build_backbone(ckpt["arch"], ckpt["small_stem"])
+    width = checkpoint_width(ckpt)
+    try:
+        net = build_backbone(ckpt["arch"], ckpt["small_stem"], width)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path!r}: no backbone can be built from its arch/small_stem/width: {e}") from e
     try:
         net.load_state_dict(ckpt["backbone"])
     except RuntimeError as e:
         raise CheckpointError(f"{path!r}: backbone weights do not fit {ckpt['arch']} "
-                              f"(small_stem={ckpt['small_stem']}): {e}") from e
+                              f"(small_stem={ckpt['small_stem']}, width={width}): {e}") from e
     return net
 
 
 def _meta(ckpt: dict) -> dict:
-    return {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}
+    meta = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}
+    meta["width"] = checkpoint_width(ckpt)
+    return meta
 
 
 def load_backbone(path: str, map_location="cpu") -> tuple[nn.Module, dict]:

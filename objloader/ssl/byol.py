@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import build_backbone, feature_dim
+from .backbone import DEFAULT_WIDTH, build_backbone, feature_dim
 
 __all__ = ["BYOL"]
 
@@ -28,12 +28,12 @@ class BYOL(nn.Module):
     """``forward(views [B, 2, 3, H, W]) -> loss`` (symmetric, in [0, 8])."""
 
     def __init__(self, arch: str = "resnet18", small_stem: bool = False, dim: int = 256,
-                 hidden: int = 4096, momentum: float = 0.996):
+                 hidden: int = 4096, momentum: float = 0.996, width: int = DEFAULT_WIDTH):
         super().__init__()
         self.base_momentum = float(momentum)
         self.momentum = float(momentum)  # the current tau, for logging
-        self.backbone = build_backbone(arch, small_stem)
-        self.projector = _mlp(feature_dim(arch), hidden, dim)
+        self.backbone = build_backbone(arch, small_stem, width)
+        self.projector = _mlp(feature_dim(arch, width), hidden, dim)
         self.predictor = _mlp(dim, hidden, dim)
         self.target_backbone = copy.deepcopy(self.backbone)
         self.target_projector = copy.deepcopy(self.projector)

@@ -30,9 +30,9 @@ import torch.distributed as dist
 
 from ..loaders import make_loader
 from ..store.reader import read_manifest
-from .backbone import ARCHS, CHECKPOINT_FORMAT, CheckpointError
+from .backbone import ARCHS, CHECKPOINT_FORMAT, DEFAULT_WIDTH, CheckpointError, checkpoint_width
 from .byol import BYOL
-from .moco import MoCo, queue_size_for
+from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
 
 __all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "demo_train_path", "load_checkpoint"]
 
@@ -55,6 +55,7 @@ class TrainConfig:
     bg_mode: str = "soft"
     arch: str = "resnet18"
     small_stem: bool = False
+    width: int = DEFAULT_WIDTH  # base channels of the ResNet (64 = torchvision)
     image_size: int = 64
     epochs: int = 2
     batch_size: int = 128  # per rank
@@ -71,6 +72,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop (and save) after this many steps; the schedule still spans --epochs
     queue_size: int = 65536  # MoCo; scaled down for small datasets
     temperature: float = 0.2  # MoCo
+    shuffle_bn: bool = True  # MoCo: Shuffle-BN (split BN + shuffle in one process, cross-rank shuffle under DDP)
     ema: Optional[float] = None  # momentum of the key / target network; None = 0.999 MoCo, 0.996 BYOL
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True
@@ -83,7 +85,7 @@ class TrainConfig:
             bad(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.arch not in ARCHS:
             bad(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        for name in ("epochs", "batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "log_every", "width"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
@@ -180,11 +182,15 @@ def _build_loader(cfg: TrainConfig, d: _Dist, device: torch.device):
 # model, schedule, checkpoints
 
 
-def _build_model(cfg: TrainConfig, n_records: int) -> torch.nn.Module:
+def _build_model(cfg: TrainConfig, n_records: int, world_size: int = 1) -> torch.nn.Module:
     if cfg.method == "moco":
+        # Shuffle-BN: one process splits its BatchNorms into groups and shuffles the keys among
+        # them; several ranks shuffle the keys across ranks and keep plain per-rank BatchNorm.
         return MoCo(cfg.arch, cfg.small_stem, queue_size=queue_size_for(n_records, cfg.queue_size),
-                    momentum=0.999 if cfg.ema is None else cfg.ema, temperature=cfg.temperature)
-    return BYOL(cfg.arch, cfg.small_stem, momentum=0.996 if cfg.ema is None else cfg.ema)
+                    momentum=0.999 if cfg.ema is None else cfg.ema, temperature=cfg.temperature,
+                    width=cfg.width, shuffle_bn=cfg.shuffle_bn,
+                    bn_splits=1 if world_size > 1 else DEFAULT_BN_SPLITS, seed=cfg.seed)
+    return BYOL(cfg.arch, cfg.small_stem, momentum=0.996 if cfg.ema is None else cfg.ema, width=cfg.width)
 
 
 def _lr_at(peak: float, step: int, total: int) -> float:
@@ -222,7 +228,7 @@ def _set_rng_state(state: dict) -> None:
 def _save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, scaler, step: int, epoch: int) -> None:
     ckpt = {
         "format": CHECKPOINT_FORMAT, "method": cfg.method, "arch": cfg.arch, "small_stem": cfg.small_stem,
-        "image_size": cfg.image_size,
+        "width": cfg.width, "image_size": cfg.image_size,
         "backbone": model.backbone.state_dict(),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -235,7 +241,7 @@ def _save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, scaler, step
 
 
 def load_checkpoint(path: str, cfg: Optional[TrainConfig] = None) -> dict:
-    """A trainer checkpoint, checked against ``cfg`` (method, arch, stem); CheckpointError names the file."""
+    """A trainer checkpoint, checked against ``cfg`` (method, arch, stem, width); CheckpointError names the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist (nothing to --resume)")
     try:
@@ -249,9 +255,10 @@ def load_checkpoint(path: str, cfg: Optional[TrainConfig] = None) -> dict:
     if missing:
         raise CheckpointError(f"{path!r} lacks {', '.join(missing)}: it holds a backbone only and cannot resume training")
     if cfg is not None:
-        for key in ("method", "arch", "small_stem"):
-            if ckpt.get(key) != getattr(cfg, key):
-                raise CheckpointError(f"{path!r} was written with {key}={ckpt.get(key)!r}, but this run has "
+        for key in ("method", "arch", "small_stem", "width"):
+            have = checkpoint_width(ckpt) if key == "width" else ckpt.get(key)  # no width: 64 (older checkpoints)
+            if have != getattr(cfg, key):
+                raise CheckpointError(f"{path!r} was written with {key}={have!r}, but this run has "
                                       f"{key}={getattr(cfg, key)!r}; resume with the same {key} or another --out")
     return ckpt
 
@@ -369,7 +376,7 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
                          f"lower the batch size")
     total = cfg.epochs * steps_per_epoch
     stop = total if cfg.max_steps is None else min(cfg.max_steps, total)
-    model = _build_model(cfg, _dataset_size(cfg.data)).to(device)
+    model = _build_model(cfg, _dataset_size(cfg.data), d.world_size).to(device)
     global_batch = cfg.batch_size * d.world_size
     peak_lr = cfg.base_lr * global_batch / 256
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr,
@@ -407,9 +414,13 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
 
     logger = _Logger(cfg, stop, step, d.main)
     if d.main:
+        moco = ""
+        if cfg.method == "moco":
+            shuffle = ("off" if not cfg.shuffle_bn else "across ranks" if d.enabled
+                       else f"split BN into up to {DEFAULT_BN_SPLITS} groups")
+            moco = f", queue {model.queue.shape[0]}, Shuffle-BN {shuffle}"
         log(f"{cfg.method} on {cfg.loader}: {cfg.data}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-            f"global batch {global_batch}, peak lr {peak_lr:.4g}, {d.world_size} process(es) on {device}"
-            + (f", queue {model.queue.shape[0]}" if cfg.method == "moco" else ""))
+            f"global batch {global_batch}, peak lr {peak_lr:.4g}, {d.world_size} process(es) on {device}{moco}")
 
     model.train()
     loss_val = float("nan")
@@ -514,6 +525,7 @@ def build_parser(method: str):
     p.add_argument("--bg-mode", default=D.bg_mode, choices=["soft", "hard"], help="soft BG-Mixup or BG-HardMix")
     p.add_argument("--arch", default=D.arch, choices=list(ARCHS), help="torchvision ResNet backbone")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (low resolutions)")
+    p.add_argument("--width", type=int, default=D.width, help="base channels of the ResNet (64 = torchvision)")
     p.add_argument("--image-size", type=int, default=D.image_size, help="side of the views in pixels")
     p.add_argument("--epochs", type=int, default=D.epochs, help="epochs (the cosine schedule spans them)")
     p.add_argument("--batch-size", type=int, default=D.batch_size, help="images per rank per step")
@@ -536,6 +548,11 @@ def build_parser(method: str):
         p.add_argument("--queue-size", type=int, default=D.queue_size,
                        help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
         p.add_argument("--temperature", type=float, default=D.temperature, help="InfoNCE temperature")
+        p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
+                       help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
+                            "grouping of the batch than their queries: in one process BatchNorm is split into up "
+                            "to 8 groups and the keys are shuffled among them; with several ranks the keys are "
+                            "shuffled across ranks (shuffle_bn=%(default)s without this flag)")
     p.add_argument("--ema", type=float, default=0.999 if method == "moco" else 0.996,
                    help="momentum of the key encoder" if method == "moco"
                    else "base momentum of the target network (raised to 1 on a cosine)")
