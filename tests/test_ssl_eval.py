@@ -170,8 +170,10 @@ def test_bgchallenge_report(demo_root, checkpoint, tmp_path):
     assert on_disk["probe"]["wd"] in WD_GRID
     assert on_disk["checkpoint_meta"]["method"] == "moco" and on_disk["image_size"] == 32
     assert report["accuracy"] == acc
+    # The diagnostic probe is fitted on half of mixed_rand and scored on the other half.
+    assert 0.0 <= on_disk["diagnostic"]["fg_probe_mixed_rand"] <= 1.0
     md = (tmp_path / "report.md").read_text()
-    for name in ("val", "mixed_same", "mixed_rand", "only_fg", "BG-gap"):
+    for name in ("val", "mixed_same", "mixed_rand", "only_fg", "BG-gap", "Diagnostic"):
         assert name in md
     # The class colour survives a random encoder: the probe must do better than chance (1/3).
     assert acc["val"]["top1"] > 0.6
