@@ -9,7 +9,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 
-# WebDataset member suffixes, one per field; DALI reads each as an output of readers.webdataset.
+# WebDataset member suffixes, one per field; any tar reader (DALI's readers.webdataset in --verify,
+# the .idx offsets in the torch and DALI engines) finds a field by its suffix.
 WDS_MEMBERS = {
     "image": "jpg",
     "label": "cls",
