@@ -37,6 +37,10 @@ test: install
 #      and their localisation quality against the ground truth (runs/contracam_eval)
 #   4. MoCo v2 with OA-Crop + soft BG-Mixup (p = 0.4) on built_contracam/, its report, and the
 #      comparison with the vanilla run (linear top-1, BG-gap)
+# The small-compute recipe (benchmarks/recipe_search.py, results in benchmarks/results/
+# recipe_search.md): half-width ResNet-18, 64 px, batch 256, base lr 0.06; 15 epochs keep the
+# whole loop near 15 minutes on 2 CPU cores (the search's 10-minute runs use 30).
+DEMO_RECIPE ?= --width 32 --image-size 64 --batch-size 256 --lr 0.06 --epochs 15
 VANILLA := $(DEMO_DIR)/runs/moco_vanilla
 OBJECT_AWARE := $(DEMO_DIR)/runs/moco_contracam
 demo: install $(DEMO_DIR)/built/manifest.json $(VANILLA)/report.md $(DEMO_DIR)/runs/contracam_eval/contracam_eval.md \
@@ -50,7 +54,7 @@ demo: install $(DEMO_DIR)/built/manifest.json $(VANILLA)/report.md $(DEMO_DIR)/r
 
 # loss.png is written last, so an interrupted run is retrained rather than taken as finished.
 $(VANILLA)/loss.png: $(DEMO_DIR)/built/manifest.json
-	$(PY) train/moco.py --loader dali --data $(DEMO_DIR)/built/train --out $(VANILLA)
+	$(PY) train/moco.py --loader dali --data $(DEMO_DIR)/built/train --out $(VANILLA) $(DEMO_RECIPE)
 
 $(VANILLA)/report.md: $(VANILLA)/loss.png
 	$(PY) train/linear.py --checkpoint $(VANILLA)/checkpoint.pt --data $(DEMO_DIR)/built
@@ -65,7 +69,8 @@ $(DEMO_DIR)/runs/contracam_eval/contracam_eval.md: $(VANILLA)/loss.png
 	  --limit 400 --out $(DEMO_DIR)/runs/contracam_eval
 
 $(OBJECT_AWARE)/loss.png: $(DEMO_DIR)/built_contracam/manifest.json
-	$(PY) train/moco.py --loader dali --data $(DEMO_DIR)/built_contracam --oa-crop --bg-mixup 0.4 --out $(OBJECT_AWARE)
+	$(PY) train/moco.py --loader dali --data $(DEMO_DIR)/built_contracam --oa-crop --bg-mixup 0.4 --out $(OBJECT_AWARE) \
+	  $(DEMO_RECIPE)
 
 $(OBJECT_AWARE)/comparison.md: $(OBJECT_AWARE)/loss.png $(VANILLA)/report.md
 	$(PY) train/linear.py --checkpoint $(OBJECT_AWARE)/checkpoint.pt --data $(DEMO_DIR)/built \

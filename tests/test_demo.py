@@ -134,6 +134,23 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path):
     assert (empty / "demo.json").exists()
 
 
+@pytest.mark.parametrize("bad", [dict(bg_bias=1.5), dict(variation=-1), dict(object_area=(0.5, 0.2)),
+                                 dict(object_area=(0.0, 0.5)), dict(object_area=(0.2,))])
+def test_rejects_bad_generator_options(tmp_path, bad):
+    with pytest.raises(demo.DemoError):
+        demo.generate_demo(tmp_path / "x", per_class_train=1, per_class_val=0, n_multi=0, resolution=32,
+                           workers=1, **bad)
+
+
+def test_object_area_sets_the_object_size():
+    def mean_area(area):
+        return np.mean([demo._single(0, "train", c, k, 64, 0.5, 1.0, area)[1].mean()
+                        for c in range(9) for k in range(6)])
+
+    small, large = mean_area((0.1, 0.2)), mean_area((0.4, 0.6))
+    assert 0.08 < small < 0.22 and 0.3 < large < 0.62  # elongated shapes shrink to fit the frame
+
+
 def test_background_pools_disjoint_and_biased(marker):
     pools = marker["background_pools"]
     classes = marker["classes"]

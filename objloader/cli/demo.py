@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variation", type=float, default=demo.DEFAULT_VARIATION, metavar="S",
                    help="strength of each object's own deformation and markings, 0-2 "
                         "(0 = only pose, scale, hue and pattern vary; default %(default)s)")
+    p.add_argument("--object-area", type=float, nargs=2, default=list(demo.DEFAULT_OBJECT_AREA), metavar=("MIN", "MAX"),
+                   help="range of the fraction of the image a single object covers (default %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all available cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             bg_bias=args.bg_bias,
             variation=args.variation,
+            object_area=tuple(args.object_area),
             workers=workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,

@@ -64,7 +64,7 @@ DEFAULT_N_MULTI = 1000
 DEFAULT_RESOLUTION = 128
 
 # Fraction of the image area a single object covers (before it is shrunk to fit the frame).
-SINGLE_AREA = (0.10, 0.50)
+DEFAULT_OBJECT_AREA = (0.10, 0.50)
 MULTI_AREA = (0.04, 0.16)
 MULTI_MIN_VISIBLE = 0.4  # each instance keeps at least this fraction of itself visible
 
@@ -611,7 +611,8 @@ def _rng(seed: int, stream: str, *key: int) -> np.random.Generator:
 # Per-image tasks (run in worker processes; each writes its own files and returns provenance)
 # ----------------------------------------------------------------------------------------------
 
-def _single(seed: int, split: str, cls: int, k: int, res: int, bg_bias: float, variation: float):
+def _single(seed: int, split: str, cls: int, k: int, res: int, bg_bias: float, variation: float,
+            area: Tuple[float, float] = DEFAULT_OBJECT_AREA):
     """(image uint8, mask bool, fg colour, bg pool, bg source) of one single-object image."""
     rng = _rng(seed, split, cls, k)
     pool = cls  # biased on purpose: usually the class's own pool
@@ -619,15 +620,15 @@ def _single(seed: int, split: str, cls: int, k: int, res: int, bg_bias: float, v
         other = int(rng.integers(NUM_CLASSES - 1))
         pool = other + (other >= cls)
     bg, source = render_background(rng, pool, res)
-    colour, mask = render_object(rng, cls, res, SINGLE_AREA, variation)
+    colour, mask = render_object(rng, cls, res, area, variation)
     fg = np.clip(colour + 0.5, 0, 255).astype(np.uint8)
     img = np.where(mask[:, :, None], fg, bg)
     return img, mask, fg, pool, source
 
 
 def _task_single(args) -> dict:
-    root, seed, split, cls, k, idx, res, bg_bias, variation = args
-    img, mask, fg, pool, source = _single(seed, split, cls, k, res, bg_bias, variation)
+    root, seed, split, cls, k, idx, res, bg_bias, variation, area = args
+    img, mask, fg, pool, source = _single(seed, split, cls, k, res, bg_bias, variation, area)
     name = CLASSES[cls]
     ident = f"{idx:06d}"
     rel = f"{split}/{name}/{ident}"
@@ -757,6 +758,7 @@ def generate_demo(
     seed: int = 0,
     bg_bias: float = DEFAULT_BG_BIAS,
     variation: float = DEFAULT_VARIATION,
+    object_area: Tuple[float, float] = DEFAULT_OBJECT_AREA,
     workers: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -771,6 +773,12 @@ def generate_demo(
     if not 0.0 <= float(variation) <= 2.0:
         raise DemoError(f"variation must be in [0, 2], got {variation!r}")
     bg_bias, variation = float(bg_bias), float(variation)
+    try:
+        area = (float(object_area[0]), float(object_area[1]))
+    except (TypeError, ValueError, IndexError):
+        raise DemoError(f"object_area must be two numbers (min, max), got {object_area!r}") from None
+    if not 0.0 < area[0] <= area[1] <= 0.9:
+        raise DemoError(f"object_area must satisfy 0 < min <= max <= 0.9, got {object_area!r}")
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DemoError(f"workers must be >= 1, got {workers}")
@@ -798,11 +806,12 @@ def generate_demo(
             for c in range(NUM_CLASSES):
                 for k in range(per_class):
                     tasks.append(("single", (tmp, seed, split, c, k, c * per_class + k, resolution, bg_bias,
-                                             variation)))
+                                             variation, area)))
         tasks += [("multi", (tmp, seed, i + 1, resolution, variation)) for i in range(n_multi)]
 
         results = _run_all(tasks, workers, progress)
         marker = _assemble(tmp, results, seed=seed, resolution=resolution, bg_bias=bg_bias, variation=variation,
+                           object_area=list(area),
                            per_class_train=per_class_train, per_class_val=per_class_val, n_multi=n_multi)
 
         if out.exists():
@@ -868,6 +877,7 @@ def _assemble(root: Path, results: List[dict], **opts) -> dict:
         "resolution": opts["resolution"],
         "bg_bias": opts["bg_bias"],
         "variation": opts["variation"],
+        "object_area": opts["object_area"],
         "classes": list(CLASSES),
         "per_class": {"train": opts["per_class_train"], "val": opts["per_class_val"]},
         "counts": {
