@@ -33,9 +33,10 @@ RESULTS = os.path.join(HERE, "results")
 # behaviour before the recipe search (background always from the class's own pool, objects of a
 # class differing only in pose, scale, hue and pattern parameters).
 DATA = {
-    "v1": {"bg_bias": 1.0, "variation": 0.0, "object_area": [0.1, 0.5]},
-    "v2": {"bg_bias": 0.5, "variation": 1.0, "object_area": [0.1, 0.5]},
-    "v3": {"bg_bias": 0.5, "variation": 1.0, "object_area": [0.3, 0.7]},
+    "v1": {"bg_bias": 1.0, "variation": 0.0, "object_area": [0.1, 0.5], "bg_scenes": 0},
+    "v2": {"bg_bias": 0.5, "variation": 1.0, "object_area": [0.1, 0.5], "bg_scenes": 0},
+    "v3": {"bg_bias": 0.5, "variation": 1.0, "object_area": [0.3, 0.7], "bg_scenes": 0},
+    "v4": {"bg_bias": 0.5, "variation": 1.0, "object_area": [0.3, 0.7], "bg_scenes": 16},
 }
 
 # The training settings every candidate starts from (the probe: half-width ResNet-18,
@@ -45,7 +46,11 @@ BASE = {"width": 32, "image_size": 64, "batch_size": 256, "lr": 0.06, "epochs": 
 CANDIDATES = [
     ("v2", "v2", {}),
     ("v3", "v3", {}),
-    ("v3-e15", "v3", {"epochs": 15}),  # make demo's length
+    ("v3-m0.99", "v3", {"ema": 0.99}),
+    ("v3-init", "v3", {"max_steps": 1}),  # control: the encoder as initialised (one step)
+    ("v4", "v4", {}),
+    ("v4-m0.99", "v4", {"ema": 0.99}),
+    ("v4-init", "v4", {"max_steps": 1}),
     ("v1", "v1", {}),
 ]
 
@@ -72,7 +77,7 @@ def ensure_data(work: str, name: str) -> str:
     if not os.path.isfile(os.path.join(data, "demo.json")):
         _run([_bin("objloader-demo"), data, "--overwrite", "--no-progress", "--multi", "50",
               "--bg-bias", str(opts["bg_bias"]), "--variation", str(opts["variation"]),
-              "--object-area", *map(str, opts["object_area"])], log)
+              "--object-area", *map(str, opts["object_area"]), "--bg-scenes", str(opts["bg_scenes"])], log)
     if not os.path.isfile(os.path.join(built, "manifest.json")):
         _run([_bin("objloader-build"), data, built, "--masks", "gt", "--overwrite"], log)
     return built
@@ -89,6 +94,9 @@ def run_candidate(work: str, name: str, data_name: str, changes: dict) -> dict:
                "--loader", settings["loader"], "--width", str(settings["width"]),
                "--image-size", str(settings["image_size"]), "--batch-size", str(settings["batch_size"]),
                "--lr", str(settings["lr"]), "--epochs", str(settings["epochs"]), "--no-progress"]
+        for key in ("ema", "temperature", "max_steps"):  # optional: the trainer's defaults otherwise
+            if key in settings:
+                cmd += [f"--{key.replace('_', '-')}", str(settings[key])]
         if os.path.isfile(os.path.join(out, "checkpoint.pt")):
             cmd.append("--resume")
         _run(cmd, log)
@@ -144,13 +152,15 @@ def write_results(runs: list, pending: list) -> None:
              "Vanilla MoCo v2, linear probe fitted on the biased train originals (the Background-Challenge "
              "protocol); `fg probe` is the diagnostic probe fitted and scored on halves of mixed_rand. "
              "Top-1 in %, chance = 11.1. Base settings: " + json.dumps(BASE) + ".", "",
-             "| run | data (bg_bias, variation) | changes | train s | loss | "
+             "| run | data (bg_bias, variation, object area, bg scenes) | changes | train s | loss | "
              + " | ".join(COLUMNS) + " | BG-gap | fg probe |",
              "|---|---|---|---:|---:|" + "---:|" * len(COLUMNS) + "---:|---:|"]
     for r in runs:
         changes = {k: v for k, v in r["train"].items() if BASE.get(k) != v}
         cells = " | ".join(f"{r['top1'].get(c, float('nan')):.1f}" for c in COLUMNS)
-        lines.append(f"| {r['name']} | {r['data']['variant']} ({r['data']['bg_bias']}, {r['data']['variation']}) "
+        d = r["data"]
+        lines.append(f"| {r['name']} | {d['variant']} ({d['bg_bias']}, {d['variation']}, {d['object_area']}, "
+                     f"{d['bg_scenes']}) "
                      f"| {json.dumps(changes) if changes else '-'} | {r['train_seconds'] or float('nan'):.0f} "
                      f"| {r['final_loss']} | {cells} | {r['bg_gap']} | {r['fg_probe']} |")
     if pending:

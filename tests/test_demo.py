@@ -135,16 +135,35 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(bg_bias=1.5), dict(variation=-1), dict(object_area=(0.5, 0.2)),
-                                 dict(object_area=(0.0, 0.5)), dict(object_area=(0.2,))])
+                                 dict(object_area=(0.0, 0.5)), dict(object_area=(0.2,)), dict(bg_scenes=-1)])
 def test_rejects_bad_generator_options(tmp_path, bad):
     with pytest.raises(demo.DemoError):
         demo.generate_demo(tmp_path / "x", per_class_train=1, per_class_val=0, n_multi=0, resolution=32,
                            workers=1, **bad)
 
 
+def test_bg_scenes_reuse_a_few_fixed_backgrounds_per_pool():
+    def backgrounds(scenes):
+        out = []
+        for k in range(12):
+            img, mask, _, pool, _ = demo._single(0, "train", 4, k, 32, demo.Style(1.0, 0.0, (0.1, 0.1), scenes))
+            out.append((img, mask))
+        return out
+
+    def shared(pairs, i, j):  # the two backgrounds agree wherever neither object covers them
+        (a, ma), (b, mb) = pairs[i], pairs[j]
+        free = ~(ma | mb)
+        return np.array_equal(a[free], b[free])
+
+    fixed = backgrounds(2)
+    assert all(any(shared(fixed, i, j) for j in range(12) if j != i) for i in range(12))
+    fresh = backgrounds(0)
+    assert not any(shared(fresh, i, j) for i in range(12) for j in range(i))
+
+
 def test_object_area_sets_the_object_size():
     def mean_area(area):
-        return np.mean([demo._single(0, "train", c, k, 64, 0.5, 1.0, area)[1].mean()
+        return np.mean([demo._single(0, "train", c, k, 64, demo.Style(0.5, 1.0, area))[1].mean()
                         for c in range(9) for k in range(6)])
 
     small, large = mean_area((0.1, 0.2)), mean_area((0.4, 0.6))
@@ -167,7 +186,7 @@ def test_background_pools_disjoint_and_biased(marker):
 @pytest.mark.parametrize("bias", [0.0, 0.5, 1.0])
 def test_bg_bias_is_how_often_the_background_is_the_class_own(bias):
     labels = np.repeat(np.arange(9), 200)
-    pools = np.array([demo._single(0, "train", int(c), k, 24, bias, 0.0)[3]
+    pools = np.array([demo._single(0, "train", int(c), k, 24, demo.Style(bias, 0.0))[3]
                       for c, k in zip(labels, np.tile(np.arange(200), 9))])
     share = float((pools == labels).mean())
     assert abs(share - bias) < 0.05, share

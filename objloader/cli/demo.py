@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = only pose, scale, hue and pattern vary; default %(default)s)")
     p.add_argument("--object-area", type=float, nargs=2, default=list(demo.DEFAULT_OBJECT_AREA), metavar=("MIN", "MAX"),
                    help="range of the fraction of the image a single object covers (default %(default)s)")
+    p.add_argument("--bg-scenes", type=int, default=demo.DEFAULT_BG_SCENES, metavar="N",
+                   help="fixed background scenes per class pool, reused like a camera trap's sites "
+                        "(0 = a fresh background for every image; default %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all available cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
             bg_bias=args.bg_bias,
             variation=args.variation,
             object_area=tuple(args.object_area),
+            bg_scenes=args.bg_scenes,
             workers=workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,

@@ -32,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -78,9 +79,24 @@ DEFAULT_BG_BIAS = 0.5
 # object tells one image from another less than its unique background does, and instance
 # discrimination learns the background.
 DEFAULT_VARIATION = 1.0
+# Background scenes per pool: 0 = every image gets a fresh background (a random crop of a pool's
+# photo or a new procedural texture); N > 0 = every background is one of N fixed scenes of its
+# pool, photographed again and again like a camera trap's site, so the background no longer
+# tells one image from another and the object is what does.
+DEFAULT_BG_SCENES = 0
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the single-object images are drawn (see the DEFAULT_* constants above)."""
+
+    bg_bias: float = DEFAULT_BG_BIAS
+    variation: float = DEFAULT_VARIATION
+    object_area: Tuple[float, float] = DEFAULT_OBJECT_AREA
+    bg_scenes: int = DEFAULT_BG_SCENES
 
 # Independent random streams; part of every SeedSequence spawn key.
-_STREAM = {"train": 1, "val": 2, "bgchallenge": 3, "multi": 4}
+_STREAM = {"train": 1, "val": 2, "bgchallenge": 3, "multi": 4, "scene": 5}
 
 # ----------------------------------------------------------------------------------------------
 # Background pools
@@ -611,24 +627,30 @@ def _rng(seed: int, stream: str, *key: int) -> np.random.Generator:
 # Per-image tasks (run in worker processes; each writes its own files and returns provenance)
 # ----------------------------------------------------------------------------------------------
 
-def _single(seed: int, split: str, cls: int, k: int, res: int, bg_bias: float, variation: float,
-            area: Tuple[float, float] = DEFAULT_OBJECT_AREA):
+def _background(rng: np.random.Generator, seed: int, pool: int, res: int, scenes: int):
+    """A background of `pool`: fresh from `rng`, or one of the pool's `scenes` fixed scenes."""
+    if scenes <= 0:
+        return render_background(rng, pool, res)
+    return render_background(_rng(seed, "scene", pool, int(rng.integers(scenes))), pool, res)
+
+
+def _single(seed: int, split: str, cls: int, k: int, res: int, style: Style = Style()):
     """(image uint8, mask bool, fg colour, bg pool, bg source) of one single-object image."""
     rng = _rng(seed, split, cls, k)
     pool = cls  # biased on purpose: usually the class's own pool
-    if rng.random() >= bg_bias:
+    if rng.random() >= style.bg_bias:
         other = int(rng.integers(NUM_CLASSES - 1))
         pool = other + (other >= cls)
-    bg, source = render_background(rng, pool, res)
-    colour, mask = render_object(rng, cls, res, area, variation)
+    bg, source = _background(rng, seed, pool, res, style.bg_scenes)
+    colour, mask = render_object(rng, cls, res, style.object_area, style.variation)
     fg = np.clip(colour + 0.5, 0, 255).astype(np.uint8)
     img = np.where(mask[:, :, None], fg, bg)
     return img, mask, fg, pool, source
 
 
 def _task_single(args) -> dict:
-    root, seed, split, cls, k, idx, res, bg_bias, variation, area = args
-    img, mask, fg, pool, source = _single(seed, split, cls, k, res, bg_bias, variation, area)
+    root, seed, split, cls, k, idx, res, style = args
+    img, mask, fg, pool, source = _single(seed, split, cls, k, res, style)
     name = CLASSES[cls]
     ident = f"{idx:06d}"
     rel = f"{split}/{name}/{ident}"
@@ -672,7 +694,7 @@ def _task_single(args) -> dict:
     # backgrounds come from the same sub-stream in a fixed order, so they are reproducible.
     other = int(brng.integers(NUM_CLASSES - 1))
     for v, pool in (("mixed_same", cls), ("mixed_rand", other + (other >= cls)), ("mixed_next", (cls + 1) % NUM_CLASSES)):
-        bg, src = render_background(brng, pool, res)
+        bg, src = _background(brng, seed, pool, res, style.bg_scenes)
         variants[v] = np.where(mask[:, :, None], fg, bg)
         pools[v], sources[v] = pool, src
 
@@ -688,17 +710,17 @@ def _task_single(args) -> dict:
 
 
 def _task_multi(args) -> dict:
-    root, seed, idx, res, variation = args
+    root, seed, idx, res, style = args
     rng = _rng(seed, "multi", idx)
     pool = int(rng.integers(NUM_CLASSES))
-    img, source = render_background(rng, pool, res)
+    img, source = _background(rng, seed, pool, res, style.bg_scenes)
     n_target = int(rng.integers(2, 5))
     min_px = max(4, int(0.002 * res * res))
     objects: List[Tuple[int, np.ndarray, np.ndarray]] = []  # (class, full mask, visible mask)
     for _ in range(n_target):
         for _attempt in range(30):
             cls = int(rng.integers(NUM_CLASSES))
-            colour, mask = render_object(rng, cls, res, MULTI_AREA, variation)
+            colour, mask = render_object(rng, cls, res, MULTI_AREA, style.variation)
             # The new object goes on top; every earlier one must keep enough of itself visible.
             ok = all((vis & ~mask).sum() >= max(min_px, MULTI_MIN_VISIBLE * full.sum())
                      for _, full, vis in objects)
@@ -759,6 +781,7 @@ def generate_demo(
     bg_bias: float = DEFAULT_BG_BIAS,
     variation: float = DEFAULT_VARIATION,
     object_area: Tuple[float, float] = DEFAULT_OBJECT_AREA,
+    bg_scenes: int = DEFAULT_BG_SCENES,
     workers: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -779,6 +802,9 @@ def generate_demo(
         raise DemoError(f"object_area must be two numbers (min, max), got {object_area!r}") from None
     if not 0.0 < area[0] <= area[1] <= 0.9:
         raise DemoError(f"object_area must satisfy 0 < min <= max <= 0.9, got {object_area!r}")
+    if not isinstance(bg_scenes, (int, np.integer)) or isinstance(bg_scenes, bool) or bg_scenes < 0:
+        raise DemoError(f"bg_scenes must be an integer >= 0, got {bg_scenes!r}")
+    style = Style(bg_bias, variation, area, int(bg_scenes))
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DemoError(f"workers must be >= 1, got {workers}")
@@ -805,13 +831,11 @@ def generate_demo(
         for split, per_class in (("train", per_class_train), ("val", per_class_val)):
             for c in range(NUM_CLASSES):
                 for k in range(per_class):
-                    tasks.append(("single", (tmp, seed, split, c, k, c * per_class + k, resolution, bg_bias,
-                                             variation, area)))
-        tasks += [("multi", (tmp, seed, i + 1, resolution, variation)) for i in range(n_multi)]
+                    tasks.append(("single", (tmp, seed, split, c, k, c * per_class + k, resolution, style)))
+        tasks += [("multi", (tmp, seed, i + 1, resolution, style)) for i in range(n_multi)]
 
         results = _run_all(tasks, workers, progress)
-        marker = _assemble(tmp, results, seed=seed, resolution=resolution, bg_bias=bg_bias, variation=variation,
-                           object_area=list(area),
+        marker = _assemble(tmp, results, seed=seed, resolution=resolution, style=style,
                            per_class_train=per_class_train, per_class_val=per_class_val, n_multi=n_multi)
 
         if out.exists():
@@ -875,9 +899,7 @@ def _assemble(root: Path, results: List[dict], **opts) -> dict:
         "version": DEMO_VERSION,
         "seed": opts["seed"],
         "resolution": opts["resolution"],
-        "bg_bias": opts["bg_bias"],
-        "variation": opts["variation"],
-        "object_area": opts["object_area"],
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts["style"]).items()},
         "classes": list(CLASSES),
         "per_class": {"train": opts["per_class_train"], "val": opts["per_class_val"]},
         "counts": {
