@@ -77,14 +77,14 @@ MULTI_MIN_VISIBLE = 0.4  # each instance keeps at least this fraction of itself 
 # alone), instead of always, which leaves a linear probe no reason to look at the object.
 DEFAULT_BG_BIAS = 0.5
 # Strength of each object's own random deformation and markings (0 = only pose, scale, hue and
-# pattern parameters vary). Real objects differ from instance to instance; without that, the
-# object tells one image from another less than its unique background does, and instance
-# discrimination learns the background.
+# pattern parameters vary). Real objects differ from instance to instance, so the object, not
+# only its unique background, can tell one image from another. (It did not by itself make a
+# 10-minute CPU MoCo run learn the objects: benchmarks/results/recipe_search.md.)
 DEFAULT_VARIATION = 1.0
 # Background scenes per pool: 0 = every image gets a fresh background (a random crop of a pool's
 # photo or a new procedural texture); N > 0 = every background is one of N fixed scenes of its
-# pool, photographed again and again like a camera trap's site, so the background no longer
-# tells one image from another and the object is what does.
+# pool, photographed again and again like a camera trap's site, so the background tells images
+# apart less (recipe search: it made the background more class-predictive instead; off by default).
 DEFAULT_BG_SCENES = 0
 
 
