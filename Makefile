@@ -39,7 +39,7 @@ test: install
 #      comparison with the vanilla run (linear top-1, BG-gap)
 # The small-compute recipe (benchmarks/recipe_search.py, results in benchmarks/results/
 # recipe_search.md): half-width ResNet-18, 64 px, batch 256, base lr 0.06; 15 epochs keep the
-# whole loop near 15 minutes on 2 CPU cores (the search's 10-minute runs use 30).
+# whole loop near 16 minutes on 2 CPU cores (the search's 10-minute runs use 30).
 DEMO_RECIPE ?= --width 32 --image-size 64 --batch-size 256 --lr 0.06 --epochs 15
 VANILLA := $(DEMO_DIR)/runs/moco_vanilla
 OBJECT_AWARE := $(DEMO_DIR)/runs/moco_contracam

@@ -50,6 +50,9 @@ CANDIDATES = [
     ("v3-init", "v3", {"max_steps": 1}),  # control: the encoder as initialised (one step)
     ("v4", "v4", {}),
     ("v4-m0.99", "v4", {"ema": 0.99}),
+    # more steps in the same time: batch 128 at the same peak lr (base 0.12 x 128 / 256 = 0.06)
+    ("v3-b128-m0.99", "v3", {"batch_size": 128, "lr": 0.12, "ema": 0.99}),
+    ("v3-lr0.24-m0.99", "v3", {"lr": 0.24, "ema": 0.99}),
     ("v4-init", "v4", {"max_steps": 1}),
     ("v1", "v1", {}),
 ]
