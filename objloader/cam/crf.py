@@ -15,6 +15,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from ..optional import require
+
 __all__ = ["CRFConfig", "crf_pool", "crf_refine", "crf_refine_batch"]
 
 
@@ -33,8 +35,8 @@ def crf_refine(image: np.ndarray, mask: np.ndarray, cfg: CRFConfig = CRFConfig()
 
     Returns the object marginal as float32 [H, W] in [0, 1] at the image's resolution.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
+    dcrf = require("pydensecrf.densecrf", "the dense-CRF refinement (turn it off with --no-crf)")
+    unary_from_softmax = require("pydensecrf.utils", "the dense-CRF refinement").unary_from_softmax
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"crf_refine wants an RGB uint8 image [H, W, 3], got {image.dtype} {image.shape}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..optional import MissingDependency
 from ..sources import SourceError
 from ..store import BuildError, BuildOptions, ContraCAMMasks, DatasetError, build
 from .cam import add_cam_arguments, cam_settings
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         print(f"built {args.out}: {n} records, {skipped} skipped, {m['build_seconds']:.1f} s "
               f"({n / max(m['build_seconds'], 1e-9):.0f} records/s); see {args.out}/manifest.json")
         return 0
-    except (BuildError, SourceError, DatasetError, ValueError) as e:
+    except (BuildError, SourceError, DatasetError, MissingDependency, ValueError) as e:
         print(f"objloader-build: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..cam.settings import CamSettings
+from ..optional import MissingDependency
 
 def add_cam_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The flags of :class:`objloader.cam.masks.CamSettings`; objloader-build prefixes them with 'cam-'."""
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         print(f"objloader-cam: {n} masks, {skipped} skipped in {args.out} (see {args.out}/masks.json); build with "
               f"objloader-build {args.src} OUT --masks contracam --cam-masks {args.out}")
         return 0
-    except (CamError, CheckpointError, SourceError, DatasetError, ValueError) as e:
+    except (CamError, CheckpointError, SourceError, DatasetError, MissingDependency, ValueError) as e:
         print(f"objloader-cam: error: {e}", file=sys.stderr)
         return 2
 

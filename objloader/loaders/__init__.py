@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..optional import require
 from ..store.reader import DatasetError, read_manifest
 from .common import ENGINES, Batch, DeviceStage, LoaderConfig
 
@@ -103,6 +104,10 @@ def make_loader(
         names = ", ".join(manifest["datasets"])
         raise DatasetError(f"{path!r} holds several datasets ({names}); pass one of them, "
                            f"e.g. {os.path.join(path, next(iter(manifest['datasets'])))!r}")
+    if engine == "ffcv":
+        require("ffcv", "make_loader(engine='ffcv')")
+    elif engine == "dali":
+        require("nvidia.dali", "make_loader(engine='dali')")
     if engine == "torch":
         from .torch_engine import TorchEngine
 

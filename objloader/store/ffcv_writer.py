@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..optional import require
 from .schema import BuildOptions, Record
 from .staging import StagedRecords
 
 
 def _fields(opts: BuildOptions, with_gt: bool) -> dict:
+    require("ffcv", "objloader-build --formats ffcv (data.beton); build --formats wds without it")
     from ffcv.fields import IntField, JSONField, NDArrayField
 
     M, K = opts.mask_res, opts.max_boxes
