@@ -8,6 +8,7 @@ from typing import Callable, List
 
 import numpy as np
 
+from ..optional import require
 from .reader import DatasetError, read_manifest
 from .schema import record_digest
 
@@ -46,6 +47,7 @@ def _beton_jpegs(path: str) -> List[bytes]:
 
 
 def verify_ffcv(ds_dir: str, manifest: dict) -> int:
+    require("ffcv", "objloader-build --verify of data.beton")
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.bytes import BytesDecoder
     from ffcv.fields.json import JSONField
@@ -83,6 +85,7 @@ def verify_ffcv(ds_dir: str, manifest: dict) -> int:
 
 
 def verify_dali(ds_dir: str, manifest: dict) -> int:
+    require("nvidia.dali", "objloader-build --verify of the WebDataset shards through DALI")
     from nvidia.dali import fn, pipeline_def, types
 
     shards = [os.path.join(ds_dir, s) for s in manifest["shards"]]
