@@ -326,3 +326,15 @@ def test_rank_shards_keep_partial_batches_and_every_option(crafted, engine):
         assert all(b.views.min() >= lo and b.views.max() <= hi for b in batches)
         seen.append(torch.cat([b.index for b in batches]).tolist())
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(N_RECORDS))
+
+
+def test_default_workers_divide_the_cpus_among_local_processes(monkeypatch):
+    from objloader.loaders import default_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == max(1, cpus // 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cpus))
+    assert default_workers() == 1

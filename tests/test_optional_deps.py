@@ -110,3 +110,4 @@ def test_missing_dependency_message(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(MissingDependency, match=r"the dense-CRF.*pip install pydensecrf2==1\.1"):
         require("pydensecrf.densecrf", "the dense-CRF refinement")
+

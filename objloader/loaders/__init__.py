@@ -15,7 +15,7 @@ from ..optional import require
 from ..store.reader import DatasetError, read_manifest
 from .common import ENGINES, Batch, DeviceStage, LoaderConfig
 
-__all__ = ["make_loader", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
+__all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
 
 
 class ObjectAwareLoader:
@@ -41,6 +41,14 @@ class ObjectAwareLoader:
         self.engine.set_epoch(epoch)
         for engine_batch in self.engine:
             yield self.device_stage(engine_batch)
+
+
+def default_workers() -> int:
+    """Engine workers per process: the CPUs available to this process divided by the number of
+    processes torchrun starts on this machine (LOCAL_WORLD_SIZE), at least 1, so that
+    ``torchrun --nproc_per_node 8`` does not start 8 times as many workers as there are CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def make_loader(
@@ -82,7 +90,8 @@ def make_loader(
             normalize=False, dtype=torch.uint8`` returns the raw uint8 pixels.
         device: where the device stage runs and batches land ("cuda" if available by default).
         seed, shuffle, drop_last: the run's seed (keys every random choice), order, last batch.
-        num_workers: engine CPU workers/threads (default: the CPUs available).
+        num_workers: engine CPU workers/threads (default: :func:`default_workers`, the CPUs
+            available to this process divided among the processes of this machine).
         rank, world_size: this process's shard (torchrun: RANK, WORLD_SIZE).
         patch_size: background patch side (default image_size // 2); ring_size: how many recent
             background patches serve as BG-Mixup partners when a batch has no other background.
@@ -93,7 +102,7 @@ def make_loader(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if num_workers is None:
-        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = default_workers()
     cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, views=views, oa_crop=oa_crop,
                        bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color, normalize=normalize, dtype=dtype,
                        device=str(device), seed=int(seed), shuffle=shuffle, drop_last=drop_last,

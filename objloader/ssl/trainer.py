@@ -538,7 +538,9 @@ def build_parser(method: str):
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (no value: DIR/checkpoint.pt) at the same step")
     p.add_argument("--seed", type=int, default=D.seed, help="seed of the weights and of every augmentation")
-    p.add_argument("--workers", type=int, default=None, help="loader CPU workers/threads (None: all CPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader CPU workers/threads per process (None: the CPUs available to this process "
+                        "divided by torchrun's processes on this machine, LOCAL_WORLD_SIZE, at least 1)")
     p.add_argument("--save-every", type=int, default=D.save_every, metavar="N",
                    help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--log-every", type=int, default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
