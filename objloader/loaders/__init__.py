@@ -120,7 +120,7 @@ def make_loader(
     if engine == "torch":
         from .torch_engine import TorchEngine
 
-        stage = TorchEngine(path, cfg)  # its BuiltDataset reads the manifest with the shard indexes
+        stage = TorchEngine(path, cfg, manifest)
     elif engine == "ffcv":
         from .ffcv_engine import FFCVEngine
 

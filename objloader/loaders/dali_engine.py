@@ -117,7 +117,7 @@ class DALIEngine:
         if "wds" not in manifest.get("formats", []):
             raise DatasetError(f"{path!r} has no WebDataset shards; rebuild with objloader-build --formats ffcv,wds")
         self.cfg = cfg
-        self.ds = BuiltDataset(path)  # the shard indexes, parsed once
+        self.ds = BuiltDataset(path, manifest)  # the shard indexes, parsed once
         self.epoch = 0
         self._pipe_epoch = None  # epoch the running pipeline will produce next; None: mid-epoch
         self._pipe = None

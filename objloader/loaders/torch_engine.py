@@ -64,10 +64,10 @@ class _EpochBatches:
 class _ViewsDataset(Dataset):
     """Each worker call builds one whole batch: decode once, then views, view masks, patch."""
 
-    def __init__(self, path: str, cfg: LoaderConfig):
+    def __init__(self, path: str, cfg: LoaderConfig, manifest: dict | None = None):
         # Opened (and its shard indexes parsed) once here; each worker receives a pickled copy
         # and opens its own file descriptors on first read.
-        self.ds, self.cfg = BuiltDataset(path), cfg
+        self.ds, self.cfg = BuiltDataset(path, manifest), cfg
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -110,8 +110,8 @@ def _identity(batch):
 class TorchEngine:
     """Engine stage on torch DataLoader workers; iterating yields :class:`EngineBatch`."""
 
-    def __init__(self, path: str, cfg: LoaderConfig):
-        self.dataset = _ViewsDataset(path, cfg)
+    def __init__(self, path: str, cfg: LoaderConfig, manifest: dict | None = None):
+        self.dataset = _ViewsDataset(path, cfg, manifest)
         self.sampler = _EpochBatches(len(self.dataset), cfg)
         # Each worker runs torch ops on one thread: the workers are the parallelism. Workers come
         # from a forkserver, not fork: a training process has OpenMP, TBB, CUDA and logging threads,

@@ -77,9 +77,11 @@ def decode_rgb(data: bytes) -> np.ndarray:
 class BuiltDataset:
     """Records of one built dataset; `ds[i]` is a dict of numpy fields (see DESIGN.md)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, manifest: Optional[dict] = None):
+        """``manifest``: PATH/manifest.json when the caller has already read it (it lists every
+        record, so a large one is worth reading once)."""
         self.path = path
-        self.manifest = read_manifest(path)
+        self.manifest = manifest if manifest is not None else read_manifest(path)
         if self.manifest.get("kind") == "collection":
             names = ", ".join(self.manifest["datasets"])
             raise DatasetError(f"{path!r} holds several datasets ({names}); open one of them, "
