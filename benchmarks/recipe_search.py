@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -130,28 +129,19 @@ def _train_seconds(log_path: str):
     return seconds
 
 
-def _machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine()}
-
-
-def _commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    return r.stdout.strip() or "unknown"
-
-
 COLUMNS = ("val", "original", "only_fg", "mixed_same", "mixed_rand", "only_bg_t")
 
 
 def write_results(runs: list, pending: list) -> None:
+    from throughput import git_state, machine  # the throughput benchmark's records of both
+
     os.makedirs(RESULTS, exist_ok=True)
-    doc = {"machine": _machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "commit": _commit(), "base": BASE, "data_variants": DATA, "runs": runs, "pending": pending}
+    doc = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           **git_state(), "base": BASE, "data_variants": DATA, "runs": runs, "pending": pending}
     with open(os.path.join(RESULTS, "recipe_search.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
-    lines = [f"# Recipe search ({doc['date']}, commit {doc['commit']}, {doc['machine']['cpus']} CPUs, "
-             f"{doc['machine']['processor']})", "",
+    lines = [f"# Recipe search ({doc['date']}, commit {doc['commit']}, {doc['machine']['cores']} CPUs, "
+             f"{doc['machine']['cpu']})", "",
              "Vanilla MoCo v2, linear probe fitted on the biased train originals (the Background-Challenge "
              "protocol); `fg probe` is the diagnostic probe fitted and scored on halves of mixed_rand. "
              "Top-1 in %, chance = 11.1. Base settings: " + json.dumps(BASE) + ".", "",

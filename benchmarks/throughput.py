@@ -137,7 +137,7 @@ def machine() -> dict:
 
 def git_state() -> dict:
     def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO).stdout.rstrip("\n")  # keep " M path"
 
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "uncommitted": [l[3:] for l in git("status", "--porcelain", "objloader", "kernels", "benchmarks").splitlines()]}
