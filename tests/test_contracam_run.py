@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from objloader.cam import masks as cam_masks
-from objloader.cam.evaluate import centre_prior, evaluate_localisation, mask_miou_sweep, max_box_acc
+from objloader.cam.evaluate import (centre_prior, evaluate_localisation, mask_miou_sweep, max_box_acc,
+                                   object_recall)
 from objloader.cam.masks import CamError, MaskStore, compute_masks, load_contracam
 from objloader.cam.settings import CamSettings
 from objloader.cli.cam import main as cam_main
@@ -202,6 +203,22 @@ def test_metrics_on_known_masks():
     assert prior.argmax() in (9 * 20 + 9, 9 * 20 + 10, 10 * 20 + 9, 10 * 20 + 10) and prior.max() <= 1
 
 
+def test_object_recall_counts_instances_not_images():
+    # One scene, two objects (left and right quarter); the mask finds the left one strongly and the
+    # right one weakly (0.4): at tau 0.3 both are found, at tau 0.5 one of the two.
+    pred = np.zeros((1, 20, 20), np.float32)
+    pred[0, 5:15, 0:5] = 0.9
+    pred[0, 5:15, 15:20] = 0.4
+    gt = [np.array([[0.0, 0.25, 0.25, 0.75], [0.75, 0.25, 1.0, 0.75]])]
+    assert np.allclose(object_recall(pred, gt, thresholds=[0.3, 0.5]), [1.0, 0.5])
+    # MaxBoxAcc sees one hit per image either way: it cannot tell the two apart
+    assert np.allclose(max_box_acc(pred, gt, thresholds=[0.3, 0.5], levels=[0.5]), [[1.0], [1.0]])
+    # a box that covers both objects matches neither at IoU 0.5
+    both = np.zeros((1, 20, 20), np.float32)
+    both[0, 5:15, :] = 0.9
+    assert np.allclose(object_recall(both, gt, thresholds=[0.5]), [0.0])
+
+
 def test_eval_writes_the_table_and_grid(world, tmp_path):
     built = str(tmp_path / "gt")
     build(world["src"], built, BuildOptions(masks="gt", mask_res=16, max_res=64), workers=1, log=lambda *a: None)
@@ -211,7 +228,7 @@ def test_eval_writes_the_table_and_grid(world, tmp_path):
     (name, res), = report["sets"].items()
     assert res["records"] == N_IMAGES
     for v in ("centre prior", "no ReLU", "single-step", "iterative", "iterative + CRF"):
-        assert 0 <= res[v]["miou"] <= 1 and 0 <= res[v]["maxboxaccv2"] <= 1
+        assert 0 <= res[v]["miou"] <= 1 and 0 <= res[v]["maxboxaccv2"] <= 1 and 0 <= res[v]["object_recall"] <= 1
         assert len(res[v]["miou_sweep"]) == 19
     md = open(os.path.join(out, "contracam_eval.md")).read()
     assert "iterative + CRF" in md and "MaxBoxAccV2" in md

@@ -17,6 +17,8 @@ import os
 import time
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
+
 from objloader.store.reader import DatasetError, read_manifest
 
 from .backbone import load_backbone
@@ -90,7 +92,8 @@ def bgchallenge_report(checkpoint: str, data_root: str, out_dir: str, *, image_s
     if rand in feats:  # does the encoder contain the object? (see the module docstring)
         x, y = feats[rand]
         fit, held_out = stratified_split(y, 0.5, seed)
-        if len(held_out) and len(set(y[fit].tolist())) > 1:
+        # the probe chooses its weight decay on a split of the fitted half: some class needs two examples
+        if len(held_out) and len(set(y[fit].tolist())) > 1 and np.bincount(y[fit]).max() >= 2:
             fg = linear_probe(x[fit], y[fit], x[held_out], y[held_out], seed=seed, num_classes=len(classes) or None)
             diagnostic["fg_probe_mixed_rand"] = fg.test_top1
     report = {
