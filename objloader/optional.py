@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from .errors import ObjloaderError
+
 __all__ = ["MissingDependency", "require", "PIP_PACKAGES"]
 
 # Import name -> the pip requirement objloader is tested with (constraints.txt).
@@ -17,7 +19,7 @@ PIP_PACKAGES = {
 }
 
 
-class MissingDependency(ImportError):
+class MissingDependency(ObjloaderError, ImportError):
     """An optional library that a requested feature needs is not importable."""
 
 

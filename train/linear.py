@@ -42,16 +42,15 @@ def _cuda() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from objloader.ssl.backbone import CheckpointError
+    from objloader.errors import ObjloaderError
     from objloader.ssl.bgchallenge import bgchallenge_report, format_comparison, format_report
-    from objloader.store.reader import DatasetError
 
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     try:
         report = bgchallenge_report(args.checkpoint, args.data, out, image_size=args.image_size,
                                     batch_size=args.batch_size, workers=args.workers, device=args.device,
                                     seed=args.seed, log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, DatasetError) as e:
+    except ObjloaderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from ..errors import ConfigError
+
 __all__ = [
     "AugParams",
     "ColorConfig",
@@ -66,7 +68,7 @@ class ColorConfig:
         if len(probs) == 1:
             return np.full(views, probs[0], np.float64)
         if len(probs) != views:
-            raise ValueError(f"colour recipe has {len(probs)} per-view probabilities for {views} views")
+            raise ConfigError(f"colour recipe has {len(probs)} per-view probabilities for {views} views")
         return np.asarray(probs, np.float64)
 
 
@@ -83,7 +85,7 @@ def resolve_color(color: str | ColorConfig | None) -> ColorConfig | None:
     if color is None or isinstance(color, ColorConfig):
         return color
     if color not in COLOR_PRESETS:
-        raise ValueError(f"unknown colour preset {color!r}; choose one of {sorted(COLOR_PRESETS)}")
+        raise ConfigError(f"unknown colour preset {color!r}; choose one of {sorted(COLOR_PRESETS)}")
     return COLOR_PRESETS[color]
 
 
@@ -307,7 +309,7 @@ def sample_geometry_batch(seed, epoch, indices, image_sizes, n_boxes=None, boxes
     b = len(indices)
     sizes = np.ascontiguousarray(image_sizes, dtype=np.int64).reshape(b, 2)
     if np.any(sizes <= 0):
-        raise ValueError("image sizes must be positive")
+        raise ConfigError("image sizes must be positive")
     n_boxes = np.zeros(b, np.int64) if n_boxes is None else np.ascontiguousarray(n_boxes, np.int64).reshape(b)
     boxes = np.zeros((b, 1, 4), np.float32) if boxes is None else np.ascontiguousarray(boxes, np.float32)
     window = np.zeros((b, views, 4), np.float32)

@@ -41,6 +41,7 @@ from ..store.schema import BuildOptions
 from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
 from .crf import CRFConfig, crf_pool, crf_refine_batch
 from .settings import CamSettings
+from ..errors import ObjloaderError
 
 __all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
            "explain_batch", "refine_batch"]
@@ -50,7 +51,7 @@ RUN = "run.json"
 COMPLETE = "masks.json"
 
 
-class CamError(RuntimeError):
+class CamError(ObjloaderError, RuntimeError):
     """A mask run or mask store that cannot be used; the message says what to do."""
 
 

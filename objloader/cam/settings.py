@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import ConfigError
+
 __all__ = ["CamSettings"]
 
 
@@ -26,11 +28,11 @@ class CamSettings:
     def __post_init__(self):
         for name in ("iterations", "mask_res", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2: the rest of the batch are the negatives")
+            raise ConfigError("batch_size must be >= 2: the rest of the batch are the negatives")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..optional import MissingDependency
-from ..sources import SourceError
-from ..store import BuildError, BuildOptions, ContraCAMMasks, DatasetError, build
+from ..errors import ObjloaderError
+from ..store import BuildOptions, ContraCAMMasks, build
 from .cam import add_cam_arguments, cam_settings
 
 _D = BuildOptions()
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
         print(f"built {args.out}: {n} records, {skipped} skipped, {m['build_seconds']:.1f} s "
               f"({n / max(m['build_seconds'], 1e-9):.0f} records/s); see {args.out}/manifest.json")
         return 0
-    except (BuildError, SourceError, DatasetError, MissingDependency, ValueError) as e:
+    except ObjloaderError as e:
         print(f"objloader-build: error: {e}", file=sys.stderr)
         return 2
 

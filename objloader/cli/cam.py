@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..cam.settings import CamSettings
-from ..optional import MissingDependency
+from ..errors import ObjloaderError
 
 def add_cam_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The flags of :class:`objloader.cam.masks.CamSettings`; objloader-build prefixes them with 'cam-'."""
@@ -63,10 +63,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..cam.masks import CamError
-    from ..sources import SourceError, open_source
-    from ..ssl.backbone import CheckpointError
-    from ..store import DatasetError
+    from ..sources import open_source
 
     try:
         settings = cam_settings(args, mask_res=args.mask_res)
@@ -91,7 +88,7 @@ def main(argv=None) -> int:
         print(f"objloader-cam: {n} masks, {skipped} skipped in {args.out} (see {args.out}/masks.json); build with "
               f"objloader-build {args.src} OUT --masks contracam --cam-masks {args.out}")
         return 0
-    except (CamError, CheckpointError, SourceError, DatasetError, MissingDependency, ValueError) as e:
+    except ObjloaderError as e:
         print(f"objloader-cam: error: {e}", file=sys.stderr)
         return 2
 

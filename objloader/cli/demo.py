@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from objloader.errors import ObjloaderError
 from objloader.sources import demo
 
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except demo.DemoError as e:
+    except ObjloaderError as e:
         print(f"objloader-demo: error: {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start

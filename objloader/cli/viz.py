@@ -9,7 +9,8 @@ import sys
 import cv2
 import numpy as np
 
-from ..store import DatasetError, open_dataset, read_manifest
+from ..errors import ObjloaderError
+from ..store import open_dataset, read_manifest
 
 
 def draw_record(rec: dict, size: int = 160) -> np.ndarray:
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             names = list(manifest["datasets"])
             path = os.path.join(path, "train" if "train" in names else names[0])
         img = grid(path, args.n, args.cols, args.size, args.seed)
-    except DatasetError as e:
+    except ObjloaderError as e:
         print(f"objloader-viz: error: {e}", file=sys.stderr)
         return 2
     if not cv2.imwrite(args.out, img):

@@ -14,6 +14,7 @@ import torch
 from ..optional import require
 from ..store.reader import DatasetError, read_manifest
 from .common import ENGINES, Batch, DeviceStage, LoaderConfig
+from ..errors import ConfigError
 
 __all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
 
@@ -32,7 +33,7 @@ class ObjectAwareLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
         self._next_epoch = int(epoch)
 
     def __iter__(self):
@@ -98,7 +99,7 @@ def make_loader(
         return_masks: also return the uint8 view masks in ``batch.masks``.
     """
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if num_workers is None:

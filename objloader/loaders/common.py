@@ -19,6 +19,7 @@ import torch
 from ..augment import AugParams
 from ..augment.params import resolve_color, sample_appearance
 from ..augment.reference import apply_device_ops
+from ..errors import ConfigError
 
 __all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch",
            "has_background"]
@@ -52,7 +53,7 @@ class LoaderConfig:
 
     def __post_init__(self):
         def bad(msg):
-            raise ValueError(f"make_loader: {msg}")
+            raise ConfigError(f"make_loader: {msg}")
 
         if self.batch_size < 1:
             bad(f"batch_size must be >= 1, got {self.batch_size}")

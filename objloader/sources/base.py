@@ -6,8 +6,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import ObjloaderError
 
-class SourceError(ValueError):
+
+class SourceError(ObjloaderError, ValueError):
     """A source path or file that cannot be read; the message names the path."""
 
 

@@ -39,6 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ..errors import ObjloaderError
+
 # Label order = sorted names, which is what an ImageFolder reader gives.
 CLASSES: Tuple[str, ...] = (
     "arrow", "bolt", "crescent", "cross", "gear", "heart", "ring", "star", "triangle",
@@ -760,7 +762,7 @@ def default_workers() -> int:
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 
-class DemoError(RuntimeError):
+class DemoError(ObjloaderError, RuntimeError):
     """The demo cannot be written (bad option, output exists, ...)."""
 
 

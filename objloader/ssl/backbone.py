@@ -19,6 +19,8 @@ import torch
 import torchvision
 from torch import nn
 
+from ..errors import ConfigError, ObjloaderError
+
 __all__ = ["CHECKPOINT_FORMAT", "ARCHS", "DEFAULT_WIDTH", "build_backbone", "feature_dim", "checkpoint_width",
            "load_backbone", "load_encoder", "CheckpointError"]
 
@@ -27,7 +29,7 @@ ARCHS = ("resnet18", "resnet50")
 DEFAULT_WIDTH = 64  # torchvision's base channels
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ObjloaderError, ValueError):
     """A checkpoint that is missing, corrupt, or not what the caller needs."""
 
 
@@ -41,10 +43,10 @@ def build_backbone(arch: str = "resnet18", small_stem: bool = False, width: int 
     D = :func:`feature_dim` (arch, width). 64 is torchvision's network, unchanged.
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     width = int(width)
     if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+        raise ConfigError(f"width must be >= 1, got {width}")
     net = getattr(torchvision.models, arch)(weights=None)
     if width != DEFAULT_WIDTH:
         _rewidth(net, width)

@@ -20,6 +20,7 @@ from torch import nn
 from objloader.augment.reference import normalize
 
 from .linear import linear_probe
+from ..errors import ConfigError, ProbeError
 
 __all__ = ["read_object_crops", "object_crop_probe"]
 
@@ -46,7 +47,7 @@ def read_object_crops(coco_json: str, image_dir: Optional[str] = None, image_siz
         path = os.path.join(image_dir, im["file_name"])
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
-            raise ValueError(f"{coco_json}: image {path!r} is missing or not an image")
+            raise ProbeError(f"{coco_json}: image {path!r} is missing or not an image")
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         h, w = rgb.shape[:2]
         for a in anns:
@@ -60,7 +61,7 @@ def read_object_crops(coco_json: str, image_dir: Optional[str] = None, image_siz
             labels.append(cat_index[a["category_id"]])
             scenes.append(scene_of[im["id"]])
     if not crops:
-        raise ValueError(f"{coco_json}: no object box of at least {MIN_CROP_SIDE} px to crop")
+        raise ProbeError(f"{coco_json}: no object box of at least {MIN_CROP_SIDE} px to crop")
     names = [c["name"] for c in coco["categories"]]
     return (np.stack(crops), np.asarray(labels, np.int64), np.asarray(scenes, np.int64), names, skipped)
 
@@ -82,7 +83,7 @@ def object_crop_probe(backbone: nn.Module, coco_json: str, image_size: int, *, i
     scored on the rest); returns {"top1", "train_crops", "test_crops", "skipped_boxes", "classes",
     "wd"}."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     crops, labels, scenes, names, skipped = read_object_crops(coco_json, image_dir, image_size)
     n_scenes = int(scenes.max()) + 1
     order = np.random.default_rng(seed).permutation(n_scenes)
@@ -90,7 +91,7 @@ def object_crop_probe(backbone: nn.Module, coco_json: str, image_size: int, *, i
     is_test[order[:int(round(test_fraction * n_scenes))]] = True
     test = is_test[scenes]
     if test.all() or not test.any():
-        raise ValueError(f"{coco_json}: {n_scenes} scenes are too few to split into probe-training and test scenes")
+        raise ProbeError(f"{coco_json}: {n_scenes} scenes are too few to split into probe-training and test scenes")
     feats = _features(backbone, crops, batch_size, device)
     probe = linear_probe(feats[~test], labels[~test], feats[test], labels[test], seed=seed,
                          num_classes=len(names))

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ProbeError
+
 __all__ = ["WD_GRID", "LinearProbe", "linear_probe", "stratified_split"]
 
 # Half-decade steps from 1e-6 to 1e-1 (mean cross-entropy + wd/2 * ||W||^2).
@@ -88,12 +90,12 @@ def _check(features, labels, what):
     x = np.asarray(features)
     y = np.asarray(labels)
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"{what}: expected features [N, D] and labels [N], got {x.shape} and {y.shape}")
+        raise ProbeError(f"{what}: expected features [N, D] and labels [N], got {x.shape} and {y.shape}")
     if (y < 0).any():
-        raise ValueError(f"{what}: {int((y < 0).sum())} labels are negative (unlabelled records); "
+        raise ProbeError(f"{what}: {int((y < 0).sum())} labels are negative (unlabelled records); "
                          "the linear probe needs a class for every example")
     if not np.isfinite(x).all():
-        raise ValueError(f"{what}: features contain NaN or inf")
+        raise ProbeError(f"{what}: features contain NaN or inf")
     return x, y.astype(np.int64)
 
 
@@ -104,12 +106,12 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
     """Fit the probe on training features (wd chosen on a held-out split), report test top-1."""
     xtr, ytr = _check(train_features, train_labels, "training set")
     if len(ytr) < 2:
-        raise ValueError("training set: the probe needs at least two examples")
+        raise ProbeError("training set: the probe needs at least two examples")
     if not wd_grid:
-        raise ValueError("wd_grid is empty")
+        raise ProbeError("wd_grid is empty")
     c = int(num_classes if num_classes is not None else ytr.max() + 1)
     if ytr.max() >= c:
-        raise ValueError(f"training set: label {int(ytr.max())} >= num_classes {c}")
+        raise ProbeError(f"training set: label {int(ytr.max())} >= num_classes {c}")
     mean = xtr.astype(np.float64).mean(0)
     std = xtr.astype(np.float64).std(0) + 1e-6  # constant features (dead units) stay finite
     x = torch.from_numpy((xtr - mean) / std)
@@ -117,7 +119,7 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
 
     tr, va = stratified_split(ytr, val_fraction, seed)
     if len(va) == 0:
-        raise ValueError("training set: no class has two examples, so there is no validation split "
+        raise ProbeError("training set: no class has two examples, so there is no validation split "
                          "to choose the weight decay on")
     val_acc: Dict[float, float] = {}
     for wd in wd_grid:

@@ -33,6 +33,7 @@ from ..store.reader import read_manifest
 from .backbone import ARCHS, CHECKPOINT_FORMAT, DEFAULT_WIDTH, CheckpointError, checkpoint_width
 from .byol import BYOL
 from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
+from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "demo_train_path", "load_checkpoint"]
 
@@ -79,7 +80,7 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(msg):
-            raise ValueError(f"TrainConfig: {msg}")
+            raise ConfigError(f"TrainConfig: {msg}")
 
         if self.method not in METHODS:
             bad(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -372,7 +373,7 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
     loader = _build_loader(cfg, d, device)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data!r}: fewer records per rank than --batch-size {cfg.batch_size}; "
+        raise ConfigError(f"{cfg.data!r}: fewer records per rank than --batch-size {cfg.batch_size}; "
                          f"lower the batch size")
     total = cfg.epochs * steps_per_epoch
     stop = total if cfg.max_steps is None else min(cfg.max_steps, total)

@@ -24,13 +24,14 @@ from ..sources import SourceError, SourceSpec, open_source
 from .process import MaskPairingError, SkipRecord, build_record
 from .schema import SCHEMA_VERSION, BuildOptions, Record, digest_of
 from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
+from ..errors import ObjloaderError
 
 FORMATS = ("ffcv", "wds")
 MANIFEST = "manifest.json"
 STATE = "build-state.json"
 
 
-class BuildError(RuntimeError):
+class BuildError(ObjloaderError, RuntimeError):
     """A build that cannot go on; the message says what to do."""
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from ..cam.geometry import bg_rect, mask_to_boxes, pad_boxes
 from ..sources.base import Sample, SourceError
 from .schema import BuildOptions, Record
+from ..errors import ConfigError, ObjloaderError
 
 # Fill colour for transparent pixels: mid-grey keeps them away from both black and white.
 ALPHA_FILL = (128, 128, 128)
@@ -23,7 +24,7 @@ class SkipRecord(Exception):
     """An input that cannot become a record; the message is the reason kept in the manifest."""
 
 
-class MaskPairingError(RuntimeError):
+class MaskPairingError(ObjloaderError, RuntimeError):
     """A ContraCAM mask that cannot be paired with its image: never skipped, always an error."""
 
 
@@ -153,7 +154,7 @@ def build_record(sample: Sample, opts: BuildOptions, cam_entry: Optional[tuple] 
     elif opts.masks == "contracam":
         mask_hw, given_boxes = _contracam_mask(sample, sha1, cam_entry, (h, w)), None
     else:
-        raise ValueError(f"unknown --masks {opts.masks!r}")
+        raise ConfigError(f"unknown --masks {opts.masks!r}")
 
     if mask_hw is None:
         # No object knowledge: the whole image is the object, there is no background.

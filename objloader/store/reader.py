@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 
 from .wds_writer import record_name
+from ..errors import ObjloaderError
 
-class DatasetError(ValueError):
+class DatasetError(ObjloaderError, ValueError):
     """A path that is not a built dataset, or a dataset that fails its own checks."""
 
 

@@ -1,0 +1,44 @@
+"""One base for the errors objloader raises on purpose; the CLIs print those and nothing else."""
+from __future__ import annotations
+
+import pytest
+
+from objloader.cam.masks import CamError
+from objloader.cli import build as build_cli
+from objloader.errors import ConfigError, ObjloaderError, ProbeError
+from objloader.optional import MissingDependency
+from objloader.sources import SourceError
+from objloader.sources.demo import DemoError
+from objloader.ssl.backbone import CheckpointError
+from objloader.store import BuildError, DatasetError
+from objloader.store.process import MaskPairingError
+
+
+@pytest.mark.parametrize("cls, builtin", [
+    (SourceError, ValueError), (DatasetError, ValueError), (BuildError, RuntimeError), (CamError, RuntimeError),
+    (CheckpointError, ValueError), (MaskPairingError, RuntimeError), (DemoError, RuntimeError),
+    (MissingDependency, ImportError), (ConfigError, ValueError), (ProbeError, ValueError)])
+def test_every_deliberate_error_has_the_base_and_its_old_type(cls, builtin):
+    assert issubclass(cls, ObjloaderError) and issubclass(cls, builtin)
+
+
+def test_make_loader_argument_errors_are_config_errors(tmp_path):
+    from objloader import make_loader
+
+    with pytest.raises(ConfigError, match="unknown engine"):
+        make_loader(str(tmp_path), "no-such-engine", batch_size=2, image_size=32)
+
+
+def test_cli_prints_deliberate_errors_and_keeps_tracebacks_of_bugs(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "missing"
+    assert build_cli.main([str(src), str(tmp_path / "out")]) == 2  # a SourceError: one line, rc 2
+    err = capsys.readouterr().err
+    assert err.startswith("objloader-build: error: ") and "Traceback" not in err
+
+    def buggy(*a, **k):
+        raise ValueError("a bug, not a user error")  # a plain ValueError is not caught any more
+
+    monkeypatch.setattr(build_cli, "build", buggy)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="a bug"):
+        build_cli.main([str(tmp_path / "imgs"), str(tmp_path / "out2")])
