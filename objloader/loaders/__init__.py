@@ -106,14 +106,15 @@ def make_loader(
         num_workers = default_workers()
     cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, views=views, oa_crop=oa_crop,
                        bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color, normalize=normalize, dtype=dtype,
-                       device=str(device), seed=int(seed), shuffle=shuffle, drop_last=drop_last,
-                       num_workers=int(num_workers), rank=int(rank), world_size=int(world_size),
-                       patch_size=patch_size, ring_size=int(ring_size), return_masks=return_masks)
+                       device=str(device), seed=seed, shuffle=shuffle, drop_last=drop_last,
+                       num_workers=num_workers, rank=rank, world_size=world_size,
+                       patch_size=patch_size, ring_size=ring_size, return_masks=return_masks)
     manifest = read_manifest(path)
     if manifest.get("kind") == "collection":
         names = ", ".join(manifest["datasets"])
         raise DatasetError(f"{path!r} holds several datasets ({names}); pass one of them, "
                            f"e.g. {os.path.join(path, next(iter(manifest['datasets'])))!r}")
+    _check_batches(path, manifest, cfg)
     if engine == "ffcv":
         require("ffcv", "make_loader(engine='ffcv')")
     elif engine == "dali":
@@ -131,3 +132,16 @@ def make_loader(
 
         stage = DALIEngine(path, cfg, manifest)
     return ObjectAwareLoader(stage, cfg, engine)
+
+
+def _check_batches(path: str, manifest: dict, cfg: LoaderConfig) -> None:
+    """Refuse a loader that would yield nothing: every engine would silently end its epochs at once
+    (DALI with a misleading error about its last-batch policy)."""
+    n = int(manifest["counts"]["records"])
+    if n == 0:
+        raise DatasetError(f"{path!r} holds no records")
+    per_rank = -(-n // cfg.world_size)  # every rank gets as many (the order is padded by wrapping)
+    if cfg.drop_last and per_rank < cfg.batch_size:
+        raise ConfigError(f"make_loader: {path!r} has {n} records, {per_rank} per rank for {cfg.world_size} "
+                          f"rank(s), fewer than batch_size {cfg.batch_size}: with drop_last=True no batch would "
+                          "be yielded; lower batch_size or pass drop_last=False")

@@ -25,6 +25,7 @@ __all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order",
            "has_background"]
 
 ENGINES = ("torch", "ffcv", "dali")
+MAX_SEED = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ class LoaderConfig:
         def bad(msg):
             raise ConfigError(f"make_loader: {msg}")
 
+        # Types first: a float batch size or a numpy bool would fail later inside an engine's
+        # thread or compiled code, far from the call that passed it.
+        for name in ("batch_size", "image_size", "views", "seed", "num_workers", "rank", "world_size", "ring_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                bad(f"{name} must be an integer, got {value!r}")
+        for name in ("oa_crop", "normalize", "shuffle", "drop_last", "return_masks"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                bad(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             bad(f"batch_size must be >= 1, got {self.batch_size}")
         if self.image_size < 16:
@@ -72,8 +82,21 @@ class LoaderConfig:
             bad(f"num_workers must be >= 0, got {self.num_workers}")
         if self.dtype == torch.uint8 and self.normalize:
             bad("uint8 views cannot be normalised; pass normalize=False")
-        if self.seed < 0:
-            bad(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad(f"seed must be in [0, 2**63 - 1] (it keys 64-bit hashes in compiled code), got {self.seed}")
+        if self.world_size < 1:
+            bad(f"world_size must be >= 1, got {self.world_size}")
+        if self.patch_size is not None and (isinstance(self.patch_size, bool) or not isinstance(self.patch_size, (int, np.integer))
+                                            or not 1 <= self.patch_size <= self.image_size):
+            bad(f"patch_size must be None or an integer in [1, image_size={self.image_size}], got {self.patch_size!r}")
+        if self.ring_size < 1:
+            bad(f"ring_size must be >= 1, got {self.ring_size}")
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+            bad(f"dtype must be torch.float32, float16, bfloat16 or uint8, got {self.dtype}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            bad(f"device {self.device!r} is not a torch device ({e})")
 
     @property
     def patch(self) -> int:

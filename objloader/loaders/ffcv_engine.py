@@ -222,7 +222,7 @@ class FFCVEngine:
         b, s, v, p = cfg.batch_size, cfg.image_size, cfg.views, cfg.patch
         view_end = _INDEX_BYTES + dec.view_bytes
         mask_end = view_end + dec.mask_bytes
-        for k, (packed, labels) in enumerate(epoch_iter):
+        for k, (packed, labels) in enumerate(_while_alive(epoch_iter)):
             packed = packed.numpy() if isinstance(packed, torch.Tensor) else packed
             labels = labels.numpy() if isinstance(labels, torch.Tensor) else labels
             index = order[k * b:k * b + len(packed)]
@@ -246,6 +246,28 @@ class FFCVEngine:
                 has_bg=t.has_bg[index], epoch=self.epoch, window=window, flip=flip, box_index=box_index,
                 aliased=True,
             )
+
+
+def _while_alive(epoch_iter):
+    """ffcv's epoch iterator, but raising when its thread has died.
+
+    ffcv 1.0.2 runs the pipeline in a thread that only forwards StopIteration: any other exception
+    ends the thread (its traceback goes to stderr through threading.excepthook) while the consumer
+    waits on the output queue forever. So before each get, wait on the queue's own condition,
+    which a put wakes at once, and look at the thread every 0.1 s.
+    """
+    q = epoch_iter.output_queue
+    while True:
+        with q.not_empty:
+            while not q._qsize():  # the queue's own size, under its lock
+                if not epoch_iter.is_alive():
+                    raise RuntimeError("the FFCV loader thread stopped with an exception (its traceback is "
+                                       "printed above); no further batches will come")
+                q.not_empty.wait(0.1)
+        try:
+            yield next(epoch_iter)
+        except StopIteration:
+            return
 
 
 def manifest_fields(manifest: dict) -> list:
