@@ -254,3 +254,31 @@ def test_two_ranks_under_torchrun_write_the_same_store(world, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][0] == b[k][0] and ((a[k][1] is None and b[k][1] is None) or np.array_equal(a[k][1], b[k][1]))
+
+
+def _damaged(world, tmp_path, how):
+    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=False)
+    if how == "nan":  # one flipped exponent is enough to make a weight NaN
+        ckpt["backbone"]["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    else:  # zero weights everywhere: finite, but no channel can have a positive weight
+        for part in ("backbone", "model"):
+            ckpt[part] = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ckpt[part].items()}
+    path = str(tmp_path / f"{how}.pt")
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("how, message", [("nan", "damaged: .* NaN or inf"), ("zeros", "every ContraCAM mask")])
+def test_damaged_checkpoint_stops_the_run_instead_of_writing_empty_masks(world, tmp_path, how, message):
+    ckpt = _damaged(world, tmp_path, how)
+    with pytest.raises(CamError, match=message):
+        compute_masks(open_source(world["src"]), str(tmp_path / "masks"), ckpt, SETTINGS, workers=1, progress=False,
+                      log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "masks" / "masks.json")  # nothing that looks complete
+    # and objloader-build --masks contracam reports it in one line (rc 2), building nothing
+    from objloader.cli.build import main as build_main
+
+    assert build_main([world["src"], str(tmp_path / "ds"), "--masks", "contracam", "--checkpoint", ckpt,
+                       "--cam-iterations", "2", "--cam-image-size", "32", "--mask-res", "16",
+                       "--cam-batch-size", "4", "--workers", "1"]) == 2
+    assert not os.path.exists(tmp_path / "ds" / "manifest.json")

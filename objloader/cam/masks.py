@@ -58,6 +58,11 @@ class CamError(ObjloaderError, RuntimeError):
 def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
     """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata)."""
     backbone, head, meta = load_encoder(checkpoint)
+    for module in (backbone, head):
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CamError(f"checkpoint {checkpoint!r} is damaged: {name} holds NaN or inf values, "
+                               "so every mask would be empty")
     cfg = ContraCAMConfig(temperature=settings.temperature, iterations=settings.iterations,
                           relu_weights=settings.relu_weights, mask_size=settings.mask_res)
     model = ContraCAM(resnet_trunk(backbone, settings.stride_expansion), head, cfg).to(device).eval()
@@ -78,8 +83,16 @@ def explain_batch(model: ContraCAM, rgb: np.ndarray, device="cpu") -> List[np.nd
     """ContraCAM of a batch of prepared images uint8 [B, S, S, 3]: the aggregated masks after each
     iteration, float32 [B, R, R] in [0, 1] (the first is single-step ContraCAM)."""
     x = torch.from_numpy(rgb).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    steps = model(normalize(x), return_steps=True)
-    return [s.float().cpu().numpy() for s in steps]
+    steps = [s.float().cpu().numpy() for s in model(normalize(x), return_steps=True)]
+    # A damaged encoder does not fail loudly: NaN masks become 0 when stored as uint8 and the build
+    # would bake records without boxes. A single image can have an empty CAM; a whole batch cannot.
+    if not all(np.isfinite(s).all() for s in steps):
+        raise CamError("ContraCAM produced NaN or inf for this batch: the encoder's activations are not "
+                       "finite (damaged checkpoint, or images far outside its input range)")
+    if len(rgb) > 1 and not steps[0].any():
+        raise CamError(f"every ContraCAM mask of a batch of {len(rgb)} images is empty: no channel of the "
+                       "encoder has a positive weight (damaged or untrained checkpoint?)")
+    return steps
 
 
 def refine_batch(rgb: np.ndarray, masks: np.ndarray, pool: Optional[ProcessPoolExecutor] = None,
