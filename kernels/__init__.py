@@ -1,14 +1,14 @@
-"""Fused Triton kernels of the device stage (installed as objloader.kernels).
+"""Fast implementations of the device stage (installed as objloader.kernels).
 
-``apply_device_ops_fused`` equals objloader.augment.reference.apply_device_ops (BG-Mixup eq. 4 ->
-colour -> normalise) in a few fused passes; ``fused_available(device)`` says whether it can run
-there and ``apply_device_ops_auto`` picks it or the reference. Triton is imported only when the
-fused function is first asked for, so ``import objloader.kernels`` works without it.
+``select_device_ops(device)`` picks the implementation for a device (kernels/dispatch.py): the
+fused Triton kernels on CUDA (device_ops.py), the fused numba kernel on the CPU (cpu_ops.py), the
+torch reference of objloader.augment elsewhere. Triton is imported only when the fused function
+is first asked for, so ``import objloader.kernels`` works without it.
 """
 
-from .dispatch import apply_device_ops_auto, fused_available
+from .dispatch import fused_available, select_device_ops
 
-__all__ = ["apply_device_ops_fused", "apply_device_ops_auto", "fused_available"]
+__all__ = ["apply_device_ops_fused", "fused_available", "select_device_ops"]
 
 
 def __getattr__(name):

@@ -1,28 +1,32 @@
-"""Choosing between the fused kernels and the torch reference for the device stage.
+"""Which implementation of the device stage runs on a device: the one place that decides.
 
-The loaders call :func:`apply_device_ops_auto` (or test :func:`fused_available` themselves): the
-fused Triton kernels run on CUDA devices with a working Triton driver, the torch reference of
-objloader.augment everywhere else, with the same result. Importing this module does not import
-Triton.
+- CUDA with a working Triton driver: the fused Triton kernels (kernels/device_ops.py);
+- CPU: the fused numba kernel (kernels/cpu_ops.py), ~2x the torch ops on 2 cores;
+- anything else (CUDA without Triton, MPS, ...): the torch reference of objloader.augment.
+All three compute the same function (tests/test_kernels.py, tests/test_cpu_ops.py), so the choice
+changes speed only. Importing this module imports neither Triton nor numba.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import warnings
+from typing import Callable, Tuple
 
 import torch
 
 from objloader.augment.reference import apply_device_ops
 
-__all__ = ["fused_available", "apply_device_ops_auto"]
+__all__ = ["fused_available", "select_device_ops"]
 
 
 def _fused_module():
     """objloader.kernels.device_ops, or None when Triton (or its kernels) cannot be imported."""
     try:
         return importlib.import_module(f"{__package__}.device_ops")
-    except ImportError:
+    except ImportError as e:
+        warnings.warn(f"fused Triton kernels unavailable ({e}); the torch reference runs on CUDA devices")
         return None
 
 
@@ -39,22 +43,20 @@ def _cuda_driver_ok() -> bool:
 
 
 def fused_available(device) -> bool:
-    """True when :func:`apply_device_ops_fused` can run on ``device``'s tensors: a CUDA device with
-    a working Triton driver, or any device when the kernels were built by Triton's interpreter
-    (TRITON_INTERPRET=1 when they were imported; for tests, slow)."""
-    mod = _fused_module()
-    if mod is None:
-        return False
-    if mod.INTERPRETED:
-        return True
-    return torch.device(device).type == "cuda" and _cuda_driver_ok()
+    """True when the fused Triton kernels can run on ``device``'s tensors: a CUDA device with a
+    working Triton driver."""
+    return torch.device(device).type == "cuda" and _cuda_driver_ok() and _fused_module() is not None
 
 
-def apply_device_ops_auto(views_uint8, masks, patches, params, *, hard=False, dtype=torch.float32,
-                          normalise=True):
-    """objloader.augment.reference.apply_device_ops, fused where :func:`fused_available`."""
-    if fused_available(views_uint8.device):
-        fn = _fused_module().apply_device_ops_fused
-    else:
-        fn = apply_device_ops
-    return fn(views_uint8, masks, patches, params, hard=hard, dtype=dtype, normalise=normalise)
+def select_device_ops(device) -> Tuple[Callable, str]:
+    """(the device-stage function for tensors on ``device``, its name: "triton", "numba" or
+    "torch reference"). Every function has the signature of
+    objloader.augment.reference.apply_device_ops."""
+    kind = torch.device(device).type
+    if kind == "cuda" and fused_available(device):
+        return _fused_module().apply_device_ops_fused, "triton"
+    if kind == "cpu":
+        from .cpu_ops import apply_device_ops_cpu
+
+        return apply_device_ops_cpu, "numba"
+    return apply_device_ops, "torch reference"

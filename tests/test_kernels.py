@@ -48,7 +48,27 @@ def _load_interpreted_kernels():
     return mod
 
 
-K = _load_interpreted_kernels()
+# On a GPU machine benchmarks/gpu_check.py runs this file with OBJLOADER_KERNELS_ON=cuda: every case
+# then compares the compiled kernels on CUDA with the torch reference on CUDA and on the CPU, and
+# the file named by OBJLOADER_KERNEL_REPORT receives each case's largest errors.
+ON_CUDA = os.environ.get("OBJLOADER_KERNELS_ON") == "cuda"
+DEV = "cuda" if ON_CUDA else "cpu"
+if ON_CUDA:
+    import objloader.kernels.device_ops as K
+else:
+    K = _load_interpreted_kernels()
+ERRORS = []  # (test, dtype, max |fused - reference on DEV|, max |fused - reference on the CPU|)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _error_report():
+    yield
+    path = os.environ.get("OBJLOADER_KERNEL_REPORT")
+    if path:
+        import json
+
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"device": DEV, "interpreted": bool(K.INTERPRETED), "cases": ERRORS}, f, indent=1)
 
 
 B, V, S, P = 4, 2, 24, 7  # P does not divide S: the tiling wraps mid-view
@@ -73,21 +93,31 @@ def _params(color="mocov2", p_mix=1.0, b=B, has_bg=None, ring_count=0, seed=3):
                          views=V, p_mix=p_mix, color=color, ring_count=ring_count)
 
 
-def _compare(views, masks, patches, params, atol=1e-4, **kw):
-    got = K.apply_device_ops_fused(views, masks, patches, params, **kw)
-    want = R.apply_device_ops(views, masks, patches, params, **kw)
+def _assert_close(got, want, atol) -> float:
     assert got.dtype == want.dtype and got.shape == want.shape
+    diff = (got.double() - want.double()).abs()
     if got.dtype == torch.uint8:
-        diff = (got.int() - want.int()).abs()
         assert int(diff.max()) <= 1, int(diff.max())
         assert float((diff > 0).float().mean()) < 1e-3
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
-    return got, want
+    return float(diff.max())
+
+
+def _compare(views, masks, patches, params, atol=1e-4, **kw):
+    """The fused kernels against the reference on their device (and, on CUDA, on the CPU too)."""
+    on_dev = [t.to(DEV) for t in (views, masks, patches)]
+    got = K.apply_device_ops_fused(*on_dev, params, **kw)
+    want = R.apply_device_ops(*on_dev, params, **kw)
+    err = _assert_close(got, want, atol)
+    err_cpu = _assert_close(got.cpu(), R.apply_device_ops(views, masks, patches, params, **kw), atol) if ON_CUDA else None
+    ERRORS.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], "dtype": str(got.dtype),
+                   "max_err": err, "max_err_vs_cpu_reference": err_cpu})
+    return got.cpu(), want.cpu()
 
 
 def test_interpreter_is_active():
-    assert K.INTERPRETED
+    assert K.INTERPRETED != ON_CUDA  # interpreted on the CPU, compiled on CUDA
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -178,7 +208,7 @@ def test_multi_block_views_and_chunked_means(monkeypatch):
 
 
 def test_errors_match_reference():
-    views, masks, patches = _inputs(s=6)
+    views, masks, patches = (t.to(DEV) for t in _inputs(s=6))
     params = dataclasses.replace(_params("mocov2", 1.0), blur=np.ones((B, V), bool), sigma=np.full((B, V), 2.0, np.float32))
     with pytest.raises(ValueError, match="reflect"):  # radius 6 >= 6 px; the reference fails in F.pad
         K.apply_device_ops_fused(views, masks, patches, params)
@@ -189,40 +219,35 @@ def test_errors_match_reference():
         K.apply_device_ops_fused(views, masks, patches, params)
 
 
-def test_dispatcher_falls_back_to_reference(monkeypatch):
-    import objloader.kernels as kernels
+def test_dispatcher_picks_one_implementation_per_device(monkeypatch):
     from objloader.kernels import dispatch
+    from objloader.kernels.cpu_ops import apply_device_ops_cpu
 
-    data = _inputs(seed=6)
-    params = _params("byol", 1.0)
-    want = R.apply_device_ops(*data, params)
-    # Triton missing: never available, the reference runs.
-    monkeypatch.setattr(dispatch, "_fused_module", lambda: None)
-    assert not kernels.fused_available("cpu") and not kernels.fused_available("cuda")
-    assert torch.equal(kernels.apply_device_ops_auto(*data, params), want)
-    # Compiled (non-interpreted) kernels on a CPU device: not available, the reference runs.
-    compiled = type("CompiledKernels", (), {"INTERPRETED": False})
-    monkeypatch.setattr(dispatch, "_fused_module", lambda: compiled)
-    assert not kernels.fused_available("cpu")
-    assert torch.equal(kernels.apply_device_ops_auto(*data, params), want)
-    if not torch.cuda.is_available():
-        assert not kernels.fused_available("cuda")
-    # Interpreted kernels: available, and the fused path runs.
-    calls = []
-    fused = K.apply_device_ops_fused
-    monkeypatch.setattr(K, "apply_device_ops_fused", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    assert dispatch.select_device_ops("cpu") == (apply_device_ops_cpu, "numba")
+    assert dispatch.select_device_ops("meta") == (R.apply_device_ops, "torch reference")
+    # a CUDA device: Triton's kernels when its driver works, the torch reference otherwise
+    monkeypatch.setattr(dispatch, "_cuda_driver_ok", lambda: True)
     monkeypatch.setattr(dispatch, "_fused_module", lambda: K)
-    assert kernels.fused_available("cpu")
-    got = kernels.apply_device_ops_auto(*data, params)
-    assert calls == [1]
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert dispatch.select_device_ops("cuda") == (K.apply_device_ops_fused, "triton")
+    monkeypatch.setattr(dispatch, "_fused_module", lambda: None)  # triton not importable
+    assert dispatch.select_device_ops("cuda") == (R.apply_device_ops, "torch reference")
+    monkeypatch.setattr(dispatch, "_fused_module", lambda: K)
+    monkeypatch.setattr(dispatch, "_cuda_driver_ok", lambda: False)  # no working driver
+    assert dispatch.select_device_ops("cuda") == (R.apply_device_ops, "torch reference")
+
+
+def test_device_stage_uses_the_dispatcher():
+    from objloader.loaders.common import DeviceStage, LoaderConfig
+
+    assert DeviceStage(LoaderConfig(batch_size=2, image_size=32)).implementation == "numba"
 
 
 def test_lazy_export():
     import objloader.kernels as kernels
 
-    assert {"apply_device_ops_fused", "apply_device_ops_auto", "fused_available"} <= set(kernels.__all__)
-    assert callable(kernels.apply_device_ops_fused)
+    assert {"apply_device_ops_fused", "select_device_ops", "fused_available"} <= set(kernels.__all__)
+    if ON_CUDA or importlib.util.find_spec("triton") is not None:
+        assert callable(kernels.apply_device_ops_fused)
 
 
 _COMPILE_SCRIPT = """

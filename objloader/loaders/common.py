@@ -9,7 +9,6 @@ normalisation on the target device with one implementation for every engine.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +17,6 @@ import torch
 
 from ..augment import AugParams
 from ..augment.params import resolve_color, sample_appearance
-from ..augment.reference import apply_device_ops
 from ..errors import ConfigError
 
 __all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch",
@@ -184,10 +182,11 @@ class Batch:
 class DeviceStage:
     """BG-Mixup (eq. 4) -> colour -> normalise on ``cfg.device``, the same for every engine.
 
-    On CUDA the fused Triton kernels run when they are available, on the CPU the fused numba
-    kernel (kernels/cpu_ops.py); both are tested against the torch reference of objloader.augment,
-    which is the semantics and runs wherever neither applies. Keeps the ring buffer of recent
-    background patches that serves as partner pool when a batch has no other background.
+    ``implementation`` says what runs (kernels/dispatch.py): the fused Triton kernels on CUDA, the
+    fused numba kernel on the CPU; both are tested against the torch reference of
+    objloader.augment, which is the semantics and runs wherever neither applies. Keeps the ring
+    buffer of recent background patches that serves as partner pool when a batch has no other
+    background.
     """
 
     def __init__(self, cfg: LoaderConfig):
@@ -197,20 +196,9 @@ class DeviceStage:
         self._ring: Optional[torch.Tensor] = None
         self._ring_count = 0
         self._ring_next = 0
-        self._apply = apply_device_ops
-        if self.device.type == "cpu":
-            # The fused numba twin of the reference (same results, ~2x the torch ops on 2 cores).
-            from ..kernels.cpu_ops import apply_device_ops_cpu
+        from ..kernels import select_device_ops
 
-            self._apply = apply_device_ops_cpu
-        elif self.device.type == "cuda":
-            try:
-                from ..kernels import apply_device_ops_fused, fused_available
-
-                if fused_available(self.device):
-                    self._apply = apply_device_ops_fused
-            except ImportError as e:  # triton missing: the reference runs on CUDA too
-                warnings.warn(f"fused kernels unavailable ({e}); using the torch reference on {self.device}")
+        self._apply, self.implementation = select_device_ops(self.device)
 
     def reset(self) -> None:
         self._ring_count = self._ring_next = 0
