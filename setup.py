@@ -37,13 +37,16 @@ setup(
         "pillow>=9",
         "matplotlib>=3.7",  # benchmark plots, loss curves
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "tensorboard>=2.14"]},
     entry_points={
         "console_scripts": [
             "objloader-build=objloader.cli.build:main",
             "objloader-cam=objloader.cli.cam:main",
             "objloader-demo=objloader.cli.demo:main",
             "objloader-viz=objloader.cli.viz:main",
+            "objloader-train-moco=objloader.cli.train:moco",
+            "objloader-train-byol=objloader.cli.train:byol",
+            "objloader-linear=objloader.cli.linear:main",
         ]
     },
 )

@@ -97,6 +97,20 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path, method):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.filterwarnings("ignore:MoCo queue")
+def test_tensorboard_events_are_readable(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_cfg(tiny, tmp_path, channels_last=True))  # 4 steps, a scalar each (log_every 1)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/img_per_s", "train/data_wait"}
+    loss = events.Scalars("train/loss")
+    lines = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert [e.step for e in loss] == [ln["step"] for ln in lines] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([ln["loss"] for ln in lines], rel=1e-6)
+
+
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny, tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"not a checkpoint at all")

@@ -148,11 +148,12 @@ def _barrier(d: _Dist) -> None:
 
 def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
     """``ROOT/demo/built/train``, generated (objloader-demo) and built (objloader-build --masks gt)
-    first when it does not exist, as ``make demo`` does. ROOT defaults to the repository root."""
+    first when it does not exist, as ``make demo`` does. ROOT defaults to the current directory
+    (never the package's own folder: an installed package lives in site-packages)."""
     from ..sources.demo import generate_demo
     from ..store import BuildOptions, build
 
-    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.abspath(root or os.getcwd())
     data, built = os.path.join(root, "demo", "data"), os.path.join(root, "demo", "built")
     train = os.path.join(built, "train")
     if os.path.isfile(os.path.join(train, "manifest.json")):
@@ -521,7 +522,7 @@ def build_parser(method: str):
                     "(gloo on CPU, nccl on CUDA; each rank reads its own shard; --batch-size is per rank).")
     p.add_argument("--loader", default=D.loader, choices=list(ENGINES), help="loading engine")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="a built dataset directory; None: demo/built/train under the repository root, "
+                   help="a built dataset directory; None: demo/built/train under the current directory, "
                         "generated and built on first use")
     p.add_argument("--oa-crop", action="store_true", help="OA-Crop: crop each sample's views inside one of its boxes")
     p.add_argument("--bg-mixup", type=float, default=D.bg_mixup, metavar="P",
