@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from objloader.errors import ConfigError
 from objloader.loaders import make_loader
 from objloader.loaders.common import batches_per_epoch, epoch_order
 from objloader.store import BuildOptions, build
@@ -132,16 +133,23 @@ def test_an_epoch_left_mid_way_starts_again_from_its_first_batch(sorted_data):
     assert np.array_equal(torch.cat([b.index for b in loader]).numpy(), _order(epoch=3))
 
 
-@pytest.mark.parametrize("batch_size, drop_last", [(64, True), (1023, False), (2048, True)])
-def test_every_rank_has_as_many_batches(sorted_data, batch_size, drop_last):
-    """N_RECORDS % 2 == 1: both ranks still get ceil(N / 2) records (epoch_order pads), hence as
-    many batches as the torch engine's DistributedSampler-like formula, in every engine; none at
-    all when a batch is larger than that and drop_last."""
-    expected = batches_per_epoch(-(-N_RECORDS // 2), batch_size, drop_last)
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("batch_size, drop_last", [(64, True), (100, False), (1023, False), (2048, True)])
+def test_every_rank_has_as_many_batches(sorted_data, world_size, batch_size, drop_last):
+    """N_RECORDS % 2 == N_RECORDS % 3 == 1: every rank still gets ceil(N / world_size) records
+    (epoch_order pads), hence as many batches as the torch engine's DistributedSampler-like
+    formula, in every engine and for both drop_last settings; a loader with no batch at all (a
+    batch larger than a rank's records, drop_last) is refused when it is made."""
+    per_rank = -(-N_RECORDS // world_size)
+    expected = batches_per_epoch(per_rank, batch_size, drop_last)
+    kw = dict(batch_size=batch_size, drop_last=drop_last, views=1, return_masks=False, world_size=world_size)
     for engine in ENGINES:
-        kw = dict(batch_size=batch_size, drop_last=drop_last, views=1, return_masks=False, world_size=2)
-        assert [len(_loader(sorted_data, engine, rank=r, **kw)) for r in range(2)] == [expected] * 2, engine
-    for rank in range(2):
-        loader = _loader(sorted_data, "dali", rank=rank, batch_size=batch_size, drop_last=drop_last, views=1,
-                         return_masks=False, world_size=2)
-        assert len(list(loader)) == expected
+        if expected == 0:
+            with pytest.raises(ConfigError, match="no batch would be yielded"):
+                _loader(sorted_data, engine, rank=0, **kw)
+            continue
+        assert [len(_loader(sorted_data, engine, rank=r, **kw)) for r in range(world_size)] == \
+            [expected] * world_size, engine
+    if expected and world_size == 3:  # DALI took its shards by record ranges: iterate them all
+        for rank in range(world_size):
+            assert len(list(_loader(sorted_data, "dali", rank=rank, **kw))) == expected

@@ -183,9 +183,10 @@ from objloader.ssl.trainer import TrainConfig, train
 rank = int(os.environ["RANK"])
 out = sys.argv[1]
 seen = []
-cfg = TrainConfig(method=sys.argv[3], loader="torch", data=sys.argv[2], image_size=32, batch_size=4, epochs=1,
-                  workers=0, out=os.path.join(out, "run"), progress=False, save_every=0, device="cpu",
-                  oa_crop=True, bg_mixup=0.4)
+engine = sys.argv[4] if len(sys.argv) > 4 else "torch"
+cfg = TrainConfig(method=sys.argv[3], loader=engine, data=sys.argv[2], image_size=32,
+                  batch_size=int(sys.argv[5]) if len(sys.argv) > 5 else 4, epochs=1, workers=0 if engine == "torch" else 1,
+                  out=os.path.join(out, "run"), progress=False, save_every=0, device="cpu", oa_crop=True, bg_mixup=0.4)
 res = train(cfg, on_batch=lambda step, b: seen.extend(b.index.tolist()))
 torch.save(res["model"].state_dict(), os.path.join(out, f"state{rank}.pt"))
 with open(os.path.join(out, f"seen{rank}.json"), "w") as f:
@@ -214,3 +215,21 @@ def test_ddp_two_processes_gloo(tiny, tmp_path, method):
     diff = [k for k in params if not torch.equal(a[k], b[k])]
     assert not diff, f"ranks differ: {diff[:5]}"
     assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
+
+
+@pytest.mark.filterwarnings("ignore:MoCo queue")
+@pytest.mark.parametrize("engine", ["dali", "ffcv"])
+def test_ddp_three_processes_with_uneven_records_end(tiny, tmp_path, engine):
+    """torchrun --nproc_per_node 3 with 16 records (16 % 3 = 1), batch 2: every rank takes
+    ceil(16 / 3) = 6 records, so 3 steps each, and the run ends (a rank with one step more than
+    the others would wait forever in its all-reduce)."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+           str(script), str(tmp_path), tiny, "moco", engine, "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [json.load(open(tmp_path / f"seen{r}.json")) for r in range(3)]
+    assert [s["step"] for s in seen] == [3, 3, 3]
+    assert set().union(*(s["seen"] for s in seen)) == set(range(N_RECORDS))  # padding repeats, never drops
