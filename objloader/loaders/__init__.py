@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..optional import require
-from ..store.reader import DatasetError, read_manifest
+from ..store.reader import DatasetError, check_integrity, read_manifest
 from .common import ENGINES, Batch, DeviceStage, LoaderConfig
 from ..errors import ConfigError
 
@@ -114,6 +114,7 @@ def make_loader(
         names = ", ".join(manifest["datasets"])
         raise DatasetError(f"{path!r} holds several datasets ({names}); pass one of them, "
                            f"e.g. {os.path.join(path, next(iter(manifest['datasets'])))!r}")
+    check_integrity(path, manifest, engine)  # sizes and record counts: milliseconds, no record read
     _check_batches(path, manifest, cfg)
     if engine == "ffcv":
         require("ffcv", "make_loader(engine='ffcv')")

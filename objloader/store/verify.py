@@ -1,15 +1,20 @@
-"""objloader-build --verify: re-read every record through FFCV and through DALI and check each
-field bit-exactly against the digests in the manifest."""
+"""objloader-build --verify: first every file against the manifest (presence, size, SHA-256, and
+the structure that reader.check_integrity checks), one line per damaged file; then, for a dataset
+whose files are all intact, every record read back through FFCV and through DALI and each field
+checked bit-exactly against the digests in the manifest."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable, List
+from typing import Callable, List, Optional
 
+import cv2
 import numpy as np
 
 from ..optional import require
-from .reader import DatasetError, read_manifest
+from .builder import file_sha256
+from .reader import (MANIFEST_FILE, BuiltDataset, DatasetError, dataset_dirs, describe_problems,
+                     integrity_problems, read_manifest, stat_problems)
 from .schema import record_digest
 
 BATCH = 64
@@ -30,19 +35,57 @@ def _check(name: str, manifest: dict, got_keys: List[str], got_digests: List[str
             raise DatasetError(f"{name}: record {i} ({k!r}) differs from the manifest (digest {d} != {want[i]})")
 
 
-def _beton_jpegs(path: str) -> List[bytes]:
-    """The image field's stored bytes, through ffcv's own Reader (allocation table lookup)."""
+def _beton_storage(path: str):
+    """(ffcv Reader, the file as uint8 memmap, data pointer -> size from the allocation table)."""
     from ffcv.reader import Reader
 
     r = Reader(path)
-    # ffcv's metadata record has unnamed slots in field order.
-    ptrs = r.metadata[r.metadata.dtype.names[r.field_names.index("image")]]["data_ptr"]
     table = {int(p): int(s) for p, s in zip(r.alloc_table["ptr"], r.alloc_table["size"])}
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return r, np.memmap(path, dtype=np.uint8, mode="r"), table
+
+
+def _beton_column(r, name: str) -> np.ndarray:
+    # ffcv's metadata record has unnamed slots in field order.
+    return r.metadata[r.metadata.dtype.names[r.field_names.index(name)]]
+
+
+def _beton_jpegs(path: str) -> List[bytes]:
+    """The image field's stored bytes, through ffcv's own Reader (allocation table lookup)."""
+    r, data, table = _beton_storage(path)
     out = []
-    for p in ptrs:
+    for p in _beton_column(r, "image")["data_ptr"]:
         size = table[int(p)]
         out.append(bytes(data[int(p):int(p) + size]))
+    return out
+
+
+def _beton_digests(path: str, manifest: dict) -> List[Optional[str]]:
+    """Each record's digest (schema.record_digest) from the beton's stored bytes, decoding
+    nothing; None for a record whose pointers lead nowhere. Locates damage in a beton whose
+    checksum no longer matches, without running decoders on damaged data."""
+    r, data, table = _beton_storage(path)
+    m, k = manifest["options"]["mask_res"], manifest["options"]["max_boxes"]
+    u8, f32 = np.dtype(np.uint8), np.dtype(np.float32)
+
+    def stored(ptr, dtype: np.dtype, count: int) -> np.ndarray:  # an NDArrayField slot is its data pointer
+        ptr = int(ptr)
+        return data[ptr:ptr + count * dtype.itemsize].view(dtype)
+
+    image, label = _beton_column(r, "image")["data_ptr"], _beton_column(r, "label")
+    mask, boxes, bg = (_beton_column(r, f) for f in ("mask", "boxes", "bg_rect"))
+    n_boxes = _beton_column(r, "n_boxes")
+    if manifest["has_gt"]:
+        gt_mask, gt_boxes, n_gt = (_beton_column(r, f) for f in ("gt_mask", "gt_boxes", "n_gt_boxes"))
+    out = []
+    for i in range(int(r.num_samples)):
+        p = int(image[i])
+        try:
+            gt = ((stored(gt_mask[i], u8, m * m), stored(gt_boxes[i], f32, 4 * k), int(n_gt[i]))
+                  if manifest["has_gt"] else (None, None, 0))
+            out.append(record_digest(bytes(data[p:p + table[p]]), int(label[i]), stored(mask[i], u8, m * m),
+                                     stored(boxes[i], f32, 4 * k), int(n_boxes[i]), stored(bg[i], f32, 4), *gt))
+        except (KeyError, ValueError):  # a pointer the allocation table does not know, or cut short
+            out.append(None)
     return out
 
 
@@ -128,18 +171,113 @@ def verify_dali(ds_dir: str, manifest: dict) -> int:
     return len(keys)
 
 
-def verify(path: str, log: Callable = print) -> dict:
-    """Verify a built dataset or every dataset of a collection; raises DatasetError on a mismatch."""
-    from .reader import dataset_dirs
+def _differing_records(bad: List[int], keys: List[str], elsewhere: str) -> str:
+    """The part of a damaged file's line that says which records the damage reaches."""
+    if not bad:
+        return f"no record's digested fields differ: the damage is in {elsewhere}"
+    shown = ", ".join(f"{i} ({keys[i]!r})" for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return f"record{'s' if len(bad) > 1 else ''} {shown} differ{'' if len(bad) > 1 else 's'} from the manifest's digests"
 
-    report = {}
+
+def _locate_in_shards(ds_dir: str, manifest: dict, tars: List[str]) -> dict:
+    """tar -> which of its records no longer match their digests (their .idx files are intact)."""
+    ds, want, keys = BuiltDataset(ds_dir, manifest), manifest["records"]["digests"], manifest["records"]["keys"]
+    found = {}
+    try:
+        for tar in tars:
+            bad = []
+            for i in ds.shard_records(tar):
+                try:
+                    ok = ds.digest(i) == want[i]
+                except (DatasetError, ValueError, KeyError, EOFError, cv2.error):  # a member that no longer decodes
+                    ok = False
+                if not ok:
+                    bad.append(i)
+            found[tar] = _differing_records(bad, keys, "tar headers or padding, or a record's key or size (KEY.json)")
+    finally:
+        ds.close()
+    return found
+
+
+def _locate_in_beton(ds_dir: str, manifest: dict) -> str:
+    """Which records of a data.beton with intact structure no longer match their digests."""
+    require("ffcv", "objloader-build --verify of data.beton")
+    try:
+        got = _beton_digests(os.path.join(ds_dir, "data.beton"), manifest)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:  # what ffcv's Reader raises on a bad header
+        return f"its records cannot be located: ffcv cannot read its header ({type(e).__name__}: {e})"
+    bad = [i for i, (g, w) in enumerate(zip(got, manifest["records"]["digests"])) if g != w]
+    return _differing_records(bad, manifest["records"]["keys"], "field descriptors, padding, or a record's key")
+
+
+def file_problems(ds_dir: str, manifest: dict) -> List[str]:
+    """One line per damaged file of a dataset, 'PATH: problem; problem': missing; a size other
+    than manifest["sizes"] records; a SHA-256 other than manifest["checksums"] records (with the
+    records the damage reaches, when the file's structure still lets them be found); anything
+    reader.check_integrity finds for any engine. Every file is hashed; records are not decoded."""
+    problems = integrity_problems(ds_dir, manifest)
+    checksums = manifest.get("checksums")
+    if not isinstance(checksums, dict):
+        problems.setdefault(MANIFEST_FILE, []).append("lists no checksums; the files' contents cannot be checked")
+        checksums = {}
+    sizes = manifest.get("sizes") if isinstance(manifest.get("sizes"), dict) else {}
+    only_checksum = []  # files whose one problem is their checksum: their records can be located
+    for rel, want in checksums.items():
+        facts = problems.setdefault(rel, [])
+        size, stat_facts = stat_problems(ds_dir, rel, sizes)
+        facts += [f for f in stat_facts if f not in facts]
+        if size is None or stat_facts:  # absent, or a size that already proves the contents differ
+            continue
+        got = file_sha256(os.path.join(ds_dir, rel))
+        if got != want:
+            facts.append(f"sha256 mismatch: expected {want}, found {got}")
+            if len(facts) == 1:
+                only_checksum.append(rel)
+    problems = {rel: facts for rel, facts in problems.items() if facts}
+    # Records can be found through the .idx files and the manifest only when those are intact.
+    if not any(rel == MANIFEST_FILE or rel.endswith(".idx") for rel in problems):
+        tars = [rel for rel in only_checksum if rel in manifest["shards"] and "wds" in manifest["formats"]]
+        if tars:
+            for tar, where in _locate_in_shards(ds_dir, manifest, tars).items():
+                problems[tar][0] += f"; {where}"
+        if "data.beton" in only_checksum:
+            problems["data.beton"][0] += f"; {_locate_in_beton(ds_dir, manifest)}"
+    order = sorted(problems, key=lambda rel: (rel != MANIFEST_FILE, rel != "data.beton", rel))
+    return describe_problems(ds_dir, {rel: problems[rel] for rel in order})
+
+
+def verify(path: str, log: Callable = print) -> dict:
+    """Verify a built dataset or every dataset of a collection; returns {dataset: {reader: records}}.
+
+    Raises DatasetError listing every problem found, one line each: damaged files first (the
+    records of a dataset with a damaged file are not read back: the file checks already say what
+    is wrong, and decoders fed damaged bytes fail without saying where), then records that
+    differ from the manifest."""
+    report, problems = {}, []
     for ds_dir in dataset_dirs(path):
-        manifest = read_manifest(ds_dir)
+        try:
+            manifest = read_manifest(ds_dir)
+        except DatasetError as e:
+            problems.append(str(e))
+            continue
+        damaged = file_problems(ds_dir, manifest)
+        if damaged:
+            problems += damaged
+            continue
         counts = {}
-        if "ffcv" in manifest["formats"]:
-            counts["ffcv"] = verify_ffcv(ds_dir, manifest)
-        if "wds" in manifest["formats"]:
-            counts["dali"] = verify_dali(ds_dir, manifest)
-        report[ds_dir] = counts
-        log(f"verified {ds_dir}: " + ", ".join(f"{k} {v} records ok" for k, v in counts.items()))
+        readers = [(name, read_back) for fmt, name, read_back in (("ffcv", "ffcv", verify_ffcv), ("wds", "dali", verify_dali))
+                   if fmt in manifest["formats"]]
+        for name, read_back in readers:
+            try:
+                counts[name] = read_back(ds_dir, manifest)
+            except DatasetError as e:
+                problems.append(str(e))
+        if len(counts) == len(readers):
+            report[ds_dir] = counts
+            log(f"verified {ds_dir}: " + ", ".join(f"{k} {v} records ok" for k, v in counts.items()))
+    if len(problems) == 1:
+        raise DatasetError(f"verification of {path} failed: {problems[0]}")
+    if problems:
+        raise DatasetError(f"verification of {path} failed, {len(problems)} problems:\n"
+                           + "\n".join("  " + line for line in problems))
     return report
