@@ -228,7 +228,7 @@ class Bench:
             entry["top1"] = {k: round(100 * v["top1"], 2) for k, v in report["accuracy"].items()}
             entry["bg_gap"] = round(100 * report["bg_gap"], 2)
         else:
-            from objloader.ssl.backbone import load_backbone
+            from objloader.checkpoint import load_backbone
             from objloader.ssl.crops import object_crop_probe
 
             backbone, meta = load_backbone(ckpt)

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import ConfigError, ObjloaderError
+from .errors import ConfigError, ObjloaderError
 
 __all__ = ["CHECKPOINT_FORMAT", "ARCHS", "DEFAULT_WIDTH", "build_backbone", "feature_dim", "checkpoint_width",
            "load_backbone", "load_encoder", "CheckpointError"]

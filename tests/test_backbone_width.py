@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from objloader.ssl.backbone import (CHECKPOINT_FORMAT, CheckpointError, build_backbone, feature_dim,
+from objloader.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, build_backbone, feature_dim,
                                     load_backbone, load_encoder)
 from objloader.ssl.byol import BYOL
 from objloader.ssl.moco import MoCo

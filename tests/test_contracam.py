@@ -11,7 +11,7 @@ from torch import nn
 
 from objloader.cam.contracam import ContraCAM, ContraCAMConfig, resnet_trunk
 from objloader.cam.crf import crf_refine, crf_refine_batch
-from objloader.ssl.backbone import build_backbone
+from objloader.checkpoint import build_backbone
 
 
 def _tiny(seed=0):

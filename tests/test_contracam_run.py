@@ -16,7 +16,7 @@ from objloader.cam.masks import CamError, MaskStore, compute_masks, load_contrac
 from objloader.cam.settings import CamSettings
 from objloader.cli.cam import main as cam_main
 from objloader.sources import open_source
-from objloader.ssl.backbone import CHECKPOINT_FORMAT, load_encoder
+from objloader.checkpoint import CHECKPOINT_FORMAT, load_encoder
 from objloader.ssl.byol import BYOL
 from objloader.ssl.moco import MoCo
 from objloader.store import BuildError, BuildOptions, ContraCAMMasks, build, open_dataset, read_manifest

@@ -9,7 +9,7 @@ from objloader.errors import ConfigError, ObjloaderError, ProbeError
 from objloader.optional import MissingDependency
 from objloader.sources import SourceError
 from objloader.sources.demo import DemoError
-from objloader.ssl.backbone import CheckpointError
+from objloader.checkpoint import CheckpointError
 from objloader.store import BuildError, DatasetError
 from objloader.store.process import MaskPairingError
 

@@ -33,7 +33,7 @@ def main(tmp):
     from objloader.cam.contracam import ContraCAM, ContraCAMConfig, resnet_trunk
     from objloader.cam.crf import crf_refine
     from objloader.optional import MissingDependency
-    from objloader.ssl.backbone import build_backbone
+    from objloader.checkpoint import build_backbone
     from objloader.ssl.trainer import TrainConfig, train
     from objloader.store import BuildOptions, build
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from objloader.ssl.backbone import build_backbone
+from objloader.checkpoint import build_backbone
 from objloader.ssl.moco import MoCo, SplitBatchNorm2d, split_batchnorm, split_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

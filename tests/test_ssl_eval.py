@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from objloader.ssl.backbone import CHECKPOINT_FORMAT, CheckpointError, build_backbone
+from objloader.checkpoint import CHECKPOINT_FORMAT, CheckpointError, build_backbone
 from objloader.ssl.bgchallenge import bgchallenge_report
 from objloader.ssl.features import extract_features
 from objloader.ssl.linear import WD_GRID, linear_probe, stratified_split

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from objloader.ssl.backbone import CheckpointError, load_backbone, load_encoder
+from objloader.checkpoint import CheckpointError, load_backbone, load_encoder
 from objloader.ssl.moco import MoCo, queue_size_for
 from objloader.ssl.trainer import TrainConfig, _build_model, train
 from objloader.store import BuildOptions, build
@@ -119,7 +119,7 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny, tmp_path):
     assert str(path) in str(e.value)
     # a MoCo checkpoint given to BYOL: named, with the mismatch spelled out
     other = tmp_path / "moco.pt"
-    from objloader.ssl.backbone import CHECKPOINT_FORMAT
+    from objloader.checkpoint import CHECKPOINT_FORMAT
 
     torch.save({"format": CHECKPOINT_FORMAT, "method": "moco", "arch": "resnet18", "small_stem": False,
                 "image_size": 32, "backbone": {}, "model": {}, "optimizer": {}, "step": 0, "epoch": 0,

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..augment.reference import normalize
-from ..ssl.backbone import load_encoder
+from ..checkpoint import load_encoder
 from ..store.builder import file_sha256, source_fingerprint
 from ..store.process import SkipRecord, decode_image
 from ..store.schema import BuildOptions

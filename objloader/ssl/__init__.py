@@ -3,7 +3,7 @@
 Scripts: train/moco.py, train/byol.py (objloader.ssl.trainer), train/linear.py (bgchallenge).
 """
 
-from .backbone import CheckpointError, build_backbone, load_backbone
+from ..checkpoint import CheckpointError, build_backbone, load_backbone
 from .linear import linear_probe
 
 __all__ = ["build_backbone", "load_backbone", "CheckpointError", "linear_probe"]

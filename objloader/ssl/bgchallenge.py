@@ -21,7 +21,7 @@ import numpy as np
 
 from objloader.store.reader import DatasetError, read_manifest
 
-from .backbone import load_backbone
+from ..checkpoint import load_backbone
 from .features import extract_features
 from .linear import linear_probe, stratified_split
 

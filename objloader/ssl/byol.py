@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DEFAULT_WIDTH, build_backbone, feature_dim
+from ..checkpoint import DEFAULT_WIDTH, build_backbone, feature_dim
 
 __all__ = ["BYOL"]
 

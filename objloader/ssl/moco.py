@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DEFAULT_WIDTH, build_backbone, feature_dim
+from ..checkpoint import DEFAULT_WIDTH, build_backbone, feature_dim
 
 __all__ = ["MoCo", "queue_size_for", "SplitBatchNorm2d", "split_batchnorm", "split_groups", "DEFAULT_BN_SPLITS"]
 

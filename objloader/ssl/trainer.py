@@ -6,7 +6,7 @@ process group (gloo on CPU, nccl on CUDA), shards the data by rank and wraps the
 DistributedDataParallel; rank 0 logs and writes checkpoints.
 
 Checkpoint (``OUT/checkpoint.pt``, written atomically): the backbone contract of
-:mod:`objloader.ssl.backbone` plus ``model`` (momentum encoder, queue), ``optimizer``, ``scaler``,
+:mod:`objloader.checkpoint` plus ``model`` (momentum encoder, queue), ``optimizer``, ``scaler``,
 ``step``, ``epoch``, ``config`` and ``rng``, all tensors or plain types, so
 ``torch.load(path, weights_only=True)`` reads it.
 """
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..loaders import make_loader
 from ..store.reader import read_manifest
-from .backbone import ARCHS, CHECKPOINT_FORMAT, DEFAULT_WIDTH, CheckpointError, checkpoint_width
+from ..checkpoint import ARCHS, CHECKPOINT_FORMAT, DEFAULT_WIDTH, CheckpointError, checkpoint_width
 from .byol import BYOL
 from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
 from ..errors import ConfigError
