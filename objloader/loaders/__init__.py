@@ -114,12 +114,12 @@ def make_loader(
         names = ", ".join(manifest["datasets"])
         raise DatasetError(f"{path!r} holds several datasets ({names}); pass one of them, "
                            f"e.g. {os.path.join(path, next(iter(manifest['datasets'])))!r}")
-    check_integrity(path, manifest, engine)  # sizes and record counts: milliseconds, no record read
-    _check_batches(path, manifest, cfg)
     if engine == "ffcv":
         require("ffcv", "make_loader(engine='ffcv')")
     elif engine == "dali":
         require("nvidia.dali", "make_loader(engine='dali')")
+    check_integrity(path, manifest, engine)  # sizes and record counts: milliseconds, no record read
+    _check_batches(path, manifest, cfg)
     if engine == "torch":
         from .torch_engine import TorchEngine
 

@@ -1,8 +1,8 @@
 """The record a source yields, before any mask is computed or any format is written."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 
@@ -19,13 +19,22 @@ class Sample:
 
     key          stable identity of the image within its source (relative path, COCO file
                  name, ...): a record built from it carries the key, so a mask can never pair
-                 with the wrong image.
+                 with the wrong image. Always valid UTF-8 text (see `file_sample`).
     path         file the image bytes come from.
     label        class id, -1 when unlabelled.
     gt_mask_path optional 8-bit mask image (0 = background, >0 = object) beside the image.
-    gt_segments  optional COCO segmentations (polygons or RLE) of the image's instances,
-                 with (height, width) in gt_size; their union is the ground-truth mask.
+    gt_segments  optional COCO instances as (annotation id, segmentation) pairs, each
+                 segmentation polygons or RLE, with (height, width) in gt_size; their union is
+                 the ground-truth mask.
     gt_boxes     optional float32 [K, 4] (x0, y0, x1, y1) normalised to [0, 1].
+    origin       where the image is described in its source, for messages (e.g. "COCO image id
+                 7 ('a.jpg')"); the key when empty.
+    notes        repairs made to the source's description of this image while reading it; they
+                 are conversions of the record built from it, counted like them.
+    invalid      why the source's entry cannot become a record (a malformed field, a name that is
+                 not UTF-8), found while reading the source. It is raised as SourceError when the
+                 sample is first used, so the build skips or stops on this record alone, with
+                 the reason, instead of the whole source failing to open.
     """
 
     key: str
@@ -35,12 +44,20 @@ class Sample:
     gt_segments: Optional[list] = None
     gt_size: Optional[tuple] = None
     gt_boxes: Optional[np.ndarray] = None
+    origin: str = ""
+    notes: List[str] = field(default_factory=list)
+    invalid: Optional[str] = None
 
     @property
     def has_gt_mask(self) -> bool:
         return self.gt_mask_path is not None or self.gt_segments is not None
 
+    def _raise_if_invalid(self) -> None:
+        if self.invalid is not None:
+            raise SourceError(self.invalid)
+
     def read_bytes(self) -> bytes:
+        self._raise_if_invalid()
         try:
             with open(self.path, "rb") as f:
                 return f.read()
@@ -48,18 +65,49 @@ class Sample:
             raise SourceError(f"cannot read image {self.path!r} (record {self.key!r}): {e}") from e
 
     def load_gt_mask(self) -> Optional[np.ndarray]:
-        """uint8 [H, W] with 0 = background, 255 = object, or None when there is no ground truth."""
+        """uint8 [H, W] with 0 = background, 255 = object, or None when there is no ground truth.
+
+        A mask file's pixels are used as stored (any EXIF orientation of the mask file itself is
+        not applied): a mask is drawn on the image as displayed, see imagefolder.py."""
+        self._raise_if_invalid()
         if self.gt_mask_path is not None:
             import cv2
 
-            m = cv2.imread(self.gt_mask_path, cv2.IMREAD_UNCHANGED)
+            # Read through open(), not cv2.imread: OpenCV cannot take a path that is not UTF-8.
+            try:
+                with open(self.gt_mask_path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise SourceError(f"cannot read mask {self.gt_mask_path!r} (record {self.key!r}): {e}") from e
+            m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
             if m is None:
                 raise SourceError(f"cannot read mask {self.gt_mask_path!r} (record {self.key!r})")
             if m.ndim == 3:
                 m = m.max(axis=2)
             return np.where(m > 0, 255, 0).astype(np.uint8)
         if self.gt_segments is not None:
-            from .coco import segments_to_mask
+            from .coco import instances_to_mask
 
-            return segments_to_mask(self.gt_segments, *self.gt_size)
+            return instances_to_mask(self.gt_segments, *self.gt_size, origin=self.origin or repr(self.key))
         return None
+
+
+def printable(name: str) -> str:
+    """`name` as valid UTF-8 text. Python keeps the bytes of a file name that are not UTF-8 as
+    lone surrogates, which can be neither encoded, hashed into the build's fingerprint nor
+    printed everywhere; here they become \\xNN."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates no byte decodes to, e.g. a JSON "\\ud800" escape
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def file_sample(key: str, path: str, **fields) -> Sample:
+    """The Sample of one file of a source; when its key is not valid UTF-8, one that is skipped
+    with a reason naming the escaped name. Such a key cannot be hashed or stored as text, and
+    escaping it into a record key could make it collide with a file literally named that way."""
+    shown = printable(key)
+    if shown == key:
+        return Sample(key=key, path=path, **fields)
+    reason = f"file name is not valid UTF-8: {shown} (bytes that are not written as \\xNN)"
+    return Sample(key=shown, path=path, invalid=reason, **fields)

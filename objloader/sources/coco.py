@@ -2,17 +2,59 @@
 
 Images are looked up in `image_root` (default: `images/` beside the json if it exists, else the
 json's own folder). A record's label is -1 (a scene has no single class); its ground truth is the
-union of its instance masks and the instance boxes.
+union of its instance masks and the instance boxes. Images are used as displayed (EXIF orientation
+applied, see imagefolder.py), so the json's sizes and coordinates are taken as those of the
+displayed image; a json whose height/width differ from it is refused as a size mismatch.
+
+Every instance with an area is both foreground in the mask and a box: OA-Crop crops inside the
+boxes and BG-Mixup pastes another image's background over everything outside the mask, so an
+object with a box but no mask would lose its own pixels. Where a json breaks that, the instance is
+repaired and the repair is counted under the manifest's `conversions` with one of these notes
+(once per record):
+
+- NOTE_BOX_AS_MASK: the segmentation has no area (missing, empty, or only polygons of fewer than
+  3 points) but the box has: the box is filled in the mask.
+- NOTE_BOX_FROM_SEGMENTATION: the box has no area inside the image (width or height <= 0, wholly
+  outside, or missing) but the segmentation has: the box is the segmentation's bounding box.
+- NOTE_INSTANCE_LEFT_OUT: neither has an area: the instance is left out.
+
+A polygon of fewer than 3 points beside larger ones of the same instance has no area and is ignored.
+
+A malformed entry (an image without a positive integer height or width, a bbox that is not 4
+numbers, a polygon that is not an even-length list of numbers, an RLE that cannot be decoded or
+does not cover the image) is an error of its record alone: the message names the image id, its
+file name, the annotation id and the field. `objloader-build --on-error skip` counts the record as
+skipped with that message, `--on-error fail` stops with it. The structure is checked when the json
+is read; compressed RLE strings are decoded in the build workers and their errors named the same
+way. Only a json that cannot be parsed, has no `images` list, or holds an annotation naming no
+image fails as a whole (SourceError).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import List, Optional
+import re
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .base import Sample, SourceError
+from .base import Sample, SourceError, file_sample, printable
+
+NOTE_BOX_AS_MASK = "COCO instance without a segmentation area: its box filled in the mask"
+NOTE_BOX_FROM_SEGMENTATION = "COCO box missing or without area in the image: taken from the segmentation"
+NOTE_INSTANCE_LEFT_OUT = "COCO instance with neither box nor segmentation area: left out"
+
+# Compressed RLE is written in the characters 48..111 ('0'..'o'): 6-bit chunks offset by 48.
+_RLE_CHARS = re.compile(r"[0-o]*\Z")
+
+
+class _Malformed(Exception):
+    """A field of one image's entry that cannot be read; the message names the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# RLE and polygons -> pixels
 
 
 def decode_rle_string(s: str) -> List[int]:
@@ -24,7 +66,11 @@ def decode_rle_string(s: str) -> List[int]:
     while p < len(s):
         value, shift, more = 0, 0, True
         while more:
+            if p == len(s):
+                raise SourceError("compressed RLE counts end inside a value")
             c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise SourceError(f"compressed RLE counts hold {s[p]!r}, outside '0'..'o'")
             value |= (c & 0x1F) << shift
             more = bool(c & 0x20)
             p += 1
@@ -37,76 +83,289 @@ def decode_rle_string(s: str) -> List[int]:
     return counts
 
 
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """bool [h, w] from an RLE dict; runs alternate 0/1 starting with 0, column-major order."""
+def _rle_counts(rle: dict) -> np.ndarray:
+    """The runs of an RLE dict, checked to be non-negative and to cover its size exactly."""
     h, w = rle["size"]
     counts = rle["counts"]
     if isinstance(counts, (str, bytes)):
-        counts = decode_rle_string(counts.decode() if isinstance(counts, bytes) else counts)
+        counts = decode_rle_string(counts.decode("latin-1") if isinstance(counts, bytes) else counts)
     counts = np.asarray(counts, dtype=np.int64)
+    if (counts < 0).any():
+        raise SourceError("RLE counts hold a negative run")
     if counts.sum() != h * w:
         raise SourceError(f"RLE counts sum to {counts.sum()}, expected {h}x{w}={h * w}")
+    return counts
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """bool [h, w] from an RLE dict; runs alternate 0/1 starting with 0, column-major order."""
+    h, w = rle["size"]
+    counts = _rle_counts(rle)
     values = np.zeros(len(counts), dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, counts)
     return flat.reshape(w, h).T
 
 
-def segments_to_mask(segments: list, height: int, width: int) -> np.ndarray:
-    """uint8 [height, width], 255 where any instance segmentation covers the pixel."""
+def _paint(mask: np.ndarray, seg) -> None:
+    """Set the pixels of one segmentation (polygons or RLE dict) to 255 in mask."""
     import cv2
 
+    if isinstance(seg, dict):
+        m = rle_to_mask(seg)
+        if m.shape != mask.shape:
+            raise SourceError(f"RLE size {list(m.shape)} differs from image size {list(mask.shape)}")
+        mask[m] = 255
+        return
+    for poly in seg:  # polygons: list of flat [x0, y0, x1, y1, ...] lists
+        pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+        if len(pts) >= 3:
+            cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255)
+
+
+def segments_to_mask(segments: list, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width], 255 where any instance segmentation covers the pixel."""
     mask = np.zeros((height, width), dtype=np.uint8)
     for seg in segments:
-        if isinstance(seg, dict):
-            m = rle_to_mask(seg)
-            if m.shape != mask.shape:
-                raise SourceError(f"RLE size {list(m.shape)} differs from image size {[height, width]}")
-            mask[m] = 255
-        else:  # polygons: list of flat [x0, y0, x1, y1, ...] lists
-            for poly in seg:
-                pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-                if len(pts) >= 3:
-                    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255)
+        _paint(mask, seg)
     return mask
 
 
-def read_coco(json_path: str, image_root: Optional[str] = None) -> List[Sample]:
+def instances_to_mask(instances: list, height: int, width: int, origin: str = "") -> np.ndarray:
+    """segments_to_mask of read_coco's (annotation id, segmentation) pairs. Runs in build workers,
+    so an error names the record (origin) and the annotation, to be counted against that record."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for ann_id, seg in instances:
+        try:
+            _paint(mask, seg)
+        except SourceError as e:
+            raise SourceError(f"{origin}: annotation {ann_id!r}: 'segmentation': {e}") from None
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# checking one image's entry
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _all_numbers(values: list) -> bool:
+    """Every value a finite int or float (not a bool). Polygons hold most of a COCO json's
+    numbers, so this checks types without a call per value and finiteness by one sum."""
+    if not all(type(v) in (int, float) for v in values):
+        return False
+    try:
+        return math.isfinite(sum(values))  # inf or nan anywhere makes the sum inf or nan
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _as_int(v) -> Optional[int]:
+    """v as an int when it is an integral number (JSON writers differ on 480 vs 480.0), else None."""
+    return int(v) if _is_number(v) and v == int(v) else None
+
+
+def _dimension(entry: dict, name: str) -> int:
+    if name not in entry:
+        raise _Malformed(f"image entry has no '{name}'")
+    v = _as_int(entry[name])
+    if v is None or v <= 0:
+        raise _Malformed(f"image '{name}' must be a positive integer, got {entry[name]!r}")
+    return v
+
+
+def _box(bbox, height: int, width: int) -> Optional[List[float]]:
+    """[x0, y0, x1, y1] normalised and clipped to the image, or None when it has no area there."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not _all_numbers(list(bbox)):
+        raise _Malformed(f"'bbox' must be 4 numbers [x, y, width, height], got {bbox!r:.80}")
+    x, y, bw, bh = bbox
+    return _clipped([x, y, x + bw, y + bh], height, width)
+
+
+def _clipped(px, height: int, width: int) -> Optional[List[float]]:
+    """Pixel box (x0, y0, x1, y1) normalised and clipped to the image; None when it has no area there."""
+    box = [float(min(max(v / s, 0.0), 1.0)) for v, s in zip(px, (width, height, width, height))]
+    return box if box[2] > box[0] and box[3] > box[1] else None
+
+
+def _check_rle(rle: dict, height: int, width: int) -> None:
+    size, counts = rle.get("size"), rle.get("counts")
+    if not isinstance(size, list) or len(size) != 2 or None in map(_as_int, size):
+        raise _Malformed(f"'segmentation' RLE 'size' must be [height, width], got {size!r:.80}")
+    if [_as_int(v) for v in size] != [height, width]:
+        raise _Malformed(f"'segmentation' RLE size {size} differs from the image's [height, width] "
+                         f"{[height, width]}")
+    if isinstance(counts, (str, bytes)):
+        if not _RLE_CHARS.match(counts.decode("latin-1") if isinstance(counts, bytes) else counts):
+            raise _Malformed("'segmentation' RLE counts string holds characters outside '0'..'o'")
+    elif isinstance(counts, list) and all(_as_int(c) is not None and c >= 0 for c in counts):
+        if sum(counts) != height * width:
+            raise _Malformed(f"'segmentation' RLE counts sum to {sum(counts)}, expected "
+                             f"{height}x{width}={height * width}")
+    else:
+        raise _Malformed("'segmentation' RLE 'counts' must be a string or a list of non-negative integers")
+
+
+def _segmentation(seg, height: int, width: int):
+    """The part of a segmentation that has an area: an RLE dict, or its polygons of 3+ points;
+    None when there is none."""
+    if seg is None or seg == []:
+        return None
+    if isinstance(seg, dict):
+        _check_rle(seg, height, width)
+        return {"size": [height, width], "counts": seg["counts"]}  # the size as ints, even if written 480.0
+    if not isinstance(seg, list):
+        raise _Malformed(f"'segmentation' must be a list of polygons or an RLE dict, got {type(seg).__name__}")
+    parts = []
+    for i, poly in enumerate(seg):
+        if not isinstance(poly, list) or not _all_numbers(poly):
+            raise _Malformed(f"'segmentation' polygon {i} is not a list of numbers: {poly!r:.80}")
+        if len(poly) % 2:
+            raise _Malformed(f"'segmentation' polygon {i} has an odd number of coordinates ({len(poly)})")
+        if len(poly) >= 6:
+            parts.append(poly)
+    return parts or None
+
+
+def _rle_box(rle: dict) -> Optional[Tuple[float, float, float, float]]:
+    """Pixel bounding box (x0, y0, x1, y1) of an RLE's foreground, from its runs alone."""
+    h = rle["size"][0]
+    try:
+        counts = _rle_counts(rle)
+    except SourceError as e:
+        raise _Malformed(f"'segmentation': {e}") from None
+    ends = np.cumsum(counts)
+    fg = (np.arange(len(counts)) % 2 == 1) & (counts > 0)
+    first, last = (ends - counts)[fg], ends[fg] - 1  # column-major pixel indices, inclusive
+    if not len(first):
+        return None
+    one_column = first // h == last // h  # a run over several columns covers the top and bottom rows
+    y0 = np.where(one_column, first % h, 0).min()
+    y1 = np.where(one_column, last % h, h - 1).max() + 1
+    return float((first // h).min()), float(y0), float((last // h).max() + 1), float(y1)
+
+
+def _segmentation_box(seg, height: int, width: int) -> Optional[List[float]]:
+    """Normalised bounding box of a segmentation that has an area, None when it is outside the image."""
+    if isinstance(seg, dict):
+        px = _rle_box(seg)
+        if px is None:
+            return None
+    else:
+        pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in seg])
+        px = (*pts.min(axis=0), *pts.max(axis=0))
+    return _clipped(px, height, width)
+
+
+def _box_polygon(box: List[float], height: int, width: int) -> List[List[int]]:
+    """A polygon that fillPoly (which includes its edges) turns into exactly the pixels the
+    normalised box overlaps."""
+    eps = 1e-6  # back from normalised coordinates, 12 may come out as 12.000000000000002
+    c0, r0 = math.floor(box[0] * width + eps), math.floor(box[1] * height + eps)
+    c1 = max(c0, math.ceil(box[2] * width - eps) - 1)
+    r1 = max(r0, math.ceil(box[3] * height - eps) - 1)
+    return [[c0, r0, c1, r0, c1, r1, c0, r1]]
+
+
+def _instance(ann: dict, height: int, width: int):
+    """(segmentation for the mask or None, normalised box or None, repair note or None)."""
+    seg = _segmentation(ann.get("segmentation"), height, width)
+    box = _box(ann["bbox"], height, width) if ann.get("bbox") is not None else None
+    if seg is not None and box is not None:
+        return seg, box, None
+    if seg is not None:
+        box = _segmentation_box(seg, height, width)
+        if box is None:  # wholly outside the image, or an RLE without a pixel
+            return None, None, NOTE_INSTANCE_LEFT_OUT
+        return seg, box, NOTE_BOX_FROM_SEGMENTATION
+    if box is not None:
+        return _box_polygon(box, height, width), box, NOTE_BOX_AS_MASK
+    return None, None, NOTE_INSTANCE_LEFT_OUT
+
+
+def _ground_truth(anns: list, height: int, width: int):
+    """(annotation id, segmentation) pairs, normalised boxes [K, 4] and the repair notes of one image."""
+    instances, boxes, notes = [], [], []
+    for ann in anns:
+        try:
+            seg, box, note = _instance(ann, height, width)
+        except _Malformed as e:
+            raise _Malformed(f"annotation {ann.get('id')!r}: {e}") from None
+        if seg is not None:
+            instances.append((ann.get("id"), seg))
+        if box is not None:
+            boxes.append(box)
+        if note is not None and note not in notes:
+            notes.append(note)
+    return instances, np.array(boxes, dtype=np.float32).reshape(-1, 4), notes
+
+
+# ---------------------------------------------------------------------------------------------
+# the json
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _load(json_path: str) -> dict:
     if not os.path.isfile(json_path):
         raise SourceError(f"COCO json {json_path!r} does not exist")
     try:
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(f"cannot parse COCO json {json_path!r}: {e}") from e
-    if not isinstance(data, dict) or "images" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise SourceError(f"{json_path!r} is not a COCO instances file (no 'images' list)")
+    return data
+
+
+def _annotations_by_image(data: dict, json_path: str) -> dict:
+    anns = data.get("annotations", [])
+    if not isinstance(anns, list):
+        raise SourceError(f"COCO json {json_path!r}: 'annotations' is not a list")
+    by_image: dict = {}
+    for i, ann in enumerate(anns):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if not _is_id(image_id):
+            # No record to count it against: a json this broken is refused as a whole.
+            raise SourceError(f"COCO json {json_path!r}: annotations[{i}] names no image "
+                              f"('image_id' {image_id!r}): {ann!r:.80}")
+        by_image.setdefault(image_id, []).append(ann)
+    return by_image
+
+
+def _sample(index: int, entry, by_image: dict, image_root: str, json_path: str) -> Sample:
+    """The Sample of images[index]; one that is skipped with the reason when the entry is malformed."""
+    file_name = entry.get("file_name") if isinstance(entry, dict) else None
+    if not isinstance(file_name, str) or not file_name:
+        what = f"image id {entry.get('id')!r}" if isinstance(entry, dict) else f"{entry!r:.60}"
+        return Sample(key=f"images[{index}]", path=json_path,
+                      invalid=f"COCO json images[{index}] ({what}) has no 'file_name'")
+    image_id = entry.get("id")
+    path = os.path.join(image_root, file_name)
+    origin = f"COCO image id {image_id!r} ({printable(file_name)!r})"
+    try:
+        if not _is_id(image_id):
+            raise _Malformed(f"image 'id' must be a number or a string, got {image_id!r}")
+        h, w = _dimension(entry, "height"), _dimension(entry, "width")
+        instances, boxes, notes = _ground_truth(by_image.get(image_id, []), h, w)
+    except _Malformed as e:
+        return Sample(key=printable(file_name), path=path, origin=origin, invalid=f"{origin}: {e}")
+    return file_sample(file_name, path, label=-1, gt_segments=instances, gt_size=(h, w), gt_boxes=boxes,
+                       origin=origin, notes=notes)
+
+
+def read_coco(json_path: str, image_root: Optional[str] = None) -> List[Sample]:
+    data = _load(json_path)
     if image_root is None:
         here = os.path.dirname(os.path.abspath(json_path))
         image_root = os.path.join(here, "images") if os.path.isdir(os.path.join(here, "images")) else here
-    by_image: dict = {}
-    for ann in data.get("annotations", []):
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    samples = []
-    for img in data["images"]:
-        h, w = int(img["height"]), int(img["width"])
-        anns = by_image.get(img["id"], [])
-        boxes = np.array(
-            [[a["bbox"][0] / w, a["bbox"][1] / h, (a["bbox"][0] + a["bbox"][2]) / w, (a["bbox"][1] + a["bbox"][3]) / h]
-             for a in anns if "bbox" in a],
-            dtype=np.float32,
-        ).reshape(-1, 4)
-        segments = [a["segmentation"] for a in anns if a.get("segmentation")]
-        samples.append(
-            Sample(
-                key=img["file_name"],
-                path=os.path.join(image_root, img["file_name"]),
-                label=-1,
-                gt_segments=segments,
-                gt_size=(h, w),
-                gt_boxes=np.clip(boxes, 0.0, 1.0),
-            )
-        )
+    by_image = _annotations_by_image(data, json_path)
+    samples = [_sample(i, entry, by_image, image_root, json_path) for i, entry in enumerate(data["images"])]
     if not samples:
         raise SourceError(f"COCO json {json_path!r} lists no images")
     samples.sort(key=lambda s: s.key)

@@ -2,14 +2,15 @@
 
 Fields are separated by tabs when the line has one (so paths may contain spaces), otherwise by
 whitespace. Relative paths are relative to the list file's folder. Blank lines and lines
-starting with '#' are ignored.
+starting with '#' are ignored. A path whose bytes are not valid UTF-8 is skipped with a reason
+naming it (bytes written as \\xNN), as in an ImageFolder; the other lines are built.
 """
 from __future__ import annotations
 
 import os
 from typing import List
 
-from .base import Sample, SourceError
+from .base import Sample, SourceError, file_sample
 
 
 def read_listfile(list_path: str) -> List[Sample]:
@@ -18,9 +19,10 @@ def read_listfile(list_path: str) -> List[Sample]:
     base = os.path.dirname(os.path.abspath(list_path))
     samples: List[Sample] = []
     seen = set()
-    with open(list_path, encoding="utf-8") as f:
+    with open(list_path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
+            # Decoded as file names are, so one undecodable path skips its line, not the whole list.
+            line = raw.decode("utf-8", "surrogateescape").strip()
             if not line or line.startswith("#"):
                 continue
             fields = line.split("\t") if "\t" in line else line.split()
@@ -40,7 +42,7 @@ def read_listfile(list_path: str) -> List[Sample]:
             if rel in seen:
                 raise SourceError(f"{list_path}:{lineno}: {rel!r} is listed twice")
             seen.add(rel)
-            samples.append(Sample(key=rel, path=path, label=label, gt_mask_path=mask))
+            samples.append(file_sample(rel, path, label=label, gt_mask_path=mask))
     if not samples:
         raise SourceError(f"list file {list_path!r} lists no images")
     return samples

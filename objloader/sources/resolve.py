@@ -29,9 +29,12 @@ def read_demo_marker(root: str) -> Optional[dict]:
     path = os.path.join(root, DEMO_MARKER)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        marker = json.load(f)
-    return marker if marker.get("kind") == "objloader-demo" else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise SourceError(f"cannot read {path!r} (the marker of an objloader-demo folder): {e}") from e
+    return marker if isinstance(marker, dict) and marker.get("kind") == "objloader-demo" else None
 
 
 def open_source(path: str, coco_images: Optional[str] = None) -> List[SourceSpec]:

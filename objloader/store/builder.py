@@ -8,7 +8,9 @@ chunks; with different ones it starts over.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -47,7 +49,7 @@ def source_fingerprint(specs: List[SourceSpec]) -> str:
     """Identity of a source: every file's key, label, size and mtime."""
     h = hashlib.sha1()
     for spec in specs:
-        h.update(f"{spec.name}|{spec.kind}|{os.path.abspath(spec.path)}\n".encode())
+        h.update(f"{spec.name}|{spec.kind}|{os.path.abspath(spec.path)}\n".encode("utf-8", "surrogateescape"))
         for s in spec.samples:
             try:
                 st = os.stat(s.path)
@@ -206,6 +208,8 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         for name in shards:
             for f in (name, name[:-4] + ".idx"):
                 checksums[f"shards/{f}"] = file_sha256(os.path.join(ds_dir, "shards", f))
+    # Loaders compare these with the files before reading (cheaper than the checksums).
+    sizes = {f: os.path.getsize(os.path.join(ds_dir, f)) for f in checksums}
 
     keys, digests, labels, n_boxes = [], [], [], []
     for r in staged:
@@ -234,10 +238,11 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "skipped": skipped,
         "shards": [f"shards/{n}" for n in shards],
         "checksums": checksums,
+        "sizes": sizes,
         "timing": {"records_seconds": round(stage_seconds, 3)},
         "records": {"keys": keys, "digests": digests, "labels": labels, "n_boxes": n_boxes},
     }
-    shutil.rmtree(stage_dir)
+    _remove_leftover(stage_dir, log)
     shutil.rmtree(os.path.join(ds_dir, ".contracam"), ignore_errors=True)
     _write_json(os.path.join(ds_dir, MANIFEST), manifest)
     log(f"{label}: {len(staged)} records, {len(skipped)} skipped")
@@ -246,6 +251,103 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
 
 def _area(r) -> float:
     return float(max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1]))
+
+
+def _remove_leftover(path: str, log: Callable) -> None:
+    """Remove a directory the finished build no longer needs; failing to costs only disk space,
+    so it is a warning, not a failed build."""
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        log(f"warning: could not remove {path} ({e}); delete it by hand")
+
+
+# Descriptors of the OUT locks this process holds. A forked child (the record pool, ffcv's writer
+# processes) closes its copies at once: the lock lives as long as any copy is open, and a child
+# left behind by a killed build would otherwise keep OUT locked.
+_HELD_LOCKS: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+@contextlib.contextmanager
+def _exclusive_output(out: str):
+    """Hold an exclusive lock on OUT.lock for the whole build, so that a second build into the
+    same OUT is refused instead of writing into the same OUT.partial. flock, not a pid file: the
+    kernel releases it when its holder dies, so a killed build never blocks the next one."""
+    path = out + ".lock"
+    while True:
+        try:
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:  # the first write beside OUT: a read-only or missing parent shows here
+            raise BuildError(f"cannot write beside {out}: {e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BuildError(f"another objloader-build is writing {out} (pid {holder}); "
+                             "wait for it to finish or stop it") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # locked a file its last holder removed on release: lock the file now at path
+    _HELD_LOCKS.add(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        # Removed while still locked; a build waiting on this file sees it gone and takes a new one.
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    """Refuse, before any work, an OUT the finished build could not be put in place of."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise BuildError(f"{out} exists and is not a directory; remove it or choose another OUT")
+    if os.path.exists(out):
+        if not overwrite:
+            raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+        # Even root is refused an immutable directory or a read-only filesystem, and os.access
+        # says so; found only at the final rename, it would cost the whole build.
+        if not os.access(out, os.W_OK):
+            raise BuildError(f"{out} cannot be replaced: it is read-only or immutable")
+
+
+def _publish(partial: str, out: str, log: Callable) -> None:
+    """Make the complete build appear as OUT in one rename. An old OUT (--overwrite) is moved
+    aside first and removed last, so failing to remove it only leaves it behind."""
+    old = f"{out}.old-{os.getpid()}" if os.path.exists(out) else None
+    try:
+        if old:
+            os.rename(out, old)
+        os.rename(partial, out)
+    except OSError as e:
+        kept = ""
+        if old and os.path.exists(old) and not os.path.lexists(out):
+            try:
+                os.rename(old, out)
+            except OSError:
+                kept = f"; the previous {out} is now {old}"
+        raise BuildError(f"the build is complete in {partial} but could not be moved to {out}: {e}{kept}") from None
+    if old:
+        _remove_leftover(old, log)
 
 
 def _write_json(path: str, obj) -> None:
@@ -280,26 +382,36 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     elif contracam is not None:
         raise BuildError(f"--checkpoint / --cam-masks only apply to --masks contracam, not --masks {opts.masks}")
     out = os.path.abspath(out.rstrip("/"))
-    if os.path.exists(out) and not overwrite:
-        raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+    with _exclusive_output(out):
+        _check_output(out, overwrite)  # under the lock: a build that just finished may have made OUT
+        return _build_locked(src, out, opts, formats, workers, on_error, coco_images, contracam, log)
+
+
+def _build_locked(src: str, out: str, opts: BuildOptions, formats: Sequence[str], workers: Optional[int],
+                  on_error: str, coco_images: Optional[str], contracam: Optional[ContraCAMMasks],
+                  log: Callable) -> dict:
+    """build() once its arguments are checked and OUT is locked."""
     specs = open_source(src, coco_images)
     workers = workers or os.cpu_count() or 1
     partial = out + ".partial"
     fingerprint = _fingerprint(specs, opts, formats, contracam.identity() if contracam else None)
     state_path = os.path.join(partial, STATE)
-    if os.path.isdir(partial):
-        try:
-            with open(state_path) as f:
-                same = json.load(f).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            same = False
-        if same:
-            log(f"resuming the interrupted build in {partial}")
-        else:
-            log(f"{partial} is from a different or unreadable build: starting over")
-            shutil.rmtree(partial)
-    os.makedirs(partial, exist_ok=True)
-    _write_json(state_path, {"fingerprint": fingerprint, "source": os.path.abspath(src)})
+    try:
+        if os.path.isdir(partial):
+            try:
+                with open(state_path) as f:
+                    same = json.load(f).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                same = False
+            if same:
+                log(f"resuming the interrupted build in {partial}")
+            else:
+                log(f"{partial} is from a different or unreadable build: starting over")
+                shutil.rmtree(partial)
+        os.makedirs(partial, exist_ok=True)
+        _write_json(state_path, {"fingerprint": fingerprint, "source": os.path.abspath(src)})
+    except OSError as e:
+        raise BuildError(f"cannot prepare {partial}: {e}") from None
 
     t0 = time.time()
     ctx = mp.get_context("fork")
@@ -330,12 +442,5 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     top["workers"] = workers
     _write_json(os.path.join(partial, MANIFEST), top)
     os.remove(state_path)
-    # The output appears complete in one rename; an old output is replaced only now.
-    if os.path.exists(out):
-        old = f"{out}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out)
+    _publish(partial, out, log)  # an old output is replaced only now
     return top

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..cam.geometry import bg_rect, mask_to_boxes, pad_boxes
 from ..sources.base import Sample, SourceError
@@ -18,6 +18,9 @@ from ..errors import ConfigError, ObjloaderError
 
 # Fill colour for transparent pixels: mid-grey keeps them away from both black and white.
 ALPHA_FILL = (128, 128, 128)
+
+# The EXIF (TIFF) tag of an image's orientation; values 5-8 turn it by 90 degrees.
+EXIF_ORIENTATION = 0x0112
 
 
 class SkipRecord(Exception):
@@ -52,6 +55,13 @@ def decode_image(data: bytes, opts: BuildOptions) -> Tuple[np.ndarray, Tuple[int
         raise SkipRecord("not an image file (format not recognised)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SkipRecord(f"cannot decode image: {e}") from None
+    orientation = _exif_orientation(im)
+    if orientation in range(2, 9):
+        # Images are used as displayed (sources/imagefolder.py): masks are drawn on the turned image.
+        im = ImageOps.exif_transpose(im)
+        notes.append("EXIF orientation applied")
+        if orientation >= 5:
+            src_w, src_h = src_h, src_w
     mode = im.mode
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -71,6 +81,14 @@ def decode_image(data: bytes, opts: BuildOptions) -> Tuple[np.ndarray, Tuple[int
         notes.append(f"{mode} converted to RGB")
     rgb = np.asarray(im.convert("RGB"))
     return np.ascontiguousarray(rgb), (src_h, src_w), notes
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8) of a decoded image, 1 when it has none or it cannot be read."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block says nothing about the pixels, which decoded fine
+        return 1
 
 
 def resize_long_side(img: np.ndarray, max_side: int) -> np.ndarray:
@@ -127,6 +145,7 @@ def build_record(sample: Sample, opts: BuildOptions, cam_entry: Optional[tuple] 
     data = sample.read_bytes()
     sha1 = hashlib.sha1(data).hexdigest()
     rgb, (src_h, src_w), notes = decode_image(data, opts)
+    notes = list(sample.notes) + notes  # repairs made while reading the source (e.g. sources/coco.py)
     rgb = resize_long_side(rgb, opts.max_res)
     if rgb.shape[:2] != (src_h, src_w):
         notes.append(f"resized from {src_w}x{src_h}")
