@@ -17,7 +17,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from objloader.cam.evaluate import evaluate_localisation  # noqa: E402
+from objloader.ssl.localisation import evaluate_localisation  # noqa: E402
 from objloader.cam.settings import CamSettings  # noqa: E402
 
 VARIANTS = ("single-step", "single-step + CRF")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from objloader.cam import masks as cam_masks
-from objloader.cam.evaluate import (centre_prior, evaluate_localisation, mask_miou_sweep, max_box_acc,
+from objloader.ssl.localisation import (centre_prior, evaluate_localisation, mask_miou_sweep, max_box_acc,
                                    object_recall)
 from objloader.cam.masks import CamError, MaskStore, compute_masks, load_contracam
 from objloader.cam.settings import CamSettings
@@ -19,7 +19,8 @@ from objloader.sources import open_source
 from objloader.checkpoint import CHECKPOINT_FORMAT, load_encoder
 from objloader.ssl.byol import BYOL
 from objloader.ssl.moco import MoCo
-from objloader.store import BuildError, BuildOptions, ContraCAMMasks, build, open_dataset, read_manifest
+from objloader.cam.masks import ContraCAMMasks
+from objloader.store import BuildError, BuildOptions, build, open_dataset, read_manifest
 
 N_IMAGES = 11  # + one corrupt file
 SETTINGS = CamSettings(iterations=2, image_size=32, mask_res=16, batch_size=4, crf=True)

@@ -232,7 +232,7 @@ DISPLAY_TURNS = {3: 2, 6: -1, 8: 1}
 @pytest.mark.parametrize("orientation, size", [(6, (32, 32)), (3, (32, 32)), (8, (32, 48))])
 def test_exif_oriented_jpeg_pairs_with_its_displayed_mask(tmp_path, orientation, size):
     """The stored record is the displayed photo, aligned with the mask drawn on it. This needs
-    objloader/store/process.py decode_image to apply the EXIF orientation."""
+    objloader/sources/decode.py decode_image to apply the EXIF orientation."""
     stored = np.zeros(size + (3,), np.uint8)
     stored[0:16, 0:8] = 255  # a white object in the stored top-left: any turn moves it
     displayed = np.ascontiguousarray(np.rot90(stored, DISPLAY_TURNS[orientation]))

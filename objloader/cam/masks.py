@@ -16,6 +16,7 @@ and content hash: the build pairs by key and refuses a hash mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -35,16 +36,16 @@ from tqdm import tqdm
 
 from ..augment.reference import normalize
 from ..checkpoint import load_encoder
-from ..store.builder import file_sha256, source_fingerprint
-from ..store.process import SkipRecord, decode_image
-from ..store.schema import BuildOptions
+from ..errors import ObjloaderError
+from ..fileio import file_sha256
+from ..sources.decode import DecodeLimits, SkipRecord, decode_image
+from ..sources.resolve import source_fingerprint
 from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
 from .crf import CRFConfig, crf_pool, crf_refine_batch
 from .settings import CamSettings
-from ..errors import ObjloaderError
 
 __all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
-           "explain_batch", "refine_batch"]
+           "explain_batch", "refine_batch", "ContraCAMMasks"]
 
 STORE_FORMAT = "objloader-cam/1"
 RUN = "run.json"
@@ -113,7 +114,7 @@ def to_uint8(masks: np.ndarray) -> np.ndarray:
 class _SourceChunks(Dataset):
     """Chunk c of a sample list -> its images decoded once and prepared at the input size."""
 
-    def __init__(self, samples, chunks: Sequence[int], batch_size: int, size: int, opts: BuildOptions):
+    def __init__(self, samples, chunks: Sequence[int], batch_size: int, size: int, opts: DecodeLimits):
         self.samples, self.chunks, self.batch_size, self.size, self.opts = samples, list(chunks), batch_size, size, opts
 
     def __len__(self) -> int:
@@ -225,7 +226,7 @@ def _pick_device(device: Optional[str]) -> torch.device:
     return torch.device("cpu")
 
 
-def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: BuildOptions) -> str:
+def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: DecodeLimits) -> str:
     h = hashlib.sha1(json.dumps([STORE_FORMAT, checkpoint_sha256, settings.to_dict(), opts.min_size,
                                  opts.max_pixels]).encode())
     h.update(source_fingerprint(specs).encode())
@@ -233,7 +234,7 @@ def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: 
 
 
 def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamSettings(), *,
-                  opts: BuildOptions = BuildOptions(), workers: Optional[int] = None, device: Optional[str] = None,
+                  opts: DecodeLimits = DecodeLimits(), workers: Optional[int] = None, device: Optional[str] = None,
                   overwrite: bool = False, progress: bool = True, log: Callable = print) -> dict:
     """ContraCAM masks of every sample of ``specs`` (see objloader.sources) into the store ``out``;
     returns its masks.json. Resumes an interrupted run with the same arguments; refuses to mix a
@@ -355,3 +356,41 @@ def _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool
             _write_chunk(_chunk_path(out, spec.name, chunk["chunk"]), chunk["keys"], chunk["sha1"], masks,
                          chunk["reasons"])
             bar.update(len(ok))
+
+
+@dataclasses.dataclass(frozen=True)
+class ContraCAMMasks:
+    """The masks of ``objloader-build --masks contracam`` (a store.MaskProvider): ContraCAM run
+    inline from a ``checkpoint`` with ``settings``, or the ``store`` of an earlier objloader-cam run."""
+
+    checkpoint: Optional[str] = None
+    settings: Optional[CamSettings] = None
+    store: Optional[str] = None
+
+    def validate(self) -> None:
+        if bool(self.checkpoint) == bool(self.store):
+            raise CamError("--masks contracam needs either --checkpoint CKPT (run ContraCAM now) or "
+                           "--cam-masks DIR (the output of objloader-cam), not both")
+        if self.checkpoint and not os.path.isfile(self.checkpoint):
+            raise CamError(f"checkpoint {self.checkpoint!r} does not exist")
+        if self.store and not os.path.isfile(os.path.join(self.store, COMPLETE)):
+            raise CamError(f"{self.store!r} is not a complete ContraCAM mask store (no {COMPLETE}); "
+                           "run or finish objloader-cam first")
+
+    def identity(self) -> dict:
+        if self.store:
+            with open(os.path.join(self.store, COMPLETE), encoding="utf-8") as f:
+                return {"store": json.load(f)["fingerprint"]}
+        return {"checkpoint_sha256": file_sha256(self.checkpoint), "settings": (self.settings or CamSettings()).to_dict()}
+
+    def entries(self, spec, work_dir: str, opts, workers: int, log: Callable):
+        if self.store:
+            store = MaskStore(self.store)
+        else:
+            compute_masks([spec], work_dir, self.checkpoint, self.settings or CamSettings(), opts=opts,
+                          workers=workers, log=log)
+            store = MaskStore(work_dir)
+        info = {k: store.info[k] for k in ("checkpoint", "checkpoint_sha256", "method", "arch", "settings",
+                                           "input_size")}
+        info["store"] = os.path.abspath(self.store) if self.store else None
+        return store.entries(spec.name), info

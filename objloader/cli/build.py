@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import ObjloaderError
-from ..store import BuildOptions, ContraCAMMasks, build
+from ..store import BuildOptions, build
 from .cam import add_cam_arguments, cam_settings
 
 _D = BuildOptions()
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
                             min_box_area=args.min_box_area, shard_size=args.shard_size)
         contracam = None
         if args.checkpoint or args.cam_masks:
+            from ..cam.masks import ContraCAMMasks  # torch and the CRF load only when asked for
+
             contracam = ContraCAMMasks(checkpoint=args.checkpoint, store=args.cam_masks,
                                        settings=cam_settings(args, "cam-", args.mask_res) if args.checkpoint else None)
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],

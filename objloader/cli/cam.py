@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     try:
         settings = cam_settings(args, mask_res=args.mask_res)
         if args.eval:
-            from ..cam.evaluate import evaluate_localisation
+            from ..ssl.localisation import evaluate_localisation
 
             if not args.data:
                 parser().error("--eval needs --data BUILT (a built dataset with ground-truth masks)")

@@ -1,6 +1,7 @@
 """Decide what kind of source a path is and read it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -61,3 +62,17 @@ def open_source(path: str, coco_images: Optional[str] = None) -> List[SourceSpec
     if path.lower().endswith(".json"):
         return [SourceSpec("", "coco", path, read_coco(path, coco_images))]
     return [SourceSpec("", "listfile", path, read_listfile(path))]
+
+
+def source_fingerprint(specs: List[SourceSpec]) -> str:
+    """Identity of a source: every file's key, label, size and mtime."""
+    h = hashlib.sha1()
+    for spec in specs:
+        h.update(f"{spec.name}|{spec.kind}|{os.path.abspath(spec.path)}\n".encode("utf-8", "surrogateescape"))
+        for s in spec.samples:
+            try:
+                st = os.stat(s.path)
+                h.update(f"{s.key}|{s.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{s.key}|missing\n".encode())
+    return h.hexdigest()

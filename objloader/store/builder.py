@@ -22,41 +22,23 @@ from typing import Callable, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from ..sources import SourceError, SourceSpec, open_source
-from .process import MaskPairingError, SkipRecord, build_record
-from .schema import SCHEMA_VERSION, BuildOptions, Record, digest_of
-from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
 from ..errors import ObjloaderError
+from ..fileio import file_sha256
+from ..sources import SourceError, SourceSpec, open_source
+from ..sources.resolve import source_fingerprint
+from .process import MaskPairingError, SkipRecord, build_record
+from .schema import SCHEMA_VERSION, BuildOptions, MaskProvider, Record, digest_of
+from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
 
 FORMATS = ("ffcv", "wds")
 MANIFEST = "manifest.json"
 STATE = "build-state.json"
+# Inside the partial output, so an interrupted build resumes the mask run too.
+CAM_DIR = ".contracam"
 
 
 class BuildError(ObjloaderError, RuntimeError):
     """A build that cannot go on; the message says what to do."""
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def source_fingerprint(specs: List[SourceSpec]) -> str:
-    """Identity of a source: every file's key, label, size and mtime."""
-    h = hashlib.sha1()
-    for spec in specs:
-        h.update(f"{spec.name}|{spec.kind}|{os.path.abspath(spec.path)}\n".encode("utf-8", "surrogateescape"))
-        for s in spec.samples:
-            try:
-                st = os.stat(s.path)
-                h.update(f"{s.key}|{s.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{s.key}|missing\n".encode())
-    return h.hexdigest()
 
 
 def _fingerprint(specs: List[SourceSpec], opts: BuildOptions, formats: Sequence[str], extra=None) -> str:
@@ -106,46 +88,8 @@ def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error:
     return n_chunks
 
 
-@dataclasses.dataclass(frozen=True)
-class ContraCAMMasks:
-    """Where --masks contracam takes its masks from: a checkpoint to run ContraCAM with inline
-    (``settings`` = objloader.cam.CamSettings), or the store of an earlier objloader-cam run."""
-
-    checkpoint: Optional[str] = None
-    settings: Optional[object] = None
-    store: Optional[str] = None
-
-    def identity(self) -> dict:
-        """What the build's fingerprint needs to know of the masks."""
-        if self.store:
-            with open(os.path.join(self.store, "masks.json"), encoding="utf-8") as f:
-                return {"store": json.load(f)["fingerprint"]}
-        return {"checkpoint_sha256": file_sha256(self.checkpoint), "settings": self.settings.to_dict()}
-
-
-def _contracam_entries(spec: SourceSpec, ds_dir: str, cam: ContraCAMMasks, opts: BuildOptions, workers: int,
-                       log: Callable):
-    """key -> mask store entry for spec, and what the manifest says of the masks."""
-    from ..cam.masks import CamError, MaskStore, compute_masks
-
-    try:
-        if cam.store:
-            store = MaskStore(cam.store)
-        else:
-            # Inside the partial output, so an interrupted build resumes the mask run too.
-            store_dir = os.path.join(ds_dir, ".contracam")
-            compute_masks([spec], store_dir, cam.checkpoint, cam.settings, opts=opts, workers=workers, log=log)
-            store = MaskStore(store_dir)
-        entries = store.entries(spec.name)
-    except CamError as e:
-        raise BuildError(str(e)) from None
-    info = {k: store.info[k] for k in ("checkpoint", "checkpoint_sha256", "method", "arch", "settings", "input_size")}
-    info["store"] = os.path.abspath(cam.store) if cam.store else None
-    return entries, info
-
-
 def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Sequence[str], pool,
-               workers: int, on_error: str, log: Callable, cam: Optional[ContraCAMMasks] = None) -> dict:
+               workers: int, on_error: str, log: Callable, cam: Optional[MaskProvider] = None) -> dict:
     label = spec.name or os.path.basename(os.path.normpath(spec.path))
     if os.path.exists(os.path.join(ds_dir, MANIFEST)):
         log(f"{label}: already built in the partial output, kept")
@@ -160,7 +104,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         log(f"{label}: no ground-truth masks in this source; built with --masks none")
     cam_entries = cam_info = None
     if opts.masks == "contracam":
-        cam_entries, cam_info = _contracam_entries(spec, ds_dir, cam, opts, workers, log)
+        cam_entries, cam_info = cam.entries(spec, os.path.join(ds_dir, CAM_DIR), opts, workers, log)
     stage_dir = os.path.join(ds_dir, ".stage")
     t0 = time.time()
     n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label, cam_entries)
@@ -243,7 +187,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "records": {"keys": keys, "digests": digests, "labels": labels, "n_boxes": n_boxes},
     }
     _remove_leftover(stage_dir, log)
-    shutil.rmtree(os.path.join(ds_dir, ".contracam"), ignore_errors=True)
+    shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
     _write_json(os.path.join(ds_dir, MANIFEST), manifest)
     log(f"{label}: {len(staged)} records, {len(skipped)} skipped")
     return manifest
@@ -359,9 +303,10 @@ def _write_json(path: str, obj) -> None:
 
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
-          coco_images: Optional[str] = None, contracam: Optional[ContraCAMMasks] = None,
+          coco_images: Optional[str] = None, contracam: Optional[MaskProvider] = None,
           log: Callable = print) -> dict:
-    """Build src into out; returns the top-level manifest. ``--masks contracam`` needs ``contracam``."""
+    """Build src into out; returns the top-level manifest. ``--masks contracam`` needs ``contracam``,
+    a MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
     formats = tuple(formats)
     for f in formats:
         if f not in FORMATS:
@@ -371,14 +316,10 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     if opts.masks not in ("gt", "none", "contracam"):
         raise BuildError(f"--masks {opts.masks!r} is not available; choose gt, none or contracam")
     if opts.masks == "contracam":
-        if contracam is None or bool(contracam.checkpoint) == bool(contracam.store):
+        if contracam is None:
             raise BuildError("--masks contracam needs either --checkpoint CKPT (run ContraCAM now) or "
                              "--cam-masks DIR (the output of objloader-cam)")
-        if contracam.checkpoint and not os.path.isfile(contracam.checkpoint):
-            raise BuildError(f"checkpoint {contracam.checkpoint!r} does not exist")
-        if contracam.store and not os.path.isfile(os.path.join(contracam.store, "masks.json")):
-            raise BuildError(f"{contracam.store!r} is not a complete ContraCAM mask store (no masks.json); "
-                             "run or finish objloader-cam first")
+        contracam.validate()
     elif contracam is not None:
         raise BuildError(f"--checkpoint / --cam-masks only apply to --masks contracam, not --masks {opts.masks}")
     out = os.path.abspath(out.rstrip("/"))
@@ -388,7 +329,7 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
 
 
 def _build_locked(src: str, out: str, opts: BuildOptions, formats: Sequence[str], workers: Optional[int],
-                  on_error: str, coco_images: Optional[str], contracam: Optional[ContraCAMMasks],
+                  on_error: str, coco_images: Optional[str], contracam: Optional[MaskProvider],
                   log: Callable) -> dict:
     """build() once its arguments are checked and OUT is locked."""
     specs = open_source(src, coco_images)

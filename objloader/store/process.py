@@ -3,92 +3,22 @@ and derive the mask geometry. Runs in build worker processes."""
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
 
 from ..cam.geometry import bg_rect, mask_to_boxes, pad_boxes
 from ..sources.base import Sample, SourceError
-from .schema import BuildOptions, Record
+from ..sources.decode import SkipRecord, decode_image
 from ..errors import ConfigError, ObjloaderError
+from .schema import BuildOptions, Record
 
-# Fill colour for transparent pixels: mid-grey keeps them away from both black and white.
-ALPHA_FILL = (128, 128, 128)
-
-# The EXIF (TIFF) tag of an image's orientation; values 5-8 turn it by 90 degrees.
-EXIF_ORIENTATION = 0x0112
-
-
-class SkipRecord(Exception):
-    """An input that cannot become a record; the message is the reason kept in the manifest."""
+__all__ = ["MaskPairingError", "SkipRecord", "build_record"]  # SkipRecord: sources.decode's, re-exported
 
 
 class MaskPairingError(ObjloaderError, RuntimeError):
     """A ContraCAM mask that cannot be paired with its image: never skipped, always an error."""
-
-
-def decode_image(data: bytes, opts: BuildOptions) -> Tuple[np.ndarray, Tuple[int, int], list]:
-    """RGB uint8 [h, w, 3] (already reduced towards max_res for large JPEGs), the source's
-    (height, width) and the conversions applied. Raises SkipRecord for unusable input."""
-    notes = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            src_w, src_h = im.size
-            if src_w * src_h > opts.max_pixels:
-                raise SkipRecord(f"too large: {src_w}x{src_h} pixels exceeds --max-pixels {opts.max_pixels}")
-            if min(src_w, src_h) < opts.min_size:
-                raise SkipRecord(f"too small: {src_w}x{src_h}, a side is below --min-size {opts.min_size}")
-            if im.format == "JPEG" and max(src_w, src_h) > 2 * opts.max_res:
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: huge photos cost a fraction of a full decode.
-                scale = opts.max_res / max(src_w, src_h)
-                im.draft(im.mode, (max(1, int(src_w * scale)), max(1, int(src_h * scale))))
-            im.load()  # truncated or corrupt data fails here, not later in a loader
-    except SkipRecord:
-        raise
-    except Image.UnidentifiedImageError:
-        raise SkipRecord("not an image file (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SkipRecord(f"cannot decode image: {e}") from None
-    orientation = _exif_orientation(im)
-    if orientation in range(2, 9):
-        # Images are used as displayed (sources/imagefolder.py): masks are drawn on the turned image.
-        im = ImageOps.exif_transpose(im)
-        notes.append("EXIF orientation applied")
-        if orientation >= 5:
-            src_w, src_h = src_h, src_w
-    mode = im.mode
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, ALPHA_FILL + (255,))
-        im = Image.alpha_composite(canvas, rgba)
-        notes.append("alpha composited on grey")
-    elif mode == "CMYK":
-        notes.append("CMYK converted to RGB")
-    elif mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
-        if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            # High bit-depth grey: rescale to 8 bits instead of clipping.
-            a = np.asarray(im, dtype=np.float64)
-            hi = a.max() if a.max() > 0 else 1.0
-            im = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
-        notes.append("grayscale converted to RGB")
-    elif mode not in ("RGB", "P", "YCbCr"):
-        notes.append(f"{mode} converted to RGB")
-    rgb = np.asarray(im.convert("RGB"))
-    return np.ascontiguousarray(rgb), (src_h, src_w), notes
-
-
-def _exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation (1-8) of a decoded image, 1 when it has none or it cannot be read."""
-    try:
-        return int(im.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # a damaged EXIF block says nothing about the pixels, which decoded fine
-        return 1
 
 
 def resize_long_side(img: np.ndarray, max_side: int) -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -89,3 +89,21 @@ def record_digest(image: bytes, label: int, mask: np.ndarray, boxes: np.ndarray,
 def digest_of(rec: Record) -> str:
     return record_digest(rec.image, rec.label, rec.mask, rec.boxes, rec.n_boxes, rec.bg_rect,
                          rec.gt_mask, rec.gt_boxes, rec.n_gt_boxes)
+
+
+class MaskProvider(Protocol):
+    """Where ``--masks contracam`` takes its masks from. The builder calls it and never imports
+    the code behind it (objloader.cam.masks.ContraCAMMasks implements it), so the mask stage
+    and the store do not depend on each other."""
+
+    def validate(self) -> None:
+        """Raise an ObjloaderError naming what is missing (a checkpoint, a mask store)."""
+
+    def identity(self) -> dict:
+        """What the build's fingerprint must know of the masks (a resumed build checks it)."""
+
+    def entries(self, spec, work_dir: str, opts: "BuildOptions", workers: int,
+                log: Callable) -> Tuple[Dict[str, tuple], dict]:
+        """For one source dataset: key -> (image sha1, uint8 mask [R, R] or None, skip reason), and
+        what the manifest records of the masks. ``work_dir`` is the builder's scratch folder
+        (kept until the dataset is built, so an interrupted build resumes there)."""

@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..cam.geometry import box_iou, mask_to_boxes
+from ..cam.settings import CamSettings
 from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb, read_manifest
-from .geometry import box_iou, mask_to_boxes
-from .settings import CamSettings
 
 __all__ = ["THRESHOLDS", "IOU_LEVELS", "mask_miou_sweep", "max_box_acc", "object_recall", "centre_prior",
            "evaluate_localisation"]
@@ -102,7 +102,7 @@ def centre_prior(n: int, res: int, sigma: float = 0.25) -> np.ndarray:
 
 def _load_set(path: str, size: int, limit: Optional[int]):
     """Prepared images uint8 [N, S, S, 3], gt masks bool [N, R, R], gt boxes (list of [k, 4])."""
-    from .masks import prepare_rgb
+    from ..cam.masks import prepare_rgb
 
     ds = BuiltDataset(path)
     picked = range(len(ds))
@@ -124,8 +124,8 @@ def _load_set(path: str, size: int, limit: Optional[int]):
 
 def _explain_set(model, settings: CamSettings, images: np.ndarray, device, pool, progress, label):
     """Every variant's soft masks float [N, R, R] for one set, in batches of settings.batch_size."""
-    from .contracam import ContraCAM
-    from .masks import chunk_bounds, explain_batch, n_chunks, refine_batch
+    from ..cam.contracam import ContraCAM
+    from ..cam.masks import chunk_bounds, explain_batch, n_chunks, refine_batch
 
     # The ablation shares the encoder: only its ContraCAM config differs.
     no_relu = ContraCAM(model.trunk, model.head,
@@ -180,8 +180,8 @@ def evaluate_localisation(checkpoint: str, data: str, out: str, settings: CamSet
     under ``out``."""
     import torch
 
-    from .crf import crf_pool
-    from .masks import load_contracam
+    from ..cam.crf import crf_pool
+    from ..cam.masks import load_contracam
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, size, meta = load_contracam(checkpoint, settings, device)

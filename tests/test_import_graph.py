@@ -1,0 +1,89 @@
+"""The package's stages import one way. Every module of objloader is parsed (imports inside
+functions included) and each import of another objloader module is checked against the layers
+below: a module may import its own layer and the layers before it, never a later one.
+
+    neutral    errors, optional, checkpoint (trainer checkpoints: the encoders they hold, how to
+               read them), fileio (hashing, atomic writes)
+    ops        augment (the semantics of every augmentation), kernels (their fast implementations):
+               a leaf library the data-flow stages call
+    sources -> cam -> store -> loaders -> ssl -> cli
+
+ContraCAM (cam) reads its checkpoint through the neutral module, not through ssl; the builder
+(store) takes ContraCAM's masks through a provider it is handed, so cam never imports store.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIRS = {"objloader": os.path.join(REPO, "objloader"), "objloader.kernels": os.path.join(REPO, "kernels")}
+LAYERS = [
+    {"errors", "optional", "checkpoint", "fileio"},
+    {"augment", "kernels"},
+    {"sources"},
+    {"cam"},
+    {"store"},
+    {"loaders"},
+    {"ssl"},
+    {"cli"},
+]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _modules():
+    for package, root in PACKAGE_DIRS.items():
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), root)[:-3].replace(os.sep, ".")
+                    name = package if rel == "__init__" else f"{package}.{rel.removesuffix('.__init__')}"
+                    yield name, os.path.join(dirpath, f)
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "objloader"
+
+
+def _imports(name: str, path: str):
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    is_pkg = path.endswith("__init__.py")
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("objloader"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                target = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("objloader"):
+                # "from objloader import x" names submodules: check each
+                yield from ([f"{target}.{a.name}" for a in node.names] if target == "objloader" else [target])
+
+
+def test_no_import_goes_to_a_later_stage():
+    bad = []
+    for name, path in _modules():
+        src = _stage(name)
+        if src == "objloader":  # the package's own __init__ (lazy re-export of make_loader)
+            continue
+        for target in _imports(name, path):
+            dst = _stage(target)
+            if dst in RANK and RANK[dst] > RANK[src]:
+                bad.append(f"{name} -> {target}")
+    assert not bad, "imports of a later stage:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_every_stage_is_in_a_layer():
+    stages = {_stage(name) for name, _ in _modules()} - {"objloader"}
+    assert stages <= set(RANK), stages - set(RANK)
+
+
+def test_import_objloader_is_light():
+    code = "import sys, objloader; heavy = {'torch', 'numba', 'cv2', 'ffcv', 'nvidia.dali'} & set(sys.modules); print(sorted(heavy))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
