@@ -331,7 +331,7 @@ def _median(run: Run):
     return statistics.median(run.images_per_s) if run.images_per_s and not run.error else None
 
 
-def summarise(runs: list) -> dict:
+def summarise(runs: list, cores: int | None = None) -> dict:
     full = {}
     split = {}
     for r in runs:
@@ -345,8 +345,13 @@ def summarise(runs: list) -> dict:
     ref = full.get(REFERENCE, {}).get("+both")
     speedup = {e: (round(v["+both"] / ref, 2) if ref and v.get("+both") else None)
                for e, v in full.items() if e != REFERENCE}
+    # Per core: every engine keeps all of the machine's cores busy (its workers and the device
+    # stage in the main process), so images/s over the cores available is what one core delivers.
+    per_core = {e: {c: (round(v / cores, 1) if v and cores else None) for c, v in by_config.items()}
+                for e, by_config in full.items()}
     return {"median_images_per_s": full, "median_images_per_s_split": split,
-            "overhead_percent_vs_vanilla": overhead, "speedup_both_vs_reference_both": speedup}
+            "overhead_percent_vs_vanilla": overhead, "speedup_both_vs_reference_both": speedup,
+            "cores": cores, "median_images_per_s_per_core": per_core}
 
 
 def _fmt(x, spec=".0f", none="—"):
@@ -405,6 +410,19 @@ def markdown(result: dict, runs: list) -> str:
         lines.append(f"| {label} | " + " | ".join(_fmt(o.get(c), "+.1f") + ("" if o.get(c) is None else " %")
                                                    for c in ("+OA-Crop", "+BG-Mixup", "+both"))
                      + f" | {'—' if e == REFERENCE else _fmt(sp, '.2f') + ('' if sp is None else ' x')} |")
+    per_core = summary.get("median_images_per_s_per_core")
+    if per_core:
+        lines += [
+            "",
+            f"## Per core: images/s / {summary['cores']} cores (2 views per image, with view masks and "
+            "patches where the ops need them)",
+            "",
+            "| engine | " + " | ".join(CONFIGS) + " |",
+            "|---|" + "---:|" * len(CONFIGS),
+        ]
+        for e in engines:
+            label = "reference-style" if e == REFERENCE else e
+            lines.append(f"| {label} | " + " | ".join(_fmt(per_core.get(e, {}).get(c), ".1f") for c in CONFIGS) + " |")
     split = summary["median_images_per_s_split"]
     if split:
         lines += [
@@ -627,7 +645,7 @@ def main(argv=None) -> int:
                   "error": r.error} for r in runs],
         "failed": {r.name: r.error for r in runs if r.error},
     }
-    result["summary"] = summarise(runs)
+    result["summary"] = summarise(runs, result["machine"]["cores_available"] or result["machine"]["cores"])
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
