@@ -1,11 +1,24 @@
 """objloader-build SRC OUT: bake images, masks, boxes and background patches into FFCV and
-WebDataset datasets. objloader-build --verify OUT: re-read everything through FFCV and DALI."""
+WebDataset datasets. objloader-build --verify OUT: re-read everything through FFCV and DALI.
+
+SRC is an ImageFolder tree or flat folder of images, a COCO instances json, a list file, a
+folder written by objloader-demo, or a Background-Challenge root as Xiao et al. 2021 publish it
+(ROOT/<variant>/val/<class>/, ROOT/original/train/<class>/; the last two build into one dataset
+per split and variant, see objloader.sources.bgchallenge).
+
+Ground-truth masks come from the source (masks beside ImageFolder images as `<stem>.mask.png`,
+COCO segmentations, a list file's third column) or, with `--gt-masks DIR`, from a parallel mask
+tree: the mask of SRC/a/b/x.jpg is DIR/a/b/x.png (or .bmp, .jpg, .jpeg), as CUB-200-2011's
+images/ + segmentations/ and DUTS's Image/ + Mask/ folders ship them. An image without its mask,
+with two, or with one that cannot be read or differs in size is skipped and listed with the
+reason in the manifest. See objloader.sources.imagefolder.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..errors import ObjloaderError
+from ..errors import ConfigError, ObjloaderError
 from ..store import BuildOptions, build
 from .cam import add_cam_arguments, cam_settings
 
@@ -16,9 +29,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="objloader-build",
         description="Build an object-aware dataset (data.beton + shards/*.tar + manifest.json) from an "
-                    "ImageFolder tree, a COCO instances json, a list file or an objloader-demo folder.",
+                    "ImageFolder tree or flat image folder, a COCO instances json, a list file, an objloader-demo "
+                    "folder or a Background-Challenge root (<root>/<variant>/val/<class>/, "
+                    "<root>/original/train/<class>/: one dataset per split and variant).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("src", nargs="?", help="source: ImageFolder dir, COCO .json, list file, or objloader-demo dir")
+    p.add_argument("src", nargs="?", help="source: ImageFolder dir or flat image dir, COCO .json, list file, "
+                                          "objloader-demo dir, or Background-Challenge root")
     p.add_argument("out", nargs="?", help="output dataset directory")
     p.add_argument("--verify", metavar="OUT", help="verify a built dataset through FFCV and DALI, then exit")
     p.add_argument("--formats", default="ffcv,wds", help="comma-separated: ffcv, wds")
@@ -29,6 +45,13 @@ def parser() -> argparse.ArgumentParser:
                    help="--masks contracam: run ContraCAM with this train/moco.py or train/byol.py checkpoint")
     p.add_argument("--cam-masks", default=None, metavar="DIR",
                    help="--masks contracam: take the masks of an earlier objloader-cam run")
+    p.add_argument("--gt-masks", default=None, metavar="DIR",
+                   help="--masks gt, SRC an image folder: take the ground-truth masks from the parallel tree DIR "
+                        "(CUB-200-2011 segmentations/, DUTS *-Mask/): the mask of SRC/a/b/x.jpg is DIR/a/b/x.png "
+                        "(same relative path and stem; .png, .bmp, .jpg or .jpeg; a pixel is object when > 0, "
+                        "in a JPEG mask when >= 128). An image with no such mask, two of them, or one that cannot "
+                        "be read or differs in size from the image is skipped with its reason in the manifest; "
+                        "masks beside the images are not used")
     p.add_argument("--max-res", type=int, default=_D.max_res, help="long side of stored images")
     p.add_argument("--mask-res", type=int, default=_D.mask_res, help="side M of the stored [M, M] masks")
     p.add_argument("--max-boxes", type=int, default=_D.max_boxes, help="boxes per record (K)")
@@ -60,6 +83,8 @@ def main(argv=None) -> int:
             return 0
         if not args.src or not args.out:
             parser().error("SRC and OUT are required (or --verify OUT)")
+        if args.gt_masks is not None and args.masks != "gt":
+            raise ConfigError(f"--gt-masks gives ground-truth masks and needs --masks gt, not --masks {args.masks}")
         opts = BuildOptions(masks=args.masks, max_res=args.max_res, mask_res=args.mask_res,
                             max_boxes=args.max_boxes, bg_patch=args.bg_patch, jpeg_quality=args.jpeg_quality,
                             min_size=args.min_size, max_pixels=args.max_pixels, box_margin=args.box_margin,
@@ -72,7 +97,7 @@ def main(argv=None) -> int:
                                        settings=cam_settings(args, "cam-", args.mask_res) if args.checkpoint else None)
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite,
-                  coco_images=args.coco_images, contracam=contracam)
+                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam)
         if m["kind"] == "collection":
             n = sum(d["records"] for d in m["datasets"].values())
             skipped = sum(d["skipped"] for d in m["datasets"].values())

@@ -1,7 +1,9 @@
 """objloader-linear (and train/linear.py): linear probe + Background-Challenge report of a trained
-checkpoint on a built demo folder.
+checkpoint on a built demo folder or a built Background-Challenge root.
 
     objloader-linear --checkpoint runs/moco/checkpoint.pt [--data demo/built] [--out DIR]
+    objloader-build bg_challenge/ built_bg/ --masks none      # Xiao et al.'s release + IN-9L train
+    objloader-linear --checkpoint runs/moco/checkpoint.pt --data built_bg/
 
 Fits one linear probe (L-BFGS, weight decay chosen on a held-out split) on the frozen features of
 `train`, reports top-1 on `val` and on every `bgchallenge/<variant>`, and the BG-gap; writes
@@ -21,8 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, default=None, metavar="CKPT",
                    help="checkpoint written by train/moco.py or train/byol.py")
     p.add_argument("--data", default=os.path.join("demo", "built"),
-                   help="built demo folder holding train, val and bgchallenge/<variant> (relative to the current "
-                        "directory)")
+                   help="built demo folder or built Background-Challenge root (objloader-build ROOT OUT) holding "
+                        "train, val and bgchallenge/<variant> (relative to the current directory)")
     p.add_argument("--out", default=None, help="folder for report.json and report.md; None: the checkpoint's folder")
     p.add_argument("--image-size", type=int, default=None,
                    help="eval resolution; None: the checkpoint's training image_size")

@@ -22,7 +22,12 @@ class Sample:
                  with the wrong image. Always valid UTF-8 text (see `file_sample`).
     path         file the image bytes come from.
     label        class id, -1 when unlabelled.
-    gt_mask_path optional 8-bit mask image (0 = background, >0 = object) beside the image.
+    gt_mask_path optional mask image (0 = background, >0 = object; a JPEG mask: >= half its
+                 range, see `load_gt_mask`), beside the image or in a parallel mask tree.
+    gt_mask_error why the mask this image should have cannot be used though its source says it
+                 has one (a parallel mask tree without a file for it, or with two): raised as
+                 SourceError when the mask is loaded, so the build skips this record alone with
+                 the reason. Never read as "no object" or "all object".
     gt_segments  optional COCO instances as (annotation id, segmentation) pairs, each
                  segmentation polygons or RLE, with (height, width) in gt_size; their union is
                  the ground-truth mask.
@@ -47,10 +52,11 @@ class Sample:
     origin: str = ""
     notes: List[str] = field(default_factory=list)
     invalid: Optional[str] = None
+    gt_mask_error: Optional[str] = None
 
     @property
     def has_gt_mask(self) -> bool:
-        return self.gt_mask_path is not None or self.gt_segments is not None
+        return self.gt_mask_path is not None or self.gt_segments is not None or self.gt_mask_error is not None
 
     def _raise_if_invalid(self) -> None:
         if self.invalid is not None:
@@ -68,8 +74,13 @@ class Sample:
         """uint8 [H, W] with 0 = background, 255 = object, or None when there is no ground truth.
 
         A mask file's pixels are used as stored (any EXIF orientation of the mask file itself is
-        not applied): a mask is drawn on the image as displayed, see imagefolder.py."""
+        not applied): a mask is drawn on the image as displayed, see imagefolder.py. A pixel is
+        object when its value (the largest channel's) is above 0, or, in a JPEG mask, at least
+        half the range (128 of 255): JPEG's ringing leaves small non-zero values in the background
+        around every edge, which "> 0" would turn into object."""
         self._raise_if_invalid()
+        if self.gt_mask_error is not None:
+            raise SourceError(self.gt_mask_error)
         if self.gt_mask_path is not None:
             import cv2
 
@@ -84,12 +95,30 @@ class Sample:
                 raise SourceError(f"cannot read mask {self.gt_mask_path!r} (record {self.key!r})")
             if m.ndim == 3:
                 m = m.max(axis=2)
-            return np.where(m > 0, 255, 0).astype(np.uint8)
+            lossy = self.gt_mask_path.lower().endswith((".jpg", ".jpeg"))
+            threshold = np.iinfo(m.dtype).max // 2 if lossy and m.dtype.kind == "u" else 0
+            return np.where(m > threshold, 255, 0).astype(np.uint8)
         if self.gt_segments is not None:
             from .coco import instances_to_mask
 
             return instances_to_mask(self.gt_segments, *self.gt_size, origin=self.origin or repr(self.key))
         return None
+
+
+@dataclass
+class SourceSpec:
+    """One dataset to build: `name` is its folder inside the output ("" = the output itself).
+
+    gt_mask_root: the parallel mask tree the samples' ground-truth masks come from (None: the
+    source's own masks); the build's fingerprint covers its files, so editing a mask restarts
+    an interrupted build instead of resuming with the old one."""
+
+    name: str
+    kind: str
+    path: str
+    samples: List[Sample]
+    classes: List[str] = field(default_factory=list)
+    gt_mask_root: Optional[str] = None
 
 
 def printable(name: str) -> str:

@@ -1,8 +1,20 @@
-"""ImageFolder trees: ROOT/<class>/.../<image>, with optional ground-truth masks beside the images.
+"""ImageFolder trees: ROOT/<class>/.../<image>, with optional ground-truth masks beside the images
+or in a parallel mask tree.
 
-A mask for `dog/001.jpg` is `dog/001.mask.png` (8-bit, 0 = background). Classes are the sorted
-names of ROOT's subfolders, as torchvision's ImageFolder numbers them; images directly in ROOT
-(no class folders) are unlabelled (-1).
+Beside the images: a mask for `dog/001.jpg` is `dog/001.mask.png` (8-bit, 0 = background).
+Classes are the sorted names of ROOT's subfolders, as torchvision's ImageFolder numbers them;
+images directly in ROOT (no class folders) are unlabelled (-1), so a flat folder of images is a
+source too.
+
+In a parallel mask tree (`objloader-build SRC OUT --gt-masks DIR`, the layout of CUB-200-2011's
+`images/` + `segmentations/` and of DUTS's `*-Image/` + `*-Mask/`): the mask of the image at
+relative path `a/b/x.jpg` below ROOT is `DIR/a/b/x.<ext>`, the same relative folder and file
+stem with the extension `.png`, `.bmp`, `.jpg` or `.jpeg` (stem matched exactly, extension in
+any case). Masks beside the images are then not used. An image without such a mask, or with two
+(`x.png` and `x.jpg`), is skipped by the build with that reason, as is one whose mask cannot be
+decoded or differs in size from the image: a missing mask never means "no object" nor "all
+object". Mask files without an image are ignored. DIR must exist, must not lie inside ROOT (its
+masks would be read as images), and must hold a mask for at least one image.
 
 Orientation: images are used as displayed. The build applies an image's EXIF orientation before
 anything else (sizes, checks, resizing, the stored pixels), and a mask is taken as drawn on the
@@ -16,12 +28,13 @@ naming the path with its undecodable bytes written as \\xNN, and the rest is bui
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 from .base import Sample, SourceError, file_sample, printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 MASK_SUFFIX = ".mask.png"
+MASK_TREE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg")
 
 
 def is_mask_file(name: str) -> bool:
@@ -44,18 +57,76 @@ def _images_under(folder: str) -> List[str]:
     return found
 
 
-def read_imagefolder(root: str) -> tuple[List[Sample], List[str]]:
-    """Samples of an ImageFolder tree (sorted by key) and the class names in label order."""
+class MaskTree:
+    """The masks of a parallel mask tree (see the module docstring), found by an image's path
+    relative to the image root. Each folder of the tree is listed once."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._folders: Dict[str, Dict[str, List[str]]] = {}
+
+    def _stems(self, folder: str) -> Dict[str, List[str]]:
+        if folder not in self._folders:
+            stems: Dict[str, List[str]] = {}
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        stem, ext = os.path.splitext(e.name)
+                        if ext.lower() in MASK_TREE_EXTENSIONS and e.is_file():
+                            stems.setdefault(stem, []).append(e.name)
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # no masks for this folder's images: each is a skip with its reason
+            except OSError as e:
+                raise SourceError(f"cannot list mask folder {folder!r}: {e}") from e
+            self._folders[folder] = {k: sorted(v) for k, v in stems.items()}
+        return self._folders[folder]
+
+    def find(self, rel: str) -> Tuple[Optional[str], Optional[str]]:
+        """(mask path, None), or (None, why there is no usable mask) for the image at `rel`."""
+        rel_dir, name = os.path.split(rel)
+        stem = os.path.splitext(name)[0]
+        folder = os.path.join(self.root, rel_dir)
+        found = self._stems(folder).get(stem, [])
+        if len(found) == 1:
+            return os.path.join(folder, found[0]), None
+        shown = printable(os.path.join(folder, stem))
+        if not found:
+            return None, (f"no ground-truth mask in the mask tree {printable(self.root)!r}: looked for "
+                          f"{shown}.png (or .bmp, .jpg, .jpeg)")
+        return None, f"{len(found)} ground-truth masks match {shown}.*: {', '.join(map(printable, found))}; keep one"
+
+
+def _check_mask_root(root: str, mask_root: str) -> None:
+    if not os.path.isdir(mask_root):
+        raise SourceError(f"--gt-masks {mask_root!r} is not a directory")
+    real_root, real_masks = os.path.realpath(root), os.path.realpath(mask_root)
+    if os.path.commonpath([real_root, real_masks]) == real_root:
+        raise SourceError(f"--gt-masks {mask_root!r} is or lies inside the image folder {root!r}: its masks would be "
+                          "read as images; give the image folder itself (e.g. CUB's images/) as SRC")
+
+
+def read_imagefolder(root: str, gt_masks: Optional[str] = None) -> tuple[List[Sample], List[str]]:
+    """Samples of an ImageFolder tree (sorted by key) and the class names in label order.
+    ``gt_masks``: a parallel mask tree to take the ground-truth masks from (module docstring)."""
     if not os.path.isdir(root):
         raise SourceError(f"ImageFolder root {root!r} is not a directory")
+    tree = None
+    if gt_masks is not None:
+        _check_mask_root(root, gt_masks)
+        tree = MaskTree(gt_masks)
     folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     classes = [printable(d) for d in folders]  # the names only label; the folders are walked as they are
     samples: List[Sample] = []
 
     def add(path: str, label: int) -> None:
-        mask = mask_path_for(path)
-        key = os.path.relpath(path, root).replace(os.sep, "/")
-        samples.append(file_sample(key, path, label=label, gt_mask_path=mask if os.path.exists(mask) else None))
+        rel = os.path.relpath(path, root)
+        key = rel.replace(os.sep, "/")
+        if tree is None:
+            mask = mask_path_for(path)
+            samples.append(file_sample(key, path, label=label, gt_mask_path=mask if os.path.exists(mask) else None))
+            return
+        mask, why = tree.find(rel)
+        samples.append(file_sample(key, path, label=label, gt_mask_path=mask, gt_mask_error=why))
 
     for path in sorted(os.path.join(root, f) for f in os.listdir(root) if is_image_file(f)):
         add(path, -1)
@@ -64,5 +135,10 @@ def read_imagefolder(root: str) -> tuple[List[Sample], List[str]]:
             add(path, label)
     if not samples:
         raise SourceError(f"no images found under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if tree is not None and not any(s.gt_mask_path for s in samples):
+        # Almost surely the wrong folder or layout; building would skip every record one by one.
+        raise SourceError(f"--gt-masks {gt_masks!r} holds no mask for any of the {len(samples)} images of "
+                          f"{root!r}: the mask of <SRC>/a/b/x.jpg must be <DIR>/a/b/x.png (or .bmp, .jpg, .jpeg); "
+                          f"first missing: {samples[0].gt_mask_error}")
     samples.sort(key=lambda s: s.key)
     return samples, classes

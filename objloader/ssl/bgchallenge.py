@@ -1,4 +1,7 @@
-"""Background-Challenge report (Xiao et al. 2021) of a trained encoder on a built demo folder.
+"""Background-Challenge report (Xiao et al. 2021) of a trained encoder on a built collection:
+the demo's (`objloader-build demo/data demo/built`) or the published challenge's
+(`objloader-build BG_ROOT OUT` on <root>/<variant>/val/<class>/ + <root>/original/train/<class>/,
+see objloader.sources.bgchallenge). Both hold the same names, so both are reported the same way.
 
 One linear probe is fitted on the frozen features of `train`; it is scored on `val` and on every
 `bgchallenge/<variant>` dataset. BG-gap = acc(mixed_same) - acc(mixed_rand): how much the
@@ -33,13 +36,14 @@ BG_SAME, BG_RAND = "mixed_same", "mixed_rand"
 def find_eval_datasets(root: str) -> Dict[str, str]:
     """name -> dataset dir for `train`, `val` and each `bgchallenge/<variant>` under a built root."""
     if not os.path.isdir(root):
-        raise DatasetError(f"data folder {root!r} does not exist (build the demo data with `make demo`)")
+        raise DatasetError(f"data folder {root!r} does not exist (build the demo data with `make demo`, or a "
+                           "Background-Challenge root with `objloader-build ROOT OUT`)")
     names: List[str] = []
     if os.path.isfile(os.path.join(root, "manifest.json")):
         m = read_manifest(root)
         if m.get("kind") != "collection":
-            raise DatasetError(f"{root!r} is a single dataset; the report needs a built demo folder "
-                               "holding train, val and bgchallenge/<variant>")
+            raise DatasetError(f"{root!r} is a single dataset; the report needs a built demo folder or "
+                               "Background-Challenge root holding train, val and bgchallenge/<variant>")
         names = list(m["datasets"])
     else:  # datasets built one by one into the same folder
         names = [n for n in ("train", "val") if os.path.isdir(os.path.join(root, n))]
@@ -49,7 +53,9 @@ def find_eval_datasets(root: str) -> Dict[str, str]:
     found = {n: os.path.join(root, n) for n in names if n in ("train", "val") or n.startswith("bgchallenge/")}
     for need in ("train", "val"):
         if need not in found:
-            raise DatasetError(f"{root!r} has no built {need!r} dataset; the report needs train and val")
+            raise DatasetError(f"{root!r} has no built {need!r} dataset; the report needs train and val"
+                               + (" (a Background-Challenge root gives train from original/train/<class>/)"
+                                  if need == "train" else ""))
     for path in found.values():
         read_manifest(path)  # a clear error for a missing or interrupted dataset
     return found

@@ -168,7 +168,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "kind": "dataset",
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"path": os.path.abspath(spec.path), "kind": spec.kind},
+        "source": {"path": os.path.abspath(spec.path), "kind": spec.kind, "gt_masks": spec.gt_mask_root},
         "options": opts.to_dict(),
         "masks": masks_note,
         "contracam": cam_info,
@@ -303,10 +303,11 @@ def _write_json(path: str, obj) -> None:
 
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
-          coco_images: Optional[str] = None, contracam: Optional[MaskProvider] = None,
-          log: Callable = print) -> dict:
-    """Build src into out; returns the top-level manifest. ``--masks contracam`` needs ``contracam``,
-    a MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
+          coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
+          contracam: Optional[MaskProvider] = None, log: Callable = print) -> dict:
+    """Build src into out; returns the top-level manifest. ``coco_images`` and ``gt_masks`` (a
+    parallel tree of ground-truth masks) are passed to sources.open_source. ``--masks contracam``
+    needs ``contracam``, a MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
     formats = tuple(formats)
     for f in formats:
         if f not in FORMATS:
@@ -325,14 +326,13 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     out = os.path.abspath(out.rstrip("/"))
     with _exclusive_output(out):
         _check_output(out, overwrite)  # under the lock: a build that just finished may have made OUT
-        return _build_locked(src, out, opts, formats, workers, on_error, coco_images, contracam, log)
+        specs = open_source(src, coco_images, gt_masks)
+        return _build_locked(specs, src, out, opts, formats, workers, on_error, contracam, log)
 
 
-def _build_locked(src: str, out: str, opts: BuildOptions, formats: Sequence[str], workers: Optional[int],
-                  on_error: str, coco_images: Optional[str], contracam: Optional[MaskProvider],
-                  log: Callable) -> dict:
-    """build() once its arguments are checked and OUT is locked."""
-    specs = open_source(src, coco_images)
+def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOptions, formats: Sequence[str],
+                  workers: Optional[int], on_error: str, contracam: Optional[MaskProvider], log: Callable) -> dict:
+    """build() once its arguments are checked, OUT is locked and the source is open."""
     workers = workers or os.cpu_count() or 1
     partial = out + ".partial"
     fingerprint = _fingerprint(specs, opts, formats, contracam.identity() if contracam else None)
@@ -375,7 +375,7 @@ def _build_locked(src: str, out: str, opts: BuildOptions, formats: Sequence[str]
             "kind": "collection",
             "schema_version": SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": {"path": os.path.abspath(src), "kind": "objloader-demo"},
+            "source": {"path": os.path.abspath(src), "kinds": sorted({s.kind for s in specs})},
             "datasets": {name: {"records": m["counts"]["records"], "skipped": m["counts"]["skipped"]}
                          for name, m in manifests.items()},
         }

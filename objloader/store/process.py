@@ -90,7 +90,8 @@ def build_record(sample: Sample, opts: BuildOptions, cam_entry: Optional[tuple] 
         except SourceError as e:
             raise SkipRecord(str(e)) from None
         if gt.shape != (src_h, src_w):
-            raise SkipRecord(f"ground-truth mask is {gt.shape[1]}x{gt.shape[0]} but the image is "
+            where = f" ({sample.gt_mask_path})" if sample.gt_mask_path else ""
+            raise SkipRecord(f"ground-truth mask{where} is {gt.shape[1]}x{gt.shape[0]} but the image is "
                              f"{src_w}x{src_h}: refusing to pair them")
         gt = cv2.resize(gt, (w, h), interpolation=cv2.INTER_AREA) if gt.shape != (h, w) else gt
 
