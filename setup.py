@@ -5,6 +5,7 @@ from setuptools import setup
 PACKAGES = [
     "objloader",
     "objloader.sources",
+    "objloader.sources.demo",
     "objloader.cam",
     "objloader.store",
     "objloader.augment",

@@ -168,11 +168,13 @@ def _torchvision_per_view(s: int):
     """MoCo v2's colour pipeline the usual way: one torchvision.transforms.v2 call per view."""
     from torchvision.transforms import v2
 
+    from objloader.augment.reference import IMAGENET_MEAN, IMAGENET_STD
+
     k = max(3, int(0.1 * s) // 2 * 2 + 1)
     return v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
                        v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
                        v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+                       v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
 
 
 def kernel_speed(ctx) -> dict:

@@ -34,13 +34,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from objloader.augment.reference import IMAGENET_MEAN, IMAGENET_STD
 from objloader.store.reader import open_dataset
 
 __all__ = ["ReferenceStyleDataset", "ReferenceStyleLoader", "bg_mixup_loop"]
 
 _MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _QUEUE_LEN = 50  # recent background patches kept for batches without a partner (reference: 50)
 
 
@@ -68,7 +67,7 @@ def moco_v2_colour(image_size: int) -> T.Compose:
         T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
         T.ToTensor(),
-        T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
@@ -87,7 +86,7 @@ class ReferenceStyleDataset(Dataset):
         ds.close()
         self.ds = None  # opened in each worker: file descriptors do not cross fork well
         self.colour = moco_v2_colour(image_size)
-        self.normalise = T.Compose([T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
+        self.normalise = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return self.n

@@ -15,11 +15,15 @@ import torch
 from numba import njit, prange
 
 from objloader.augment.params import AugParams
-from objloader.augment.reference import HARD_MIX_THRESHOLD, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, gaussian_taps
+from objloader.augment.reference import (HARD_MIX_THRESHOLD, IMAGENET_MEAN, IMAGENET_STD, LUMA_WEIGHTS,
+                                         SOLARIZE_THRESHOLD, blur_kernel_size, gaussian_taps)
 
 __all__ = ["apply_device_ops_cpu"]
 
-_LUMA = (np.float32(0.2989), np.float32(0.587), np.float32(0.114))
+# The reference's constants as float32, the precision these kernels compute in (numba freezes
+# module globals into the compiled code).
+_LUMA = tuple(np.float32(w) for w in LUMA_WEIGHTS)
+_SOLARIZE_THRESHOLD = np.float32(SOLARIZE_THRESHOLD)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -201,7 +205,7 @@ def _device_ops(views, masks, patches, hard, mixed, partner, jitter, factors, or
                 for y in range(x.shape[1]):
                     for xx in range(x.shape[2]):
                         v = x[c, y, xx]
-                        if solarize[i] and v >= np.float32(0.5):
+                        if solarize[i] and v >= _SOLARIZE_THRESHOLD:
                             v = np.float32(1.0) - v
                         if normalise:
                             v = (v - mean[c]) / std[c]

@@ -22,6 +22,8 @@ small per-view table uploaded once per call; no host/device synchronisation happ
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import triton
@@ -51,6 +53,15 @@ _F_COLS = tl.constexpr(4)
 _MAX_BLOCK = 1024  # pixels per program
 _MAX_CHUNKS = 32  # partial sums per view in the contrast-mean reduction
 _ROUND_MAGIC = tl.constexpr(8388608.0)  # 2**23: (y + 2**23) - 2**23 rounds 0 <= y < 2**23 half-to-even in fp32
+
+# The reference's constants (objloader.augment.reference is the semantics), bound as constexprs:
+# a @triton.jit function reads only constexpr globals. The kernels keep the tensor on the left
+# of each operation with them (``x * _LUMA_R``), so the interpreter sees tensor arithmetic too.
+_LUMA_R, _LUMA_G, _LUMA_B = (tl.constexpr(w) for w in R.LUMA_WEIGHTS)
+_MEAN_R, _MEAN_G, _MEAN_B = (tl.constexpr(m) for m in R.IMAGENET_MEAN)
+_STD_R, _STD_G, _STD_B = (tl.constexpr(d) for d in R.IMAGENET_STD)
+_HARD_MIX_THRESHOLD = tl.constexpr(R.HARD_MIX_THRESHOLD)
+_SOLARIZE_THRESHOLD = tl.constexpr(R.SOLARIZE_THRESHOLD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,8 +95,8 @@ def _total(x):
 
 @triton.jit
 def _luma(r, g, b):
-    """reference.rgb_to_grayscale: ITU-R 601-2 luma with torchvision's weights."""
-    return 0.2989 * r + 0.587 * g + 0.114 * b
+    """reference.rgb_to_grayscale: ITU-R 601-2 luma with torchvision's weights (LUMA_WEIGHTS)."""
+    return r * _LUMA_R + g * _LUMA_G + b * _LUMA_B
 
 
 @triton.jit
@@ -93,7 +104,7 @@ def _load_mixed(views_ptr, masks_ptr, patches_ptr, n, partner, offs, valid, S, P
                 HAS_MIX: tl.constexpr, MASK_U8: tl.constexpr, PATCH_U8: tl.constexpr, HARD: tl.constexpr):
     """``views_uint8.float() / 255`` then reference.bg_mixup (paper eq. 4) for one pixel block:
     x = m * x + (1 - m) * patch[partner, :, y % PH, x % PW], m = mask / 255 (uint8) or mask
-    (float), binarised at 0.5 when HARD; views with partner < 0 are returned unmixed."""
+    (float), binarised at HARD_MIX_THRESHOLD when HARD; views with partner < 0 are returned unmixed."""
     ss = S * S
     base = views_ptr + n.to(tl.int64) * 3 * ss + offs
     r = tl.load(base, mask=valid, other=0).to(tl.float32) / 255.0
@@ -105,7 +116,7 @@ def _load_mixed(views_ptr, masks_ptr, patches_ptr, n, partner, offs, valid, S, P
             if MASK_U8:
                 m = m / 255.0
             if HARD:
-                m = tl.where(m >= 0.5, 1.0, 0.0)
+                m = tl.where(m >= _HARD_MIX_THRESHOLD, 1.0, 0.0)
             py = (offs // S) % PH
             px = (offs % S) % PW
             pss = PH * PW
@@ -179,17 +190,17 @@ def _jitter_op(r, g, b, op, bright, contrast, sat, hue, mean):
 
 @triton.jit
 def _finish(x, C: tl.constexpr, solar, out_ptr, valid, NORMALISE: tl.constexpr, OUT_U8: tl.constexpr):
-    """reference.solarize (x >= 0.5 -> 1 - x, where ``solar``), then the end of
+    """reference.solarize (x >= SOLARIZE_THRESHOLD -> 1 - x, where ``solar``), then the end of
     reference.apply_device_ops for channel C: normalize (ImageNet mean/std) cast to the output
     dtype, or [0, 1] cast to it, or uint8 round-half-even(x * 255) clamped to [0, 255]."""
-    x = tl.where((solar != 0) & (x >= 0.5), 1.0 - x, x)
+    x = tl.where((solar != 0) & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x)
     if NORMALISE:
         if C == 0:
-            x = (x - 0.485) / 0.229
+            x = (x - _MEAN_R) / _STD_R
         elif C == 1:
-            x = (x - 0.456) / 0.224
+            x = (x - _MEAN_G) / _STD_G
         else:
-            x = (x - 0.406) / 0.225
+            x = (x - _MEAN_B) / _STD_B
     elif OUT_U8:
         x = tl.minimum(tl.maximum(x * 255.0, 0.0), 255.0)
         x = (x + _ROUND_MAGIC) - _ROUND_MAGIC
@@ -405,6 +416,28 @@ def apply_device_ops_fused(
     Returns:
         [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalise``.
     """
+    bsz, nv, size = _check_batch(views_uint8, params)
+    supported = dtype in _FLOAT_OUT or (dtype == torch.uint8 and not normalise)
+    if not supported or bsz * nv == 0 or size == 0:
+        # Casts the reference defines but no kernel needs (e.g. normalised integers), empty batches.
+        return R.apply_device_ops(views_uint8, masks, patches, params, hard=hard, dtype=dtype, normalise=normalise)
+    views = views_uint8.contiguous()
+    table = _view_table(params, bsz * nv, size, can_mix=patches is not None and masks is not None)
+    mix = _mix_inputs(views, masks, patches, table, (bsz, nv, 1, size, size))
+    on_device = _upload(table, views.device)
+    grid = _grid(size)
+    bufs = _allocate(table, on_device, (bsz, nv, 3, size, size), dtype, grid.nchunk)
+    _launch(views, mix, table, on_device, bufs, grid, hard=hard, normalise=normalise)
+    return bufs.out
+
+
+# ---- 1. checking the batch and packing its per-view parameters (host, numpy) ----------------
+
+
+def _check_batch(views_uint8: torch.Tensor, params: AugParams) -> tuple[int, int, int]:
+    """(B, V, S) of a batch the kernels can address: uint8 square views [B, V, 3, S, S] and
+    parameters drawn for exactly B x V views. Checked before anything else, so a wrong batch
+    fails with the same error whichever path (kernels or reference) would have run it."""
     if views_uint8.dim() != 5 or views_uint8.shape[2] != 3 or views_uint8.dtype != torch.uint8:
         raise ValueError(f"views must be uint8 [B, V, 3, S, S], got {views_uint8.dtype} {tuple(views_uint8.shape)}")
     bsz, nv, _, height, width = views_uint8.shape
@@ -412,31 +445,38 @@ def apply_device_ops_fused(
         raise ValueError(f"views must be square, got {height} x {width}")
     if tuple(np.shape(params.mix)) != (bsz, nv):
         raise ValueError(f"params are for {np.shape(params.mix)} views, the batch has {(bsz, nv)}")
-    supported = dtype in _FLOAT_OUT or (dtype == torch.uint8 and not normalise)
-    if not supported or bsz * nv == 0 or height == 0:
-        # Casts the reference defines but no kernel needs (e.g. normalised integers), empty batches.
-        return R.apply_device_ops(views_uint8, masks, patches, params, hard=hard, dtype=dtype, normalise=normalise)
-    device = views_uint8.device
-    size = height
-    n_views = bsz * nv
-    views = views_uint8.contiguous()
+    return bsz, nv, height
 
-    # ---- per-view table (host, numpy) -----------------------------------------------------
+
+# The host-side records below are NamedTuples, not dataclasses: tests/test_kernels.py loads this
+# file as a module missing from sys.modules (to build it under Triton's interpreter), where
+# dataclass() cannot look its module up.
+class _ViewTable(NamedTuple):
+    """Every per-view decision of a batch, known on the host (``AugParams`` is numpy), in the form
+    the kernels branch on, so they need no host/device synchronisation."""
+
+    itab: np.ndarray  # int32 [N, _I_COLS]: partner, jitter, op order, contrast position, gray, slot, solarise
+    factors: np.ndarray  # float32 [N, _F_COLS]: brightness, contrast, saturation, hue
+    red_views: np.ndarray  # int32: views whose adjust_contrast needs the view's mean grey
+    blur_views: np.ndarray  # int32: views that blur; view blur_views[j] uses blur buffer row j
+    taps: np.ndarray  # float32 [len(blur_views) * ktaps]: each blurred view's Gaussian taps
+    ktaps: int  # taps per blurred view (0 when none blurs)
+    has_mix: bool  # some view is mixed, and masks and patches were given
+    max_partner: int  # largest patch row a mixed view reads (-1 without mixing)
+    any_jitter: bool
+
+
+def _view_table(params: AugParams, n_views: int, size: int, can_mix: bool) -> _ViewTable:
+    """Pack ``params`` for the N = B * V views into the per-view tables (see _I_* / _F_*).
+    ``can_mix``: masks and patches were given (without them no view is mixed)."""
     mix = _flat(params.mix, np.bool_)
     partner = _flat(params.partner, np.int64)
     mixed = mix & (partner >= 0)
-    has_mix = patches is not None and masks is not None and bool(mixed.any())
+    has_mix = can_mix and bool(mixed.any())
     jitter = _flat(params.jitter, np.bool_)
     factors = np.stack([_flat(params.brightness, np.float32), _flat(params.contrast, np.float32),
                         _flat(params.saturation, np.float32), _flat(params.hue, np.float32)], axis=1)
-    if np.size(params.jitter_order):
-        order = np.asarray(params.jitter_order, np.int64).reshape(n_views, 4)
-    elif jitter.any():
-        raise ValueError("params.jitter_order is empty but some views jitter")
-    else:
-        order = np.tile(np.arange(4, dtype=np.int64), (n_views, 1))
-    if jitter.any() and not np.array_equal(np.sort(order[jitter], axis=1), np.tile(np.arange(4), (int(jitter.sum()), 1))):
-        raise ValueError("params.jitter_order rows must be permutations of 0..3")
+    order = _jitter_order(params, jitter, n_views)
     blur = _flat(params.blur, np.bool_)
     icols = int(_I_COLS.value)
     itab = np.zeros((n_views, icols), np.int32)
@@ -455,71 +495,161 @@ def apply_device_ops_fused(
     itab[:, _I_SLOT.value] = slots
     itab[:, _I_SOLAR.value] = _flat(params.solarize, np.bool_)
     red_views = np.flatnonzero(need_mean).astype(np.int32)
+    ktaps, taps = _blur_taps(params, blur_views, size)
+    return _ViewTable(itab=itab, factors=factors, red_views=red_views, blur_views=blur_views, taps=taps,
+                      ktaps=ktaps, has_mix=has_mix, max_partner=int(partner[mixed].max()) if has_mix else -1,
+                      any_jitter=bool(jitter.any()))
 
-    n_blur = len(blur_views)
-    ktaps = 0
-    taps = np.zeros((0,), np.float32)
-    if n_blur:
-        sigma = torch.as_tensor(_flat(params.sigma, np.float64)[blur_views])
-        ktaps = R.blur_kernel_size(float(sigma.max()))
-        if ktaps // 2 >= size:
-            raise ValueError(f"blur radius {ktaps // 2} needs views larger than {size} px (reflect padding)")
-        taps = R.gaussian_taps(sigma, ktaps).to(torch.float32).numpy().reshape(-1)
 
-    if has_mix:
-        if int(partner[mixed].max()) >= patches.shape[0]:
-            raise IndexError(f"partner index {int(partner[mixed].max())} out of range for {patches.shape[0]} patches")
-        if masks.shape != (bsz, nv, 1, height, width):
-            raise ValueError(f"masks must be [B, V, 1, S, S], got {tuple(masks.shape)}")
-        masks_d = masks.to(device)
-        if masks_d.dtype == torch.bool:
-            masks_d = masks_d.to(torch.float32)
-        masks_d = masks_d.contiguous()
-        patches_d = patches.to(device).contiguous()
-        if patches_d.dim() != 4 or patches_d.shape[1] != 3:
-            raise ValueError(f"patches must be [N, 3, P, P], got {tuple(patches_d.shape)}")
-        ph, pw = int(patches_d.shape[2]), int(patches_d.shape[3])
-        mask_u8, patch_u8 = masks_d.dtype == torch.uint8, patches_d.dtype == torch.uint8
+def _jitter_order(params: AugParams, jitter: np.ndarray, n_views: int) -> np.ndarray:
+    """Each view's ColorJitter op order, int64 [N, 4] (0 b, 1 c, 2 s, 3 h). Parameters drawn
+    without jitter may carry no order at all: any order then does, as no view reads it."""
+    if np.size(params.jitter_order):
+        order = np.asarray(params.jitter_order, np.int64).reshape(n_views, 4)
+    elif jitter.any():
+        raise ValueError("params.jitter_order is empty but some views jitter")
     else:
-        masks_d = patches_d = views  # never read
-        ph = pw = 1
-        mask_u8 = patch_u8 = True
+        order = np.tile(np.arange(4, dtype=np.int64), (n_views, 1))
+    if jitter.any() and not np.array_equal(np.sort(order[jitter], axis=1), np.tile(np.arange(4), (int(jitter.sum()), 1))):
+        raise ValueError("params.jitter_order rows must be permutations of 0..3")
+    return order
 
-    # One upload: [int table | float table (bits) | reduction views | blur views | taps (bits)].
-    parts = [itab.reshape(-1), factors.reshape(-1).view(np.int32), red_views, blur_views, taps.view(np.int32)]
+
+def _blur_taps(params: AugParams, blur_views: np.ndarray, size: int) -> tuple[int, np.ndarray]:
+    """(taps per view, float32 taps of the blurred views, flat). One kernel size for the batch
+    (the largest sigma's), each view's row zero beyond its own radius: the reference's own taps
+    (reference.gaussian_taps), so both blur with identical weights."""
+    if not len(blur_views):
+        return 0, np.zeros((0,), np.float32)
+    sigma = torch.as_tensor(_flat(params.sigma, np.float64)[blur_views])
+    ktaps = R.blur_kernel_size(float(sigma.max()))
+    if ktaps // 2 >= size:
+        raise ValueError(f"blur radius {ktaps // 2} needs views larger than {size} px (reflect padding)")
+    return ktaps, R.gaussian_taps(sigma, ktaps).to(torch.float32).numpy().reshape(-1)
+
+
+class _MixInputs(NamedTuple):
+    """Masks and patches as the kernels read them, and how to read them."""
+
+    masks: torch.Tensor
+    patches: torch.Tensor
+    ph: int  # patch height and width: the tiling period of the background
+    pw: int
+    mask_u8: bool  # uint8 masks (0..255) rather than float (0..1)
+    patch_u8: bool
+
+
+def _mix_inputs(views: torch.Tensor, masks: torch.Tensor | None, patches: torch.Tensor | None,
+                table: _ViewTable, mask_shape: tuple) -> _MixInputs:
+    """Masks and patches on the views' device, contiguous (bool masks as float), checked against
+    the batch. Without mixing the kernels never read them; the views then stand in for both,
+    since every kernel argument must be a tensor."""
+    if not table.has_mix:
+        return _MixInputs(masks=views, patches=views, ph=1, pw=1, mask_u8=True, patch_u8=True)
+    device = views.device
+    if table.max_partner >= patches.shape[0]:
+        raise IndexError(f"partner index {table.max_partner} out of range for {patches.shape[0]} patches")
+    if masks.shape != mask_shape:
+        raise ValueError(f"masks must be [B, V, 1, S, S], got {tuple(masks.shape)}")
+    masks_d = masks.to(device)
+    if masks_d.dtype == torch.bool:
+        masks_d = masks_d.to(torch.float32)
+    masks_d = masks_d.contiguous()
+    patches_d = patches.to(device).contiguous()
+    if patches_d.dim() != 4 or patches_d.shape[1] != 3:
+        raise ValueError(f"patches must be [N, 3, P, P], got {tuple(patches_d.shape)}")
+    return _MixInputs(masks=masks_d, patches=patches_d, ph=int(patches_d.shape[2]), pw=int(patches_d.shape[3]),
+                      mask_u8=masks_d.dtype == torch.uint8, patch_u8=patches_d.dtype == torch.uint8)
+
+
+# ---- 2. upload and buffers ------------------------------------------------------------------
+
+
+class _DeviceTable(NamedTuple):
+    """The per-view tables on the device: slices of one uploaded int32 tensor."""
+
+    ip: torch.Tensor  # int32 [N * _I_COLS]
+    fp: torch.Tensor  # float32 [N * _F_COLS]
+    red: torch.Tensor  # int32: red_views
+    blur: torch.Tensor  # int32: blur_views
+    taps: torch.Tensor  # float32
+
+
+def _upload(table: _ViewTable, device: torch.device) -> _DeviceTable:
+    """All tables in one host-to-device copy: [int table | float table (bits) | reduction views |
+    blur views | taps (bits)], the float parts reinterpreted as float32 on the device."""
+    parts = [table.itab.reshape(-1), table.factors.reshape(-1).view(np.int32), table.red_views, table.blur_views,
+             table.taps.view(np.int32)]
     bounds = [int(b) for b in np.cumsum([0] + [len(p) for p in parts])]
-    table = torch.from_numpy(np.concatenate(parts)).to(device, non_blocking=True)
-    ip_t = table[bounds[0]:bounds[1]]
-    fp_t = table[bounds[1]:bounds[2]].view(torch.float32)
-    red_t = table[bounds[2]:bounds[3]]
-    blur_t = table[bounds[3]:bounds[4]]
-    taps_t = table[bounds[4]:bounds[5]].view(torch.float32)
+    packed = torch.from_numpy(np.concatenate(parts)).to(device, non_blocking=True)
+    return _DeviceTable(ip=packed[bounds[0]:bounds[1]], fp=packed[bounds[1]:bounds[2]].view(torch.float32),
+                        red=packed[bounds[2]:bounds[3]], blur=packed[bounds[3]:bounds[4]],
+                        taps=packed[bounds[4]:bounds[5]].view(torch.float32))
 
+
+class _Grid(NamedTuple):
+    block: int  # pixels per program (BLOCK)
+    n_blocks: int  # programs per view
+    nchunk: int  # partial sums per view in the contrast-mean reduction
+
+
+def _grid(size: int) -> _Grid:
+    """How a view of size x size pixels is cut into programs (read at call time: tests shrink
+    _MAX_BLOCK and _MAX_CHUNKS to reach several blocks and chunks on small views)."""
     ss = size * size
     block = min(_MAX_BLOCK, triton.next_power_of_2(ss))
     n_blocks = triton.cdiv(ss, block)
-    nchunk = min(n_blocks, _MAX_CHUNKS)
-    out = torch.empty((bsz, nv, 3, size, size), dtype=dtype, device=device)
-    flags = dict(HAS_MIX=has_mix, MASK_U8=mask_u8, PATCH_U8=patch_u8, HARD=bool(hard))
+    return _Grid(block=block, n_blocks=n_blocks, nchunk=min(n_blocks, _MAX_CHUNKS))
 
-    partials = fp_t  # placeholder when no view needs a mean (never read)
-    if len(red_views):
+
+class _Buffers(NamedTuple):
+    out: torch.Tensor  # [B, V, 3, S, S] in the output dtype
+    partials: torch.Tensor  # float32 [N, nchunk]: contrast-mean partial sums
+    buf: torch.Tensor  # float32 [n_blur, 3, S, S]: blurred views after colour, before the blur
+    rows: torch.Tensor | None  # like buf: after the horizontal blur pass
+
+
+def _allocate(table: _ViewTable, on_device: _DeviceTable, out_shape: tuple, dtype: torch.dtype,
+              nchunk: int) -> _Buffers:
+    """The output and the scratch the launches write. Scratch a batch does not need is replaced
+    by a tensor that is never read (a kernel argument must still be a tensor)."""
+    device = on_device.ip.device
+    n_views, size = len(table.itab), out_shape[-1]
+    n_blur = len(table.blur_views)
+    out = torch.empty(out_shape, dtype=dtype, device=device)
+    partials = on_device.fp  # placeholder when no view needs a mean (never read)
+    if len(table.red_views):
         partials = torch.empty((n_views, nchunk), dtype=torch.float32, device=device)
-        _contrast_mean_kernel[(len(red_views), nchunk)](
-            views, masks_d, patches_d, ip_t, fp_t, red_t, partials, size, ph, pw, nchunk,
-            BLOCK=block, **flags)
-
     buf = torch.empty((n_blur, 3, size, size), dtype=torch.float32, device=device) if n_blur else out
-    _mix_colour_kernel[(n_views, n_blocks)](
-        views, masks_d, patches_d, ip_t, fp_t, partials, buf, out, size, ph, pw, nchunk,
-        ANY_JITTER=bool(jitter.any()), ANY_BLUR=bool(n_blur),
-        NORMALISE=bool(normalise), OUT_U8=dtype == torch.uint8,
-        NCHUNK_P2=triton.next_power_of_2(nchunk), BLOCK=block, **flags)
+    rows = torch.empty_like(buf) if n_blur else None
+    return _Buffers(out=out, partials=partials, buf=buf, rows=rows)
 
+
+# ---- 3. the launches (module docstring: at most four, none per view) ------------------------
+
+
+def _launch(views: torch.Tensor, mix: _MixInputs, table: _ViewTable, on_device: _DeviceTable, bufs: _Buffers,
+            grid: _Grid, *, hard: bool, normalise: bool) -> None:
+    """Run the batch: contrast means (only when some view needs one), mix + colour for every view,
+    then the two blur passes over the blurred views only. Constexpr flags say which branches a
+    batch can take, so each compiled variant carries only the code it runs."""
+    size = views.shape[-1]
+    n_views, n_blur = len(table.itab), len(table.blur_views)
+    out_u8 = bufs.out.dtype == torch.uint8
+    flags = dict(HAS_MIX=table.has_mix, MASK_U8=mix.mask_u8, PATCH_U8=mix.patch_u8, HARD=bool(hard))
+    if len(table.red_views):
+        _contrast_mean_kernel[(len(table.red_views), grid.nchunk)](
+            views, mix.masks, mix.patches, on_device.ip, on_device.fp, on_device.red, bufs.partials,
+            size, mix.ph, mix.pw, grid.nchunk, BLOCK=grid.block, **flags)
+    _mix_colour_kernel[(n_views, grid.n_blocks)](
+        views, mix.masks, mix.patches, on_device.ip, on_device.fp, bufs.partials, bufs.buf, bufs.out,
+        size, mix.ph, mix.pw, grid.nchunk,
+        ANY_JITTER=table.any_jitter, ANY_BLUR=bool(n_blur),
+        NORMALISE=bool(normalise), OUT_U8=out_u8,
+        NCHUNK_P2=triton.next_power_of_2(grid.nchunk), BLOCK=grid.block, **flags)
     if n_blur:
-        rows = torch.empty_like(buf)
-        _blur_rows_kernel[(n_blur, n_blocks)](buf, rows, taps_t, size, ktaps, BLOCK=block)
-        _blur_cols_finish_kernel[(n_blur, n_blocks)](
-            rows, taps_t, blur_t, ip_t, out, size, ktaps,
-            NORMALISE=bool(normalise), OUT_U8=dtype == torch.uint8, BLOCK=block)
-    return out
+        _blur_rows_kernel[(n_blur, grid.n_blocks)](bufs.buf, bufs.rows, on_device.taps, size, table.ktaps,
+                                                   BLOCK=grid.block)
+        _blur_cols_finish_kernel[(n_blur, grid.n_blocks)](
+            bufs.rows, on_device.taps, on_device.blur, on_device.ip, bufs.out, size, table.ktaps,
+            NORMALISE=bool(normalise), OUT_U8=out_u8, BLOCK=grid.block)

@@ -22,6 +22,9 @@ from .params import AugParams
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LUMA_WEIGHTS",
+    "HARD_MIX_THRESHOLD",
+    "SOLARIZE_THRESHOLD",
     "crop_views",
     "cut_bg_patch",
     "bg_mixup",
@@ -37,8 +40,11 @@ __all__ = [
     "apply_device_ops",
 ]
 
+# The numbers every implementation of these ops shares. The numba (kernels/cpu_ops.py) and
+# Triton (kernels/device_ops.py) twins import them from here, so they cannot drift apart.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma (r, g, b), torchvision's rgb_to_grayscale weights
 HARD_MIX_THRESHOLD = 0.5  # BG-HardMix: a pixel is object when its soft mask is >= 0.5
 SOLARIZE_THRESHOLD = 0.5  # on [0, 1] images, as in BYOL
 
@@ -179,7 +185,8 @@ def _per_image(factor, x: torch.Tensor, dims: int):
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma (torchvision's weights), kept as 3 equal channels."""
     r, g, b = x.unbind(dim=-3)
-    luma = 0.2989 * r + 0.587 * g + 0.114 * b
+    wr, wg, wb = LUMA_WEIGHTS
+    luma = wr * r + wg * g + wb * b
     return luma.unsqueeze(-3).expand_as(x).contiguous()
 
 

@@ -5,16 +5,15 @@
 process group (gloo on CPU, nccl on CUDA), shards the data by rank and wraps the model in
 DistributedDataParallel; rank 0 logs and writes checkpoints.
 
-Checkpoint (``OUT/checkpoint.pt``, written atomically): the backbone contract of
-:mod:`objloader.checkpoint` plus ``model`` (momentum encoder, queue), ``optimizer``, ``scaler``,
-``step``, ``epoch``, ``config`` and ``rng``, all tensors or plain types, so
-``torch.load(path, weights_only=True)`` reads it.
+Read top-down: the config, the setup of a run (device and process group, data, model and
+optimizer), :func:`train` and its steps (resume, one optimisation step, the epoch loop, the end
+of a run), then the command line. Checkpoints, metrics and the loss curve are written by
+:mod:`objloader.ssl.run_io` (checkpoint layout there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -30,9 +29,10 @@ import torch.distributed as dist
 
 from ..loaders import make_loader
 from ..store.reader import read_manifest
-from ..checkpoint import ARCHS, CHECKPOINT_FORMAT, DEFAULT_WIDTH, CheckpointError, checkpoint_width
+from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError
 from .byol import BYOL
 from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
+from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
 from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "demo_train_path", "load_checkpoint"]
@@ -182,7 +182,7 @@ def _build_loader(cfg: TrainConfig, d: _Dist, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------
-# model, schedule, checkpoints
+# model and schedule
 
 
 def _build_model(cfg: TrainConfig, n_records: int, world_size: int = 1) -> torch.nn.Module:
@@ -201,150 +201,102 @@ def _lr_at(peak: float, step: int, total: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate()),
-             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _to_lists(x):
-    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _to_tuples(x):
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(path: str, cfg: TrainConfig, model, optimizer, scaler, step: int, epoch: int) -> None:
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "method": cfg.method, "arch": cfg.arch, "small_stem": cfg.small_stem,
-        "width": cfg.width, "image_size": cfg.image_size,
-        "backbone": model.backbone.state_dict(),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "step": int(step), "epoch": int(epoch), "config": dataclasses.asdict(cfg), "rng": _rng_state(),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half
-
-
-def load_checkpoint(path: str, cfg: Optional[TrainConfig] = None) -> dict:
-    """A trainer checkpoint, checked against ``cfg`` (method, arch, stem, width); CheckpointError names the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist (nothing to --resume)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {e}); "
-                              f"delete it or pass another --resume path") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path!r} is not an objloader trainer checkpoint (format {CHECKPOINT_FORMAT})")
-    missing = [k for k in ("model", "optimizer", "step", "epoch", "config", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path!r} lacks {', '.join(missing)}: it holds a backbone only and cannot resume training")
-    if cfg is not None:
-        for key in ("method", "arch", "small_stem", "width"):
-            have = checkpoint_width(ckpt) if key == "width" else ckpt.get(key)  # no width: 64 (older checkpoints)
-            if have != getattr(cfg, key):
-                raise CheckpointError(f"{path!r} was written with {key}={have!r}, but this run has "
-                                      f"{key}={getattr(cfg, key)!r}; resume with the same {key} or another --out")
-    return ckpt
-
-
 # ---------------------------------------------------------------------------------------------
-# logging
+# a run: everything the steps of train() share
 
 
-class _Logger:
-    """metrics.jsonl, TensorBoard (when installed) and a tqdm bar, on rank 0 only."""
-
-    def __init__(self, cfg: TrainConfig, total: int, start: int, enabled: bool):
-        self.enabled = enabled
-        self.bar = self.tb = self.file = None
-        if not enabled:
-            return
-        os.makedirs(cfg.out, exist_ok=True)
-        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-        if start == 0 and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run; a resumed one appends
-        elif start > 0:
-            self._truncate_after(start)
-        self.file = open(self.metrics_path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=start or None)
-        except ImportError:
-            pass
-        if cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=f"{cfg.method}/{cfg.loader}", unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be redone)."""
-        if not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path, encoding="utf-8") as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(self.metrics_path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-
-    def step(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def log(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k in ("loss", "lr", "img_per_s", "data_wait"):
-                self.tb.add_scalar(f"train/{k}", rec[k], rec["step"])
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}",
-                                 wait=f"{rec['data_wait']:.0%}", refresh=False)
-
-    def close(self) -> None:
-        for h in (self.bar, self.tb, self.file):
-            if h is not None:
-                h.close()
+@dataclass
+class _Run:
+    cfg: TrainConfig  # with ``data`` resolved
+    device: torch.device
+    d: _Dist
+    log: Callable  # print on rank 0, silent elsewhere
+    loader: object  # make_loader's loader for this rank's shard
+    steps_per_epoch: int
+    total: int  # steps the schedule spans (cfg.epochs epochs)
+    stop: int  # steps this run trains to (total, or cfg.max_steps when lower)
+    model: torch.nn.Module  # MoCo or BYOL: what checkpoints hold
+    ddp_model: torch.nn.Module  # the model, wrapped in DDP under torchrun: what the steps call
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]  # --amp on CUDA only
+    amp_dtype: torch.dtype
+    peak_lr: float
+    global_batch: int
+    ckpt_path: str
 
 
-def _plot_loss(metrics_path: str, png: str, title: str) -> None:
-    import matplotlib
+def _setup(cfg: TrainConfig) -> _Run:
+    """Device and process group, data, then model and optimizer, in this order: every rank seeds
+    its RNGs before the loader and the model are built, so all start from the same weights (and
+    queue). The model is not yet wrapped in DDP (see _wrap_ddp)."""
+    device = _pick_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    d = _init_distributed(device)
+    log = print if d.main else (lambda *a, **k: None)
+    cfg = _with_data(cfg, d, log)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    torch.manual_seed(cfg.seed)  # same initial weights (and queue) on every rank
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    loader = _build_loader(cfg, d, device)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data!r}: fewer records per rank than --batch-size {cfg.batch_size}; "
+                         f"lower the batch size")
+    total = cfg.epochs * steps_per_epoch
+    model = _build_model(cfg, _dataset_size(cfg.data), d.world_size).to(device)
+    if cfg.channels_last:  # the convolutions then run NHWC, converting their NCHW inputs once
+        model = model.to(memory_format=torch.channels_last)
+    global_batch = cfg.batch_size * d.world_size
+    peak_lr = cfg.base_lr * global_batch / 256
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    use_scaler = cfg.amp and device.type == "cuda"
+    return _Run(cfg=cfg, device=device, d=d, log=log, loader=loader, steps_per_epoch=steps_per_epoch,
+                total=total, stop=total if cfg.max_steps is None else min(cfg.max_steps, total),
+                model=model, ddp_model=model, optimizer=optimizer,
+                scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+                amp_dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                peak_lr=peak_lr, global_batch=global_batch, ckpt_path=os.path.join(cfg.out, CHECKPOINT_NAME))
 
-    with open(metrics_path, encoding="utf-8") as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+
+def _with_data(cfg: TrainConfig, d: _Dist, log: Callable) -> TrainConfig:
+    """cfg with ``data`` set: without one, the demo's built train split, which rank 0 generates
+    and builds first (the other ranks wait, then find it)."""
+    if cfg.data is not None:
+        return cfg
+    if d.main:
+        cfg = dataclasses.replace(cfg, data=demo_train_path(log=log))
+    _barrier(d)
+    if not d.main:
+        cfg = dataclasses.replace(cfg, data=demo_train_path(log=log))
+    return cfg
+
+
+def _wrap_ddp(run: _Run) -> None:
+    """Under torchrun, wrap the model in DistributedDataParallel (after a resume has loaded its
+    weights). Buffers stay per rank: the queue is identical by construction (keys are
+    all-gathered)."""
+    if run.d.enabled:
+        run.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            broadcast_buffers=False)
+
+
+def _announce(run: _Run) -> None:
+    """The run's one-line summary (rank 0)."""
+    cfg, d = run.cfg, run.d
+    if not d.main:
+        return
+    moco = ""
+    if cfg.method == "moco":
+        shuffle = ("off" if not cfg.shuffle_bn else "across ranks" if d.enabled
+                   else f"split BN into up to {DEFAULT_BN_SPLITS} groups")
+        moco = f", queue {run.model.queue.shape[0]}, Shuffle-BN {shuffle}"
+    run.log(f"{cfg.method} on {cfg.loader}: {cfg.data}, {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+            f"global batch {run.global_batch}, peak lr {run.peak_lr:.4g}, {d.world_size} process(es) on "
+            f"{run.device}{moco}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,145 +309,144 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
     ``on_batch(step, batch)`` (optional) sees every batch this rank trains on (tests use it to
     check the shards).
     """
-    device = _pick_device(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    d = _init_distributed(device)
-    log = print if d.main else (lambda *a, **k: None)
-    if cfg.data is None:
-        if d.main:
-            cfg = dataclasses.replace(cfg, data=demo_train_path(log=log))
-        _barrier(d)
-        if not d.main:
-            cfg = dataclasses.replace(cfg, data=demo_train_path(log=log))
+    run = _setup(cfg)
+    step = _resume(run) if run.cfg.resume is not None else 0
+    _wrap_ddp(run)
+    logger = RunLogger(run.cfg, run.stop, step, run.d.main)
+    _announce(run)
 
-    torch.manual_seed(cfg.seed)  # same initial weights (and queue) on every rank
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    loader = _build_loader(cfg, d, device)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{cfg.data!r}: fewer records per rank than --batch-size {cfg.batch_size}; "
-                         f"lower the batch size")
-    total = cfg.epochs * steps_per_epoch
-    stop = total if cfg.max_steps is None else min(cfg.max_steps, total)
-    model = _build_model(cfg, _dataset_size(cfg.data), d.world_size).to(device)
-    if cfg.channels_last:  # the convolutions then run NHWC, converting their NCHW inputs once
-        model = model.to(memory_format=torch.channels_last)
-    global_batch = cfg.batch_size * d.world_size
-    peak_lr = cfg.base_lr * global_batch / 256
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    use_scaler = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
-    step = 0
-    if cfg.resume is not None:
-        src = cfg.resume or ckpt_path
-        ckpt = load_checkpoint(src, cfg)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{src!r} does not fit this run's model/optimizer "
-                                  f"(another --queue-size, --batch-size or dataset?): {e}") from e
-        _set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        old = ckpt["config"]
-        if old.get("batch_size") != cfg.batch_size or old.get("data") != cfg.data:
-            warnings.warn(f"resuming {src!r} written with batch_size={old.get('batch_size')}, "
-                          f"data={old.get('data')!r}; the step position may not match this run")
-        log(f"resumed from {src} at step {step} (epoch {step // steps_per_epoch})")
-
-    ddp_model = model
-    if d.enabled:
-        # Buffers stay per rank: the queue is identical by construction (keys are all-gathered).
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    logger = _Logger(cfg, stop, step, d.main)
-    if d.main:
-        moco = ""
-        if cfg.method == "moco":
-            shuffle = ("off" if not cfg.shuffle_bn else "across ranks" if d.enabled
-                       else f"split BN into up to {DEFAULT_BN_SPLITS} groups")
-            moco = f", queue {model.queue.shape[0]}, Shuffle-BN {shuffle}"
-        log(f"{cfg.method} on {cfg.loader}: {cfg.data}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-            f"global batch {global_batch}, peak lr {peak_lr:.4g}, {d.world_size} process(es) on {device}{moco}")
-
-    model.train()
-    loss_val = float("nan")
-    win_t, win_wait, win_imgs, win_loss, win_n = time.perf_counter(), 0.0, 0, 0.0, 0
-    epoch = step // steps_per_epoch
     t_start = time.perf_counter()
-    while step < stop:
-        epoch = step // steps_per_epoch
-        loader.set_epoch(epoch)
-        skip = step - epoch * steps_per_epoch  # batches of this epoch done before the checkpoint
-        it = iter(loader)
+    step, loss_val = _train_until_stop(run, step, logger, on_batch)
+    seconds = time.perf_counter() - t_start
+    _finish(run, logger, step, loss_val, seconds)
+    return {"step": step, "epoch": step // run.steps_per_epoch, "loss": loss_val, "checkpoint": run.ckpt_path,
+            "seconds": seconds, "model": run.model}
+
+
+def _resume(run: _Run) -> int:
+    """Load the checkpoint named by --resume into the model, optimizer, scaler and RNGs; returns
+    the step to continue from."""
+    cfg = run.cfg
+    src = cfg.resume or run.ckpt_path
+    ckpt = load_checkpoint(src, cfg)
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scaler is not None and ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{src!r} does not fit this run's model/optimizer "
+                              f"(another --queue-size, --batch-size or dataset?): {e}") from e
+    set_rng_state(ckpt["rng"])
+    step = int(ckpt["step"])
+    old = ckpt["config"]
+    if old.get("batch_size") != cfg.batch_size or old.get("data") != cfg.data:
+        warnings.warn(f"resuming {src!r} written with batch_size={old.get('batch_size')}, "
+                      f"data={old.get('data')!r}; the step position may not match this run")
+    run.log(f"resumed from {src} at step {step} (epoch {step // run.steps_per_epoch})")
+    return step
+
+
+def _train_step(run: _Run, batch, step: int) -> float:
+    """One optimisation step on ``batch`` as step ``step`` of the schedule (cosine lr, then the
+    momentum encoder / target network follows with step + 1); returns the loss."""
+    optimizer, scaler = run.optimizer, run.scaler
+    for g in optimizer.param_groups:
+        g["lr"] = _lr_at(run.peak_lr, step, run.total)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.cfg.amp):
+        loss = run.ddp_model(batch.views)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    run.model.momentum_update((step + 1) / run.total)
+    return float(loss.detach())
+
+
+class _Window:
+    """Metrics averaged over the steps since the last metrics line."""
+
+    def __init__(self):
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.t, self.wait, self.imgs, self.loss, self.n = now, 0.0, 0, 0.0, 0
+
+    def add(self, loss: float, images: int) -> None:
+        self.loss += loss
+        self.n += 1
+        self.imgs += images
+
+
+def _train_until_stop(run: _Run, step: int, logger: RunLogger, on_batch: Optional[Callable]):
+    """Epochs from ``step`` until run.stop: a resumed run first skips the batches of its epoch
+    that the checkpoint already trained on. Returns (step reached, the last step's loss)."""
+    run.model.train()
+    loss_val = float("nan")
+    window = _Window()
+    while step < run.stop:
+        epoch = step // run.steps_per_epoch
+        run.loader.set_epoch(epoch)
+        skip = step - epoch * run.steps_per_epoch  # batches of this epoch done before the checkpoint
+        it = iter(run.loader)
         t_wait = time.perf_counter()
         for i, batch in enumerate(it):
             if i < skip:
                 t_wait = time.perf_counter()
                 continue
-            win_wait += time.perf_counter() - t_wait
+            window.wait += time.perf_counter() - t_wait
             if on_batch is not None:
                 on_batch(step, batch)
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(peak_lr, step, total)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                loss = ddp_model(batch.views)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss_val = _train_step(run, batch, step)
             step += 1
-            model.momentum_update(step / total)
-            loss_val = float(loss.detach())
-            win_loss += loss_val
-            win_n += 1
-            win_imgs += len(batch.views) * d.world_size
+            window.add(loss_val, len(batch.views) * run.d.world_size)
             logger.step()
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss is {loss_val} at step {step}; lower --lr or disable --amp")
-            if step % cfg.log_every == 0 or step == stop:
-                now = time.perf_counter()
-                span = max(now - win_t, 1e-9)
-                logger.log({"step": step, "epoch": epoch, "loss": win_loss / win_n,
-                            "lr": optimizer.param_groups[0]["lr"], "img_per_s": win_imgs / span,
-                            "data_wait": win_wait / span})
-                win_t, win_wait, win_imgs, win_loss, win_n = now, 0.0, 0, 0.0, 0
-            if cfg.save_every and step % cfg.save_every == 0 and step < stop and d.main:
-                _save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, step, step // steps_per_epoch)
-            if step >= stop:
+            _log_and_save(run, logger, window, step, epoch)
+            if step >= run.stop:
                 break
             t_wait = time.perf_counter()
         del it  # closes the engine's epoch iterator when we stop mid-epoch
-    seconds = time.perf_counter() - t_start
+    return step, loss_val
+
+
+def _log_and_save(run: _Run, logger: RunLogger, window: _Window, step: int, epoch: int) -> None:
+    """After step ``step`` (counted from 1): a metrics line every --log-every steps and at the
+    end, a checkpoint every --save-every steps before the end (rank 0; _finish writes the last)."""
+    cfg = run.cfg
+    if step % cfg.log_every == 0 or step == run.stop:
+        now = time.perf_counter()
+        span = max(now - window.t, 1e-9)
+        logger.log({"step": step, "epoch": epoch, "loss": window.loss / window.n,
+                    "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": window.imgs / span,
+                    "data_wait": window.wait / span})
+        window.reset(now)
+    if cfg.save_every and step % cfg.save_every == 0 and step < run.stop and run.d.main:
+        save_checkpoint(run.ckpt_path, cfg, run.model, run.optimizer, run.scaler, step, step // run.steps_per_epoch)
+
+
+def _finish(run: _Run, logger: RunLogger, step: int, loss_val: float, seconds: float) -> None:
+    """The final checkpoint, metrics and loss curve (rank 0), then every rank leaves together."""
+    cfg, d = run.cfg, run.d
     if d.main:
-        _save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, step, step // steps_per_epoch)
+        save_checkpoint(run.ckpt_path, cfg, run.model, run.optimizer, run.scaler, step, step // run.steps_per_epoch)
     logger.close()
     if d.main:
         try:
-            _plot_loss(logger.metrics_path, os.path.join(cfg.out, "loss.png"),
-                       f"{cfg.method} / {cfg.loader} / {cfg.arch}")
+            plot_loss(logger.metrics_path, os.path.join(cfg.out, "loss.png"),
+                      f"{cfg.method} / {cfg.loader} / {cfg.arch}")
         except Exception as e:  # the plot is a convenience; the run itself succeeded
             warnings.warn(f"loss curve not written: {e}")
-        log(f"done: {step} steps in {seconds:.1f} s, final loss {loss_val:.4f}; "
-            f"{ckpt_path}, {logger.metrics_path}, {os.path.join(cfg.out, 'loss.png')}")
+        run.log(f"done: {step} steps in {seconds:.1f} s, final loss {loss_val:.4f}; "
+                f"{run.ckpt_path}, {logger.metrics_path}, {os.path.join(cfg.out, 'loss.png')}")
     _barrier(d)
     if d.owns_group:
         dist.destroy_process_group()
-    return {"step": step, "epoch": step // steps_per_epoch, "loss": loss_val, "checkpoint": ckpt_path,
-            "seconds": seconds, "model": model}
 
 
 # ---------------------------------------------------------------------------------------------

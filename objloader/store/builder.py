@@ -27,7 +27,7 @@ from ..fileio import file_sha256
 from ..sources import SourceError, SourceSpec, open_source
 from ..sources.resolve import source_fingerprint
 from .process import MaskPairingError, SkipRecord, build_record
-from .schema import SCHEMA_VERSION, BuildOptions, MaskProvider, Record, digest_of
+from .schema import SCHEMA_VERSION, BuildOptions, MaskProvider, Record, digests_of
 from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
 
 FORMATS = ("ffcv", "wds")
@@ -90,18 +90,15 @@ def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error:
 
 def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Sequence[str], pool,
                workers: int, on_error: str, log: Callable, cam: Optional[MaskProvider] = None) -> dict:
+    """Build one source dataset in ds_dir; returns its manifest. Steps: stage the records into
+    chunk files, survey them (one read of the chunks), write each format (the FFCV writer reads
+    records by index, the shard writer once in order), then the manifest."""
     label = spec.name or os.path.basename(os.path.normpath(spec.path))
     if os.path.exists(os.path.join(ds_dir, MANIFEST)):
         log(f"{label}: already built in the partial output, kept")
         with open(os.path.join(ds_dir, MANIFEST)) as f:
             return json.load(f)
-    masks_note = opts.masks
-    if opts.masks == "gt" and not any(s.has_gt_mask for s in spec.samples):
-        # A whole evaluation set without objects (e.g. only_bg_*): build it without object
-        # knowledge rather than skip every record, and say so in its manifest.
-        opts = dataclasses.replace(opts, masks="none")
-        masks_note = "none (the source has no ground-truth masks)"
-        log(f"{label}: no ground-truth masks in this source; built with --masks none")
+    opts, masks_note = _masks_for(spec, opts, label, log)
     cam_entries = cam_info = None
     if opts.masks == "contracam":
         cam_entries, cam_info = cam.entries(spec, os.path.join(ds_dir, CAM_DIR), opts, workers, log)
@@ -110,61 +107,124 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label, cam_entries)
     stage_seconds = time.time() - t0
 
-    # One pass over the staged chunks for what the manifest reports.
-    skipped, notes, gt_flags, without_bg = [], collections.Counter(), [], 0
+    survey = _survey(spec, stage_dir, n_chunks)
+    staged = StagedRecords(stage_dir, n_chunks, index=survey.index)
+    if len(staged) == 0:
+        raise BuildError(f"{label}: every one of {len(spec.samples)} inputs was skipped; first reason: "
+                         f"{survey.skipped[0]['reason'] if survey.skipped else '?'}")
+    with_gt = survey.with_gt
+    if not with_gt and any(survey.gt_flags):
+        log(f"{label}: only some images have ground-truth masks; gt fields are left out")
+    for s in survey.skipped:
+        log(f"{label}: skipped {s['key']!r}: {s['reason']}")
+
+    checksums, shards = {}, []
+    if "ffcv" in formats:
+        checksums.update(_write_ffcv(ds_dir, staged, opts, with_gt, workers))
+    if "wds" in formats:
+        shards, shard_checksums = _write_wds(ds_dir, staged, opts, with_gt, label)
+        checksums.update(shard_checksums)
+    manifest = _manifest(spec, opts, formats, masks_note, cam_info, survey, shards, checksums, stage_seconds, ds_dir)
+    _remove_leftover(stage_dir, log)
+    shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
+    _write_json(os.path.join(ds_dir, MANIFEST), manifest)
+    log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped")
+    return manifest
+
+
+def _masks_for(spec: SourceSpec, opts: BuildOptions, label: str, log: Callable):
+    """(options, the manifest's "masks" note) this source is built with. A whole evaluation set
+    without objects (e.g. only_bg_*) under --masks gt is built without object knowledge rather
+    than skipping every record, and its manifest says so."""
+    if opts.masks == "gt" and not any(s.has_gt_mask for s in spec.samples):
+        log(f"{label}: no ground-truth masks in this source; built with --masks none")
+        return dataclasses.replace(opts, masks="none"), "none (the source has no ground-truth masks)"
+    return opts, opts.masks
+
+
+@dataclasses.dataclass
+class _Survey:
+    """What the manifest reports of the staged items, gathered in one read of the chunks."""
+
+    index: List[tuple] = dataclasses.field(default_factory=list)  # record i -> (chunk, position)
+    skipped: List[dict] = dataclasses.field(default_factory=list)  # {"key", "path", "reason"}, source order
+    notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # conversions
+    gt_flags: List[bool] = dataclasses.field(default_factory=list)  # per record: has a ground-truth mask
+    without_bg: int = 0  # records whose background rectangle is empty
+    keys: List[str] = dataclasses.field(default_factory=list)
+    labels: List[int] = dataclasses.field(default_factory=list)
+    n_boxes: List[int] = dataclasses.field(default_factory=list)
+    # Both digests of every record: which one the manifest holds (with or without the gt fields)
+    # depends on with_gt, known only once every record has been seen.
+    digests_without_gt: List[str] = dataclasses.field(default_factory=list)
+    digests_with_gt: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def with_gt(self) -> bool:
+        """The dataset keeps the gt fields only when every record has them."""
+        return all(self.gt_flags)
+
+    def digests(self) -> List[str]:
+        """Each record's digest over the fields the formats store (schema.record_digest)."""
+        return self.digests_with_gt if self.with_gt else self.digests_without_gt
+
+
+def _survey(spec: SourceSpec, stage_dir: str, n_chunks: int) -> _Survey:
+    """One pass over the staged chunks (items in source order: a Record, or a skip reason)."""
+    sv = _Survey()
     for c in range(n_chunks):
         for k, item in enumerate(read_chunk(stage_dir, c)):
             if isinstance(item, Record):
-                notes.update(item.notes)
-                gt_flags.append(item.gt_mask is not None)
-                without_bg += _area(item.bg_rect) == 0
+                sv.index.append((c, k))
+                sv.notes.update(item.notes)
+                sv.gt_flags.append(item.gt_mask is not None)
+                sv.without_bg += _area(item.bg_rect) == 0
+                sv.keys.append(item.key)
+                sv.labels.append(item.label)
+                sv.n_boxes.append(item.n_boxes)
+                without_gt, with_gt = digests_of(item)
+                sv.digests_without_gt.append(without_gt)
+                sv.digests_with_gt.append(with_gt)
             else:
                 s = spec.samples[c * CHUNK + k]
-                skipped.append({"key": s.key, "path": s.path, "reason": item})
-    staged = StagedRecords(stage_dir, n_chunks)
-    if len(staged) == 0:
-        raise BuildError(f"{label}: every one of {len(spec.samples)} inputs was skipped; first reason: "
-                         f"{skipped[0]['reason'] if skipped else '?'}")
-    with_gt = all(gt_flags)
-    if not with_gt and any(gt_flags):
-        log(f"{label}: only some images have ground-truth masks; gt fields are left out")
-    for s in skipped:
-        log(f"{label}: skipped {s['key']!r}: {s['reason']}")
+                sv.skipped.append({"key": s.key, "path": s.path, "reason": item})
+    return sv
 
+
+def _write_ffcv(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, workers: int) -> dict:
+    """data.beton, written beside and renamed into place; returns its checksum."""
+    from .ffcv_writer import write_beton
+
+    tmp = os.path.join(ds_dir, "data.beton.tmp")
+    write_beton(tmp, staged, opts, with_gt, workers)
+    os.replace(tmp, os.path.join(ds_dir, "data.beton"))
+    return {"data.beton": file_sha256(os.path.join(ds_dir, "data.beton"))}
+
+
+def _write_wds(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, label: str):
+    """shards/ (tars and their .idx), written beside and renamed into place; returns the tar
+    names and the checksums of every file."""
+    from .wds_writer import write_shards
+
+    tmp = os.path.join(ds_dir, "shards.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tqdm(total=len(staged), desc=f"shards {label}", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+        shards = write_shards(tmp, staged, opts.shard_size, with_gt, progress=bar)
+    shutil.rmtree(os.path.join(ds_dir, "shards"), ignore_errors=True)
+    os.replace(tmp, os.path.join(ds_dir, "shards"))
     checksums = {}
-    if "ffcv" in formats:
-        from .ffcv_writer import write_beton
+    for name in shards:
+        for f in (name, name[:-4] + ".idx"):
+            checksums[f"shards/{f}"] = file_sha256(os.path.join(ds_dir, "shards", f))
+    return shards, checksums
 
-        tmp = os.path.join(ds_dir, "data.beton.tmp")
-        write_beton(tmp, staged, opts, with_gt, workers)
-        os.replace(tmp, os.path.join(ds_dir, "data.beton"))
-        checksums["data.beton"] = file_sha256(os.path.join(ds_dir, "data.beton"))
-    shards = []
-    if "wds" in formats:
-        from .wds_writer import write_shards
 
-        tmp = os.path.join(ds_dir, "shards.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tqdm(total=len(staged), desc=f"shards {label}", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
-            shards = write_shards(tmp, staged, opts.shard_size, with_gt, progress=bar)
-        shutil.rmtree(os.path.join(ds_dir, "shards"), ignore_errors=True)
-        os.replace(tmp, os.path.join(ds_dir, "shards"))
-        for name in shards:
-            for f in (name, name[:-4] + ".idx"):
-                checksums[f"shards/{f}"] = file_sha256(os.path.join(ds_dir, "shards", f))
+def _manifest(spec: SourceSpec, opts: BuildOptions, formats: Sequence[str], masks_note: str, cam_info,
+              survey: _Survey, shards: List[str], checksums: dict, stage_seconds: float, ds_dir: str) -> dict:
+    """The dataset's manifest.json (README "Building datasets")."""
     # Loaders compare these with the files before reading (cheaper than the checksums).
     sizes = {f: os.path.getsize(os.path.join(ds_dir, f)) for f in checksums}
-
-    keys, digests, labels, n_boxes = [], [], [], []
-    for r in staged:
-        if not with_gt:
-            r.gt_mask = r.gt_boxes = None
-            r.n_gt_boxes = 0
-        keys.append(r.key)
-        digests.append(digest_of(r))
-        labels.append(r.label)
-        n_boxes.append(r.n_boxes)
-    manifest = {
+    return {
         "kind": "dataset",
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -174,23 +234,19 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         "contracam": cam_info,
         "formats": list(formats),
         "classes": spec.classes,
-        "has_gt": with_gt,
-        "counts": {"inputs": len(spec.samples), "records": len(staged), "skipped": len(skipped),
-                   "records_without_boxes": sum(1 for n in n_boxes if n == 0),
-                   "records_without_background": without_bg},
-        "conversions": dict(notes),
-        "skipped": skipped,
+        "has_gt": survey.with_gt,
+        "counts": {"inputs": len(spec.samples), "records": len(survey.index), "skipped": len(survey.skipped),
+                   "records_without_boxes": sum(1 for n in survey.n_boxes if n == 0),
+                   "records_without_background": survey.without_bg},
+        "conversions": dict(survey.notes),
+        "skipped": survey.skipped,
         "shards": [f"shards/{n}" for n in shards],
         "checksums": checksums,
         "sizes": sizes,
         "timing": {"records_seconds": round(stage_seconds, 3)},
-        "records": {"keys": keys, "digests": digests, "labels": labels, "n_boxes": n_boxes},
+        "records": {"keys": survey.keys, "digests": survey.digests(), "labels": survey.labels,
+                    "n_boxes": survey.n_boxes},
     }
-    _remove_leftover(stage_dir, log)
-    shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
-    _write_json(os.path.join(ds_dir, MANIFEST), manifest)
-    log(f"{label}: {len(staged)} records, {len(skipped)} skipped")
-    return manifest
 
 
 def _area(r) -> float:

@@ -72,6 +72,15 @@ class Record:
 def record_digest(image: bytes, label: int, mask: np.ndarray, boxes: np.ndarray, n_boxes: int,
                   bg_rect: np.ndarray, gt_mask=None, gt_boxes=None, n_gt_boxes: int = 0) -> str:
     """Digest over every stored field, so a reader can prove it got each record back bit-exactly."""
+    h = _hash_fields(image, label, mask, boxes, n_boxes, bg_rect)
+    if gt_mask is not None:
+        _hash_gt_fields(h, gt_mask, gt_boxes, n_gt_boxes)
+    return h.hexdigest()[:16]
+
+
+def _hash_fields(image: bytes, label: int, mask: np.ndarray, boxes: np.ndarray, n_boxes: int,
+                 bg_rect: np.ndarray):
+    """SHA-1 over the fields every record stores, in the digest's order."""
     h = hashlib.sha1()
     h.update(image)
     h.update(np.int64(label).tobytes())
@@ -79,16 +88,32 @@ def record_digest(image: bytes, label: int, mask: np.ndarray, boxes: np.ndarray,
     h.update(np.ascontiguousarray(boxes, dtype=np.float32).tobytes())
     h.update(np.int64(n_boxes).tobytes())
     h.update(np.ascontiguousarray(bg_rect, dtype=np.float32).tobytes())
-    if gt_mask is not None:
-        h.update(np.ascontiguousarray(gt_mask, dtype=np.uint8).tobytes())
-        h.update(np.ascontiguousarray(gt_boxes, dtype=np.float32).tobytes())
-        h.update(np.int64(n_gt_boxes).tobytes())
-    return h.hexdigest()[:16]
+    return h
+
+
+def _hash_gt_fields(h, gt_mask: np.ndarray, gt_boxes: np.ndarray, n_gt_boxes: int) -> None:
+    """Continue ``h`` over the ground-truth fields, stored only when the dataset keeps them."""
+    h.update(np.ascontiguousarray(gt_mask, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(gt_boxes, dtype=np.float32).tobytes())
+    h.update(np.int64(n_gt_boxes).tobytes())
 
 
 def digest_of(rec: Record) -> str:
     return record_digest(rec.image, rec.label, rec.mask, rec.boxes, rec.n_boxes, rec.bg_rect,
                          rec.gt_mask, rec.gt_boxes, rec.n_gt_boxes)
+
+
+def digests_of(rec: Record) -> Tuple[str, str]:
+    """(digest without the ground-truth fields, digest with them) of one record, from one hash
+    pass (SHA-1 can be read out midway and continued). The builder knows whether a dataset keeps
+    its gt fields only once it has seen every record, and reads each record once. Both are
+    digest_of's value for a record without ground truth."""
+    h = _hash_fields(rec.image, rec.label, rec.mask, rec.boxes, rec.n_boxes, rec.bg_rect)
+    without_gt = h.hexdigest()[:16]
+    if rec.gt_mask is None:
+        return without_gt, without_gt
+    _hash_gt_fields(h, rec.gt_mask, rec.gt_boxes, rec.n_gt_boxes)
+    return without_gt, h.hexdigest()[:16]
 
 
 class MaskProvider(Protocol):
