@@ -280,7 +280,7 @@ def test_numba_geometry_equals_the_reference():
         p = sample_params(int(rng.integers(0, 100)), 0, [int(rng.integers(0, 1000))], image_sizes=[[h, w]])
         views = np.zeros((2, 3, 20, 20), np.uint8)
         masks = np.zeros((2, 1, 20, 20), np.uint8)
-        crop_views_into(image, mask[:, :, None].copy(), p.window[0], p.flip[0], views, masks)
+        crop_views_into(image, mask[:, :, None].copy(), p.window[0], p.flip[0], views, masks, np.ones(2, bool))
         ref_v, ref_m = crop_views(image, mask, p.window[0], p.flip[0], 20)
         assert (torch.from_numpy(views).int() - ref_v.int()).abs().max() <= 1
         assert (torch.from_numpy(masks).int() - ref_m.int()).abs().max() <= 1
@@ -338,3 +338,24 @@ def test_default_workers_divide_the_cpus_among_local_processes(monkeypatch):
     assert default_workers() == max(1, cpus // 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cpus))
     assert default_workers() == 1
+
+
+def test_mix_flags_are_the_device_stages_mix_draws():
+    from objloader.augment.params import mix_flags, sample_appearance
+
+    idx = np.arange(50, 90)
+    app = sample_appearance(7, 3, idx, np.ones(len(idx), bool), views=2, p_mix=0.4, color="mocov2")
+    assert np.array_equal(mix_flags(7, 3, idx, views=2, p_mix=0.4), app["mix"])
+    assert not mix_flags(7, 3, idx, views=2, p_mix=0.0).any()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_masks_resampled_only_for_mixed_views_change_nothing(crafted, engine):
+    """The engine stage skips the masks of views the device stage will not mix: the mixed,
+    coloured, normalised views are the same as when every mask is resampled."""
+    args = dict(batch_size=8, image_size=32, num_workers=1, seed=5, shuffle=False, oa_crop=True, bg_mixup=0.4)
+    lean = _epoch(make_loader(crafted, engine, **args))
+    full = _epoch(make_loader(crafted, engine, return_masks=True, **args))
+    assert any(b.params.mix.any() and not b.params.mix.all() for b in lean)  # some views mixed, some not
+    for a, b in zip(lean, full):
+        assert torch.equal(a.views, b.views)

@@ -257,6 +257,29 @@ def _geometry_batch(seed, epoch, indices, sizes, boxes, n_boxes, oa_crop, window
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def mix_draw(seed, epoch, index, view, p_mix):
+    """Whether the device stage BG-mixes this view (eq. 4; it stays unmixed when no partner is
+    found): the appearance stream's first draw. The engine stage asks it too, before cropping,
+    so it resamples a view's mask only when the mix will read it."""
+    return _uniform(stream_key(seed, epoch, index, view, _APPEARANCE_STREAM), 0) < p_mix
+
+
+@njit(cache=True)
+def _mix_flags(seed, epoch, indices, p_mix, out):
+    for i in range(out.shape[0]):
+        for v in range(out.shape[1]):
+            out[i, v] = mix_draw(seed, epoch, indices[i], v, p_mix)
+
+
+def mix_flags(seed, epoch, indices, *, views: int, p_mix: float) -> np.ndarray:
+    """bool [B, views]: :func:`mix_draw` of every view of the records ``indices``."""
+    out = np.zeros((len(indices), views), np.bool_)
+    if p_mix > 0:
+        _mix_flags(int(seed), int(epoch), np.asarray(indices, np.int64), float(p_mix), out)
+    return out
+
+
 @njit(cache=True)
 def _appearance_batch(seed, epoch, indices, has_bg, ring_count, p_mix, use_color, jitter_ranges,
                       jitter_p, gray_p, blur_p, sigma_range, solarize_p,
@@ -269,7 +292,7 @@ def _appearance_batch(seed, epoch, indices, has_bg, ring_count, p_mix, use_color
         for v in range(views):
             key = stream_key(seed, epoch, indices[i], v, _APPEARANCE_STREAM)
             # Draw positions are fixed, so toggling one op leaves every other draw unchanged.
-            mix[i, v] = _uniform(key, 0) < p_mix
+            mix[i, v] = mix_draw(seed, epoch, indices[i], v, p_mix)
             if use_color:
                 jitter[i, v] = _uniform(key, 1) < jitter_p
                 for op in range(4):  # brightness, contrast, saturation: [lo, hi]; hue: [-h, h]

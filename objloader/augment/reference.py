@@ -84,7 +84,7 @@ def _resample(src: torch.Tensor, windows: torch.Tensor, flip: torch.Tensor, size
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def crop_views(image, mask, window, flip, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_views(image, mask, window, flip, out_size: int, mask_views=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut V views of one image and its mask with the same windows and flips.
 
     Args:
@@ -92,6 +92,8 @@ def crop_views(image, mask, window, flip, out_size: int) -> tuple[torch.Tensor, 
         mask: uint8 [M, M] in [0, 255] over the unit square of the image.
         window: [V, 4] normalised (x0, y0, x1, y1); flip: bool [V].
         out_size: S.
+        mask_views: optional bool [V]: resample the mask only for these views (the others stay
+            0), as the engines do for views the device stage will not mix.
     Returns:
         uint8 views [V, 3, S, S] and uint8 view masks [V, 1, S, S] (255 = object), both
         bilinear samples at the same points, rounded to the nearest integer.
@@ -104,8 +106,13 @@ def crop_views(image, mask, window, flip, out_size: int) -> tuple[torch.Tensor, 
     win = _as_tensor(window, device).reshape(-1, 4)
     fl = _as_tensor(flip, device).reshape(-1).bool()
     views = _resample(img.permute(2, 0, 1).to(torch.float32), win, fl, out_size)
-    masks = _resample(m.to(torch.float32).unsqueeze(0), win, fl, out_size)
-    return _to_uint8(views), _to_uint8(masks)
+    if mask_views is None:
+        return _to_uint8(views), _to_uint8(_resample(m.to(torch.float32).unsqueeze(0), win, fl, out_size))
+    which = _as_tensor(mask_views, device).reshape(-1).bool()
+    masks = torch.zeros(len(win), 1, out_size, out_size, dtype=torch.uint8, device=device)
+    if which.any():
+        masks[which] = _to_uint8(_resample(m.to(torch.float32).unsqueeze(0), win[which], fl[which], out_size))
+    return _to_uint8(views), masks
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

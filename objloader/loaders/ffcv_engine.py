@@ -18,7 +18,7 @@ import torch
 from numba import types
 from numba.extending import intrinsic
 
-from ..augment.params import sample_geometry, sample_geometry_batch
+from ..augment.params import mix_draw, sample_geometry, sample_geometry_batch
 from ..store.reader import DatasetError, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .jpeg import decode_rgb_into
@@ -105,7 +105,8 @@ def _make_decoder_class():
                     [AllocationQuery((self.packed,), np.dtype("u1")),
                      AllocationQuery((biggest,), np.dtype("u1")),  # decoded image
                      AllocationQuery((v, 4), np.dtype("f4")),  # windows
-                     AllocationQuery((v,), np.dtype("?"))])  # flips
+                     AllocationQuery((v,), np.dtype("?")),  # flips
+                     AllocationQuery((v,), np.dtype("?"))])  # views whose mask is resampled
 
         def generate_code(self):
             mem_read = self.memory_read
@@ -118,9 +119,12 @@ def _make_decoder_class():
             view_end = _INDEX_BYTES + self.view_bytes
             mask_end = view_end + self.mask_bytes
             with_masks, with_patch = self.mask_bytes > 0, self.patch_bytes > 0
+            # A view's mask is read only when the device stage mixes it (or the caller wants the
+            # masks): the others are not resampled.
+            all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)
 
             def decode(batch_indices, storage, metadata, storage_state):
-                destination, images, windows, flips = storage
+                destination, images, windows, flips, mask_flags = storage
                 boxes = numba.carray(_f32_at(boxes_at), (n, k_max, 4))
                 n_boxes = numba.carray(_i64_at(n_boxes_at), (n,))
                 bg_rect = numba.carray(_f32_at(bg_at), (n, 4))
@@ -144,7 +148,10 @@ def _make_decoder_class():
                     else:
                         mask = image[:1, :1, :1]
                         mask_out = out[view_end:view_end].reshape(0, 1, size, size)
-                    crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out)
+                    mask_views = mask_flags[i]
+                    for v in range(views):
+                        mask_views[v] = all_masks or mix_draw(seed, epoch, idx, v, p_mix)
+                    crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views)
                     if with_patch:
                         cut_patch_into(image, bg_rect[idx], out[mask_end:].reshape(3, patch, patch))
                 return destination[: len(batch_indices)]

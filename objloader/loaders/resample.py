@@ -45,14 +45,18 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, out):
 
 
 @njit(cache=True)
-def crop_views_into(image, mask, window, flip, views_out, masks_out):
+def crop_views_into(image, mask, window, flip, views_out, masks_out, mask_views):
     """All views of one sample: image [H, W, 3] -> views_out [V, 3, S, S]; when ``masks_out`` has
-    rows, the mask [M, M, 1] with the same windows and flips -> masks_out [V, 1, S, S]."""
+    rows, the mask [M, M, 1] with the same windows and flips -> masks_out [V, 1, S, S] for the
+    views with ``mask_views[v]`` (the others are zeroed)."""
     for v in range(window.shape[0]):
         x0, y0, x1, y1 = window[v, 0], window[v, 1], window[v, 2], window[v, 3]
         resample_hwc_to_chw(image, x0, y0, x1, y1, flip[v], views_out[v])
         if masks_out.shape[0] > 0:
-            resample_hwc_to_chw(mask, x0, y0, x1, y1, flip[v], masks_out[v])
+            if mask_views[v]:
+                resample_hwc_to_chw(mask, x0, y0, x1, y1, flip[v], masks_out[v])
+            else:
+                masks_out[v] = 0
 
 
 @njit(cache=True)

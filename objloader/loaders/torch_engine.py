@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..augment.params import sample_geometry_batch
+from ..augment.params import mix_flags, sample_geometry_batch
 from ..augment.reference import crop_views, cut_bg_patch
 from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
@@ -85,9 +85,12 @@ class _ViewsDataset(Dataset):
         bg = np.stack([r["bg_rect"] for r in recs]).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, indices, sizes, n_boxes, boxes,
                                                         views=cfg.views, oa_crop=cfg.oa_crop)
+        # A view's mask is read only when the device stage mixes it (or the caller wants the masks).
+        mask_views = (np.ones((len(recs), cfg.views), bool) if cfg.return_masks
+                      else mix_flags(cfg.seed, epoch, indices, views=cfg.views, p_mix=cfg.bg_mixup))
         views, masks, patches = [], [], []
         for k, r in enumerate(recs):
-            v, m = crop_views(r["image"], r["mask"], window[k], flip[k], cfg.image_size)
+            v, m = crop_views(r["image"], r["mask"], window[k], flip[k], cfg.image_size, mask_views[k])
             views.append(v)
             masks.append(m)
             if cfg.needs_patches:
