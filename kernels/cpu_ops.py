@@ -92,10 +92,17 @@ def _remainder1(a):
     return a - np.float32(math.floor(a))
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _hsv_channel(n, h6, s, v):
+    k = n + h6
+    k = k - np.float32(6.0) if k >= np.float32(6.0) else k
+    ramp = min(max(min(k, np.float32(4.0) - k), np.float32(0.0)), np.float32(1.0))
+    return _clamp01(v * (np.float32(1.0) - s * ramp))
+
+
 @njit(cache=True, error_model="numpy")
 def _hue(x, shift):
     """reference.adjust_hue: RGB -> HSV, rotate hue by ``shift`` turns, -> RGB (hexcone)."""
-    one = np.float32(1.0)
     for y in range(x.shape[1]):
         for xx in range(x.shape[2]):
             r, g, b = x[0, y, xx], x[1, y, xx], x[2, y, xx]
@@ -114,26 +121,12 @@ def _hue(x, shift):
                 else:
                     h = np.float32(4.0) + (r - g) / delta
             h = _remainder1(_remainder1(h / np.float32(6.0)) + shift)
+            # HSV -> RGB without the six-way sector switch: channel n (r: 5, g: 3, b: 1) is
+            # v * (1 - s * clamp(min(k, 4 - k), 0, 1)) with k = (n + 6h) mod 6, the same hexcone.
             h6 = h * np.float32(6.0)
-            sector = np.float32(math.floor(h6))
-            f = h6 - sector
-            k = int(sector) % 6
-            v = maxc
-            p = _clamp01(v * (one - s))
-            q = _clamp01(v * (one - s * f))
-            t = _clamp01(v * (one - s * (one - f)))
-            if k == 0:
-                r, g, b = v, t, p
-            elif k == 1:
-                r, g, b = q, v, p
-            elif k == 2:
-                r, g, b = p, v, t
-            elif k == 3:
-                r, g, b = p, q, v
-            elif k == 4:
-                r, g, b = t, p, v
-            else:
-                r, g, b = v, p, q
+            r = _hsv_channel(np.float32(5.0), h6, s, maxc)
+            g = _hsv_channel(np.float32(3.0), h6, s, maxc)
+            b = _hsv_channel(np.float32(1.0), h6, s, maxc)
             x[0, y, xx], x[1, y, xx], x[2, y, xx] = r, g, b
 
 
@@ -156,26 +149,45 @@ def _reflect(i, size):
 
 @njit(cache=True, error_model="numpy")
 def _blur(x, taps, tmp):
-    """reference.gaussian_blur: separable, reflect padding; ``taps`` centred, zero beyond radius."""
+    """reference.gaussian_blur: separable, reflect padding; ``taps`` centred, zero beyond radius.
+
+    Each pass is a sum of shifted copies of contiguous rows, tap by tap (an axpy the compiler
+    vectorises); only the border pixels, where the kernel reaches past the edge, pay for the
+    reflection. Every pixel still sums its taps in ascending order, as one accumulator would.
+    """
     size = x.shape[1]
     half = (taps.shape[0] - 1) // 2
     lo = 0
     while taps[lo] == 0:  # this view's own radius: skip the zero taps of the batch-wide kernel
         lo += 1
     hi = taps.shape[0] - lo
+    radius = half - lo
+    first = min(radius, size)  # pixels [first, last) see no border along the row
+    last = max(size - radius, first)
     for c in range(3):
         for y in range(size):
+            src, dst = x[c, y], tmp[c, y]
+            for xx in range(first, last):
+                dst[xx] = np.float32(0.0)
+            for k in range(lo, hi):
+                w, off = taps[k], k - half
+                for xx in range(first, last):
+                    dst[xx] += w * src[xx + off]
             for xx in range(size):
+                if first <= xx < last:
+                    continue
                 acc = np.float32(0.0)
                 for k in range(lo, hi):
-                    acc += taps[k] * x[c, y, _reflect(xx + k - half, size)]
-                tmp[c, y, xx] = acc
+                    acc += taps[k] * src[_reflect(xx + k - half, size)]
+                dst[xx] = acc
         for y in range(size):
+            dst = x[c, y]
             for xx in range(size):
-                acc = np.float32(0.0)
-                for k in range(lo, hi):
-                    acc += taps[k] * tmp[c, _reflect(y + k - half, size), xx]
-                x[c, y, xx] = acc
+                dst[xx] = np.float32(0.0)
+            for k in range(lo, hi):
+                w, row = taps[k], tmp[c, _reflect(y + k - half, size)]
+                for xx in range(size):
+                    dst[xx] += w * row[xx]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
