@@ -1,6 +1,8 @@
-"""Self-supervised training and evaluation: MoCo v2, BYOL, the linear probe, the Background Challenge.
+"""Self-supervised training and evaluation: MoCo v2, BYOL, the trainer, the linear probe, the
+Background Challenge, localisation of ContraCAM masks, the object-crop probe.
 
-Scripts: train/moco.py, train/byol.py (objloader.ssl.trainer), train/linear.py (bgchallenge).
+Commands: objloader-train-moco / objloader-train-byol (objloader.ssl.trainer) and objloader-linear
+(objloader.ssl.bgchallenge), also as train/moco.py, train/byol.py, train/linear.py.
 """
 
 from ..checkpoint import CheckpointError, build_backbone, load_backbone
