@@ -189,7 +189,7 @@ class Bench:
         return max(1, round(self.p["epochs"] * n_train / n_multi))
 
     def train(self, run: Run) -> str:
-        from objloader.ssl.trainer import main as train_main
+        from objloader.cli.train import main as train_main
 
         out = self.run_dir(run)
         ckpt = os.path.join(out, "checkpoint.pt")

@@ -333,7 +333,7 @@ def training(ctx) -> dict:
             rows.append(row)
             del model
     # the trainer end to end: --amp (GradScaler on CUDA) and --channels-last, checkpoint written
-    from objloader.ssl.trainer import main as train_main
+    from objloader.cli.train import main as train_main
 
     out_dir = os.path.join(ctx["work"], "trainer")
     arch, size, batch = sz["train"][-1]

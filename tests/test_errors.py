@@ -42,3 +42,11 @@ def test_cli_prints_deliberate_errors_and_keeps_tracebacks_of_bugs(tmp_path, mon
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="a bug"):
         build_cli.main([str(tmp_path / "imgs"), str(tmp_path / "out2")])
+
+
+def test_training_command_prints_deliberate_errors(tmp_path, capsys):
+    from objloader.cli.train import main
+
+    assert main("moco", ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train/moco.py: error: ") and "missing" in err and "Traceback" not in err

@@ -87,3 +87,12 @@ def test_import_objloader_is_light():
     code = "import sys, objloader; heavy = {'torch', 'numba', 'cv2', 'ffcv', 'nvidia.dali'} & set(sys.modules); print(sorted(heavy))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_training_and_evaluation_make_no_data():
+    """ssl reads built datasets (store.reader) but never generates or builds one: making the demo
+    data for a training command is the command line's job (objloader/cli/train.py)."""
+    bad = [f"{name} -> {target}" for name, path in _modules() if _stage(name) == "ssl"
+           for target in _imports(name, path)
+           if _stage(target) == "sources" or (_stage(target) == "store" and target != "objloader.store.reader")]
+    assert not bad, "\n".join(bad)

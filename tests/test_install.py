@@ -15,8 +15,8 @@ COMMANDS = ["objloader-build", "objloader-cam", "objloader-demo", "objloader-viz
 # In the installed copy: stop the demo generation and build at their first call and report the
 # paths they were asked to write, so the default can be checked without generating anything.
 _PROBE = """
-import sys, objloader.sources.demo as demo, objloader.store as store
-from objloader.ssl import trainer
+import sys
+from objloader.cli import train as trainer
 
 class Called(Exception):
     pass
@@ -24,8 +24,8 @@ class Called(Exception):
 def record(path, *a, **k):
     raise Called(path)
 
-demo.generate_demo = record
-store.build = record
+trainer.generate_demo = record
+trainer.build = record
 try:
     trainer.demo_train_path(log=lambda *a: None)
 except Called as e:

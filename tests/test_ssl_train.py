@@ -150,7 +150,7 @@ def test_width_is_trained_saved_and_checked_on_resume(tiny, tmp_path, method):
 
 
 def test_cli_flags_map_onto_the_config():
-    from objloader.ssl.trainer import build_parser
+    from objloader.cli.train import build_parser
 
     moco = build_parser("moco")
     assert vars(moco.parse_args([]))["shuffle_bn"] is True and vars(moco.parse_args([]))["width"] == 64

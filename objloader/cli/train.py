@@ -1,16 +1,141 @@
-"""objloader-train-moco / objloader-train-byol: the trainers of train/moco.py and train/byol.py as
-console commands, so an installed package trains without a checkout. Multi-process:
-``torchrun --nproc_per_node N $(which objloader-train-moco) ...``."""
+"""objloader-train-moco / objloader-train-byol (and train/moco.py, train/byol.py): the command
+line of the trainer in objloader.ssl.trainer, and its default data, the demo's train split,
+generated and built on first use. Multi-process: ``torchrun --nproc_per_node N train/moco.py ...``.
+"""
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+from ..checkpoint import ARCHS
+from ..errors import ConfigError, ObjloaderError
+from ..loaders import ENGINES
+from ..sources.demo import generate_demo
+from ..ssl.trainer import DEFAULT_BASE_LR, TrainConfig, train
+from ..store import BuildOptions, build
+
+__all__ = ["build_parser", "main", "moco", "byol", "demo_train_path"]
+
+DEMO_WAIT_S = 3 * 3600  # the other processes wait this long for the first one's demo build
+
+
+def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
+    """``ROOT/demo/built/train``, generated (objloader-demo) and built (objloader-build --masks gt)
+    first when it does not exist, as ``make demo`` does. ROOT defaults to the current directory
+    (never the package's own folder: an installed package lives in site-packages)."""
+
+    root = os.path.abspath(root or os.getcwd())
+    data, built = os.path.join(root, "demo", "data"), os.path.join(root, "demo", "built")
+    train = os.path.join(built, "train")
+    if os.path.isfile(os.path.join(train, "manifest.json")):
+        return train
+    if not os.path.isfile(os.path.join(data, "demo.json")):
+        log(f"generating the demo data in {data} (first use; takes a few minutes)")
+        generate_demo(data, overwrite=True)
+    log(f"building {built} from {data}")
+    build(data, built, BuildOptions(masks="gt"), overwrite=True)
+    return train
+
+
+def _default_data(log: Callable) -> str:
+    """The demo's train split under the current directory. Under torchrun the first process of
+    each machine generates and builds it (minutes, once); the others wait for its manifest.
+    torchrun stops them if that process fails."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return demo_train_path(log=log)
+    train_dir = os.path.join(os.path.abspath(os.getcwd()), "demo", "built", "train")
+    deadline = time.monotonic() + DEMO_WAIT_S
+    while not os.path.isfile(os.path.join(train_dir, "manifest.json")):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"waited {DEMO_WAIT_S} s for {train_dir} from local rank 0; pass --data")
+        time.sleep(2)
+    return train_dir
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    """The flags of train/{method}.py, mapped 1:1 onto :class:`TrainConfig`."""
+
+    D = TrainConfig(method=method)
+    desc = {
+        "moco": "MoCo v2 (momentum encoder, queue of negatives, MLP head, InfoNCE at temperature 0.2) on an "
+                "object-aware loader. SGD momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay.",
+        "byol": "BYOL (projector and predictor MLPs 4096 -> 256, target momentum 0.996 -> 1 on a cosine). "
+                "Uses plain SGD (momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay) instead "
+                "of the paper's LARS, to keep it simple; base lr 0.05.",
+    }[method]
+    p = argparse.ArgumentParser(
+        prog=f"train/{method}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=desc + " Multi-process: torchrun --nproc_per_node N train/" + method + ".py ... "
+                    "(gloo on CPU, nccl on CUDA; each rank reads its own shard; --batch-size is per rank).")
+    p.add_argument("--loader", default=D.loader, choices=list(ENGINES), help="loading engine")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a built dataset directory; None: demo/built/train under the current directory, "
+                        "generated and built on first use")
+    p.add_argument("--oa-crop", action="store_true", help="OA-Crop: crop each sample's views inside one of its boxes")
+    p.add_argument("--bg-mixup", type=float, default=D.bg_mixup, metavar="P",
+                   help="per-view BG-Mixup probability (the paper uses 0.4 with MoCo v2)")
+    p.add_argument("--bg-mode", default=D.bg_mode, choices=["soft", "hard"], help="soft BG-Mixup or BG-HardMix")
+    p.add_argument("--arch", default=D.arch, choices=list(ARCHS), help="torchvision ResNet backbone")
+    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (low resolutions)")
+    p.add_argument("--width", type=int, default=D.width, help="base channels of the ResNet (64 = torchvision)")
+    p.add_argument("--image-size", type=int, default=D.image_size, help="side of the views in pixels")
+    p.add_argument("--epochs", type=int, default=D.epochs, help="epochs (the cosine schedule spans them)")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="images per rank per step")
+    p.add_argument("--lr", type=float, default=DEFAULT_BASE_LR[method],
+                   help="base learning rate per 256 images (peak lr = LR x global batch / 256)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last (NHWC) memory format for the network: faster with --amp on CUDA")
+    p.add_argument("--out", default=f"runs/{method}", metavar="DIR",
+                   help="output directory: checkpoint.pt, metrics.jsonl, loss.png, tb/")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from CKPT (no value: DIR/checkpoint.pt) at the same step")
+    p.add_argument("--seed", type=int, default=D.seed, help="seed of the weights and of every augmentation")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader CPU workers/threads per process (None: the CPUs available to this process "
+                        "divided by torchrun's processes on this machine, LOCAL_WORLD_SIZE, at least 1)")
+    p.add_argument("--save-every", type=int, default=D.save_every, metavar="N",
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N steps (the schedule still spans --epochs)")
+    if method == "moco":
+        p.add_argument("--queue-size", type=int, default=D.queue_size,
+                       help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
+        p.add_argument("--temperature", type=float, default=D.temperature, help="InfoNCE temperature")
+        p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
+                       help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
+                            "grouping of the batch than their queries: in one process BatchNorm is split into up "
+                            "to 8 groups and the keys are shuffled among them; with several ranks the keys are "
+                            "shuffled across ranks (shuffle_bn=%(default)s without this flag)")
+    p.add_argument("--ema", type=float, default=0.999 if method == "moco" else 0.996,
+                   help="momentum of the key encoder" if method == "moco"
+                   else "base momentum of the target network (raised to 1 on a cosine)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(method: str, argv=None) -> int:
+    args = build_parser(method).parse_args(argv)
+    kw = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    try:
+        if kw["data"] is None:
+            kw["data"] = _default_data(print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None))
+        train(TrainConfig(method=method, progress=not args.no_progress, **kw))
+    except ObjloaderError as e:
+        print(f"train/{method}.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def moco(argv=None) -> int:
-    from objloader.ssl.trainer import main
-
     return main("moco", argv)
 
 
 def byol(argv=None) -> int:
-    from objloader.ssl.trainer import main
-
     return main("byol", argv)

@@ -1,23 +1,21 @@
 """One training loop for MoCo v2 and BYOL on any engine, single process or DDP under torchrun.
 
-``train(TrainConfig(...))`` runs the loop; ``train/moco.py`` and ``train/byol.py`` map their flags
-1:1 onto :class:`TrainConfig`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) it joins the
+``train(TrainConfig(...))`` runs the loop; the commands (objloader/cli/train.py: objloader-train-moco,
+train/moco.py, ...) map their flags 1:1 onto :class:`TrainConfig`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) it joins the
 process group (gloo on CPU, nccl on CUDA), shards the data by rank and wraps the model in
 DistributedDataParallel; rank 0 logs and writes checkpoints.
 
 Read top-down: the config, the setup of a run (device and process group, data, model and
 optimizer), :func:`train` and its steps (resume, one optimisation step, the epoch loop, the end
-of a run), then the command line. Checkpoints, metrics and the loss curve are written by
+of a run). Checkpoints, metrics and the loss curve are written by
 :mod:`objloader.ssl.run_io` (checkpoint layout there).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
 from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "demo_train_path", "load_checkpoint"]
+__all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "load_checkpoint"]
 
 METHODS = ("moco", "byol")
 # lr = base * global batch / 256 (Goyal et al. linear scaling). MoCo v2: 0.03 (its public code).
@@ -50,7 +48,7 @@ class TrainConfig:
 
     method: str = "moco"
     loader: str = "dali"
-    data: Optional[str] = None  # a built dataset dir; None = the demo's built/train (made on first use)
+    data: Optional[str] = None  # a built dataset dir (required; the commands default it to the demo's)
     oa_crop: bool = False
     bg_mixup: float = 0.0
     bg_mode: str = "soft"
@@ -146,26 +144,6 @@ def _barrier(d: _Dist) -> None:
 # data
 
 
-def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
-    """``ROOT/demo/built/train``, generated (objloader-demo) and built (objloader-build --masks gt)
-    first when it does not exist, as ``make demo`` does. ROOT defaults to the current directory
-    (never the package's own folder: an installed package lives in site-packages)."""
-    from ..sources.demo import generate_demo
-    from ..store import BuildOptions, build
-
-    root = os.path.abspath(root or os.getcwd())
-    data, built = os.path.join(root, "demo", "data"), os.path.join(root, "demo", "built")
-    train = os.path.join(built, "train")
-    if os.path.isfile(os.path.join(train, "manifest.json")):
-        return train
-    if not os.path.isfile(os.path.join(data, "demo.json")):
-        log(f"generating the demo data in {data} (first use; takes a few minutes)")
-        generate_demo(data, overwrite=True)
-    log(f"building {built} from {data}")
-    build(data, built, BuildOptions(masks="gt"), overwrite=True)
-    return train
-
-
 def _dataset_size(path: str) -> int:
     m = read_manifest(path)
     try:
@@ -234,7 +212,9 @@ def _setup(cfg: TrainConfig) -> _Run:
         torch.cuda.set_device(device)
     d = _init_distributed(device)
     log = print if d.main else (lambda *a, **k: None)
-    cfg = _with_data(cfg, d, log)
+    if cfg.data is None:
+        raise ConfigError("TrainConfig.data is required: a built dataset directory (the training commands "
+                          "default it to the demo data)")
 
     torch.manual_seed(cfg.seed)  # same initial weights (and queue) on every rank
     random.seed(cfg.seed)
@@ -259,19 +239,6 @@ def _setup(cfg: TrainConfig) -> _Run:
                 scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
                 amp_dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                 peak_lr=peak_lr, global_batch=global_batch, ckpt_path=os.path.join(cfg.out, CHECKPOINT_NAME))
-
-
-def _with_data(cfg: TrainConfig, d: _Dist, log: Callable) -> TrainConfig:
-    """cfg with ``data`` set: without one, the demo's built train split, which rank 0 generates
-    and builds first (the other ranks wait, then find it)."""
-    if cfg.data is not None:
-        return cfg
-    if d.main:
-        cfg = dataclasses.replace(cfg, data=demo_train_path(log=log))
-    _barrier(d)
-    if not d.main:
-        cfg = dataclasses.replace(cfg, data=demo_train_path(log=log))
-    return cfg
 
 
 def _wrap_ddp(run: _Run) -> None:
@@ -447,87 +414,3 @@ def _finish(run: _Run, logger: RunLogger, step: int, loss_val: float, seconds: f
     _barrier(d)
     if d.owns_group:
         dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-# command line (train/moco.py, train/byol.py)
-
-
-def build_parser(method: str):
-    """The flags of train/{method}.py, mapped 1:1 onto :class:`TrainConfig`."""
-    import argparse
-
-    from ..loaders import ENGINES
-
-    D = TrainConfig(method=method)
-    desc = {
-        "moco": "MoCo v2 (momentum encoder, queue of negatives, MLP head, InfoNCE at temperature 0.2) on an "
-                "object-aware loader. SGD momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay.",
-        "byol": "BYOL (projector and predictor MLPs 4096 -> 256, target momentum 0.996 -> 1 on a cosine). "
-                "Uses plain SGD (momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay) instead "
-                "of the paper's LARS, to keep it simple; base lr 0.05.",
-    }[method]
-    p = argparse.ArgumentParser(
-        prog=f"train/{method}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description=desc + " Multi-process: torchrun --nproc_per_node N train/" + method + ".py ... "
-                    "(gloo on CPU, nccl on CUDA; each rank reads its own shard; --batch-size is per rank).")
-    p.add_argument("--loader", default=D.loader, choices=list(ENGINES), help="loading engine")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="a built dataset directory; None: demo/built/train under the current directory, "
-                        "generated and built on first use")
-    p.add_argument("--oa-crop", action="store_true", help="OA-Crop: crop each sample's views inside one of its boxes")
-    p.add_argument("--bg-mixup", type=float, default=D.bg_mixup, metavar="P",
-                   help="per-view BG-Mixup probability (the paper uses 0.4 with MoCo v2)")
-    p.add_argument("--bg-mode", default=D.bg_mode, choices=["soft", "hard"], help="soft BG-Mixup or BG-HardMix")
-    p.add_argument("--arch", default=D.arch, choices=list(ARCHS), help="torchvision ResNet backbone")
-    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (low resolutions)")
-    p.add_argument("--width", type=int, default=D.width, help="base channels of the ResNet (64 = torchvision)")
-    p.add_argument("--image-size", type=int, default=D.image_size, help="side of the views in pixels")
-    p.add_argument("--epochs", type=int, default=D.epochs, help="epochs (the cosine schedule spans them)")
-    p.add_argument("--batch-size", type=int, default=D.batch_size, help="images per rank per step")
-    p.add_argument("--lr", type=float, default=DEFAULT_BASE_LR[method],
-                   help="base learning rate per 256 images (peak lr = LR x global batch / 256)")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels-last (NHWC) memory format for the network: faster with --amp on CUDA")
-    p.add_argument("--out", default=f"runs/{method}", metavar="DIR",
-                   help="output directory: checkpoint.pt, metrics.jsonl, loss.png, tb/")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                   help="continue from CKPT (no value: DIR/checkpoint.pt) at the same step")
-    p.add_argument("--seed", type=int, default=D.seed, help="seed of the weights and of every augmentation")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader CPU workers/threads per process (None: the CPUs available to this process "
-                        "divided by torchrun's processes on this machine, LOCAL_WORLD_SIZE, at least 1)")
-    p.add_argument("--save-every", type=int, default=D.save_every, metavar="N",
-                   help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after N steps (the schedule still spans --epochs)")
-    if method == "moco":
-        p.add_argument("--queue-size", type=int, default=D.queue_size,
-                       help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
-        p.add_argument("--temperature", type=float, default=D.temperature, help="InfoNCE temperature")
-        p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
-                       help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
-                            "grouping of the batch than their queries: in one process BatchNorm is split into up "
-                            "to 8 groups and the keys are shuffled among them; with several ranks the keys are "
-                            "shuffled across ranks (shuffle_bn=%(default)s without this flag)")
-    p.add_argument("--ema", type=float, default=0.999 if method == "moco" else 0.996,
-                   help="momentum of the key encoder" if method == "moco"
-                   else "base momentum of the target network (raised to 1 on a cosine)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(method: str, argv=None) -> int:
-    args = build_parser(method).parse_args(argv)
-    kw = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    try:
-        cfg = TrainConfig(method=method, progress=not args.no_progress, **kw)
-        train(cfg)
-    except (CheckpointError, ValueError) as e:
-        print(f"train/{method}.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
