@@ -16,7 +16,8 @@ __all__ = ["SkipRecord", "DecodeLimits", "decode_image"]
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What decode_image refuses or reduces (the defaults of objloader-build's options)."""
+    """What decode_image refuses or reduces; objloader-build's BuildOptions takes its defaults
+    from here."""
 
     max_pixels: int = 1 << 28  # decompression bombs
     min_size: int = 8

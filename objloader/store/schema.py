@@ -7,6 +7,8 @@ from typing import Callable, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
+from ..sources.decode import DecodeLimits  # the decoding limits a build applies, defaults included
+
 SCHEMA_VERSION = 1
 
 # WebDataset member suffixes, one per field; any tar reader (DALI's readers.webdataset in --verify,
@@ -28,13 +30,13 @@ class BuildOptions:
     """Every option that changes the bytes of a built dataset; CLI flags map onto it 1:1."""
 
     masks: str = "gt"            # gt | none | contracam (masks of a ContraCAM mask store)
-    max_res: int = 256           # long side of the stored JPEG
+    max_res: int = DecodeLimits.max_res        # long side of the stored JPEG
     mask_res: int = 64           # M: masks are stored as uint8 [M, M] over the unit square
     max_boxes: int = 8           # K: boxes are padded to [K, 4]
     bg_patch: str = "maxrect"    # maxrect | strip
     jpeg_quality: int = 90
-    min_size: int = 8            # images with a side below this are skipped
-    max_pixels: int = 1 << 28    # images above this many pixels are skipped (decompression bombs)
+    min_size: int = DecodeLimits.min_size      # images with a side below this are skipped
+    max_pixels: int = DecodeLimits.max_pixels  # images above this many pixels are skipped (decompression bombs)
     box_threshold: float = 0.5   # mask -> boxes binarisation, fraction of 255
     bg_threshold: float = 0.2    # mask -> background rectangle binarisation (DESIGN.md)
     min_box_area: float = 0.01   # components smaller than this fraction of the image are dropped
@@ -98,16 +100,11 @@ def _hash_gt_fields(h, gt_mask: np.ndarray, gt_boxes: np.ndarray, n_gt_boxes: in
     h.update(np.int64(n_gt_boxes).tobytes())
 
 
-def digest_of(rec: Record) -> str:
-    return record_digest(rec.image, rec.label, rec.mask, rec.boxes, rec.n_boxes, rec.bg_rect,
-                         rec.gt_mask, rec.gt_boxes, rec.n_gt_boxes)
-
-
 def digests_of(rec: Record) -> Tuple[str, str]:
     """(digest without the ground-truth fields, digest with them) of one record, from one hash
     pass (SHA-1 can be read out midway and continued). The builder knows whether a dataset keeps
-    its gt fields only once it has seen every record, and reads each record once. Both are
-    digest_of's value for a record without ground truth."""
+    its gt fields only once it has seen every record, and reads each record once. Both equal
+    record_digest's value for a record without ground truth."""
     h = _hash_fields(rec.image, rec.label, rec.mask, rec.boxes, rec.n_boxes, rec.bg_rect)
     without_gt = h.hexdigest()[:16]
     if rec.gt_mask is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 from .schema import Record
 
@@ -40,18 +40,11 @@ class StagedRecords:
     Pickles cheaply (paths and the index only), so FFCV's writer processes can each open it.
     """
 
-    def __init__(self, stage_dir: str, n_chunks: int, index: Optional[List[tuple]] = None):
-        """``index``: record i -> (chunk, position in chunk), from a caller that has just read
-        every chunk itself (the builder's survey), so they are not read again here; None: found
-        here by reading the chunks."""
+    def __init__(self, stage_dir: str, n_chunks: int, index: List[tuple]):
+        """``index``: record i -> (chunk, position in chunk), from the caller that has just read
+        every chunk itself (the builder's survey), so they are not read again here."""
         self.stage_dir = stage_dir
         self.n_chunks = n_chunks
-        if index is None:
-            index = []
-            for c in range(n_chunks):
-                for j, item in enumerate(read_chunk(stage_dir, c)):
-                    if isinstance(item, Record):
-                        index.append((c, j))
         self.index: List[tuple] = index
         self._cached = (-1, None)
 
