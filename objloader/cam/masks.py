@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..augment.reference import normalize
 from ..checkpoint import load_encoder
 from ..errors import ObjloaderError
-from ..fileio import file_sha256
+from ..fileio import file_sha256, write_json_atomic
 from ..sources.decode import DecodeLimits, SkipRecord, decode_image
 from ..sources.resolve import source_fingerprint
 from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
@@ -156,13 +156,6 @@ def _chunk_path(root: str, name: str, c: int) -> str:
     return os.path.join(_part_dir(root, name), f"chunk-{c:06d}.npz")
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _write_chunk(path: str, keys, sha1s, masks: np.ndarray, reasons) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, keys=np.array(keys, dtype=str), sha1=np.array(sha1s, dtype=str), masks=masks,
@@ -264,7 +257,7 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         if os.path.isfile(done_path) and old == fingerprint:
             log(f"{out}: masks of this run are already complete")
         os.makedirs(out, exist_ok=True)
-        _write_json(run_path, {"format": STORE_FORMAT, "fingerprint": fingerprint, "checkpoint": os.path.abspath(checkpoint),
+        write_json_atomic(run_path, {"format": STORE_FORMAT, "fingerprint": fingerprint, "checkpoint": os.path.abspath(checkpoint),
                                "checkpoint_sha256": ckpt_sha, "settings": settings.to_dict()})
     _barrier(world)
     if os.path.isfile(done_path):
@@ -302,7 +295,7 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
                 "width": meta.get("width"), "settings": settings.to_dict(), "input_size": size, "device": str(dev),
                 "ranks": world,
                 "seconds_last_run": round(seconds, 3), "datasets": datasets}
-        _write_json(done_path, info)
+        write_json_atomic(done_path, info)
         for name, d in datasets.items():
             log(f"contracam {name or 'masks'}: {d['masked']} masked, {len(d['skipped'])} skipped")
     _barrier(world)

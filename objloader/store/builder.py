@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence
 from tqdm import tqdm
 
 from ..errors import ObjloaderError
-from ..fileio import file_sha256
+from ..fileio import file_sha256, write_json_atomic
 from ..sources import SourceError, SourceSpec, open_source
 from ..sources.resolve import source_fingerprint
 from .process import MaskPairingError, SkipRecord, build_record
@@ -127,7 +127,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     manifest = _manifest(spec, opts, formats, masks_note, cam_info, survey, shards, checksums, stage_seconds, ds_dir)
     _remove_leftover(stage_dir, log)
     shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
-    _write_json(os.path.join(ds_dir, MANIFEST), manifest)
+    write_json_atomic(os.path.join(ds_dir, MANIFEST), manifest)
     log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped")
     return manifest
 
@@ -350,13 +350,6 @@ def _publish(partial: str, out: str, log: Callable) -> None:
         _remove_leftover(old, log)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
           coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
@@ -406,7 +399,7 @@ def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOption
                 log(f"{partial} is from a different or unreadable build: starting over")
                 shutil.rmtree(partial)
         os.makedirs(partial, exist_ok=True)
-        _write_json(state_path, {"fingerprint": fingerprint, "source": os.path.abspath(src)})
+        write_json_atomic(state_path, {"fingerprint": fingerprint, "source": os.path.abspath(src)})
     except OSError as e:
         raise BuildError(f"cannot prepare {partial}: {e}") from None
 
@@ -437,7 +430,7 @@ def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOption
         }
     top["build_seconds"] = round(seconds, 3)
     top["workers"] = workers
-    _write_json(os.path.join(partial, MANIFEST), top)
+    write_json_atomic(os.path.join(partial, MANIFEST), top)
     os.remove(state_path)
     _publish(partial, out, log)  # an old output is replaced only now
     return top
