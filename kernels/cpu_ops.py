@@ -8,7 +8,6 @@ bound by the colour ops. Each numba function below names the reference op it mus
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -27,8 +26,18 @@ _SOLARIZE_THRESHOLD = np.float32(SOLARIZE_THRESHOLD)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
+def _lower(a, b):
+    return a if a < b else b  # a plain select; numba's min/max builtins vectorise worse
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _upper(a, b):
+    return a if a > b else b
+
+
+@njit(cache=True, inline="always", error_model="numpy")
 def _clamp01(v):
-    return min(max(v, np.float32(0.0)), np.float32(1.0))
+    return _lower(_upper(v, np.float32(0.0)), np.float32(1.0))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -38,20 +47,34 @@ def _luma(r, g, b):
 
 @njit(cache=True, error_model="numpy")
 def _mix(x, view_u8, mask, patch, hard, mixed):
-    """reference.bg_mixup for one view: x = m * view + (1 - m) * patch[y % P, x % P]."""
+    """reference.bg_mixup for one view: x = m * view + (1 - m) * patch[y % P, x % P].
+
+    The patch is tiled by walking each view row in runs of P columns, so every inner loop is a
+    zero-based loop over contiguous slices (see the module: what LLVM vectorises); an unmixed
+    view is a plain conversion.
+    """
     size = x.shape[1]
     p = patch.shape[1]
+    one, zero, full = np.float32(1.0), np.float32(0.0), np.float32(255.0)
     for c in range(3):
         for y in range(size):
-            for xx in range(size):
-                v = np.float32(view_u8[c, y, xx]) / np.float32(255.0)
-                if mixed:
-                    m = np.float32(mask[0, y, xx]) / np.float32(255.0)
-                    if hard:
-                        m = np.float32(1.0) if m >= HARD_MIX_THRESHOLD else np.float32(0.0)
-                    bg = np.float32(patch[c, y % p, xx % p]) / np.float32(255.0)
-                    v = m * v + (np.float32(1.0) - m) * bg
-                x[c, y, xx] = v
+            src, dst = view_u8[c, y], x[c, y]
+            if not mixed:
+                for j in range(size):
+                    dst[j] = np.float32(src[j]) / full
+                continue
+            m_row, bg_row = mask[0, y], patch[c, y % p]
+            for start in range(0, size, p):
+                n = min(p, size - start)
+                s_run, m_run, d_run = src[start:start + n], m_row[start:start + n], dst[start:start + n]
+                if hard:
+                    for j in range(n):
+                        m = one if np.float32(m_run[j]) / full >= HARD_MIX_THRESHOLD else zero
+                        d_run[j] = m * (np.float32(s_run[j]) / full) + (one - m) * (np.float32(bg_row[j]) / full)
+                else:
+                    for j in range(n):
+                        m = np.float32(m_run[j]) / full
+                        d_run[j] = m * (np.float32(s_run[j]) / full) + (one - m) * (np.float32(bg_row[j]) / full)
 
 
 @njit(cache=True, error_model="numpy")
@@ -59,75 +82,91 @@ def _brightness(x, f):
     """reference.adjust_brightness."""
     for c in range(3):
         for y in range(x.shape[1]):
-            for xx in range(x.shape[2]):
-                x[c, y, xx] = _clamp01(x[c, y, xx] * f)
+            row = x[c, y]
+            for j in range(row.shape[0]):
+                row[j] = _clamp01(row[j] * f)
+
+
+@njit(cache=True, inline="always", error_model="numpy", fastmath={"reassoc", "nsz"})
+def _row_luma_sum(r, g, b):
+    """Sum of a row's grey levels; reassociation lets LLVM sum in vector lanes."""
+    total = np.float32(0.0)
+    for j in range(r.shape[0]):
+        total += _luma(r[j], g[j], b[j])
+    return total
 
 
 @njit(cache=True, error_model="numpy")
 def _contrast(x, f):
-    """reference.adjust_contrast: blend towards the view's mean grey level."""
+    """reference.adjust_contrast: blend towards the view's mean grey level (rows summed in
+    float32 lanes, the rows in float64)."""
+    size = x.shape[2]
     total = 0.0
     for y in range(x.shape[1]):
-        for xx in range(x.shape[2]):
-            total += _luma(x[0, y, xx], x[1, y, xx], x[2, y, xx])
-    mean = np.float32(total / (x.shape[1] * x.shape[2]))
+        total += _row_luma_sum(x[0, y], x[1, y], x[2, y])
+    mean = np.float32(total / (x.shape[1] * size))
+    keep = np.float32(1.0) - f
     for c in range(3):
         for y in range(x.shape[1]):
-            for xx in range(x.shape[2]):
-                x[c, y, xx] = _clamp01(f * x[c, y, xx] + (np.float32(1.0) - f) * mean)
+            row = x[c, y]
+            for j in range(size):
+                row[j] = _clamp01(f * row[j] + keep * mean)
 
 
 @njit(cache=True, error_model="numpy")
 def _saturation(x, f):
     """reference.adjust_saturation: blend towards the pixel's own grey level."""
+    keep = np.float32(1.0) - f
     for y in range(x.shape[1]):
-        for xx in range(x.shape[2]):
-            grey = _luma(x[0, y, xx], x[1, y, xx], x[2, y, xx])
-            for c in range(3):
-                x[c, y, xx] = _clamp01(f * x[c, y, xx] + (np.float32(1.0) - f) * grey)
+        r, g, b = x[0, y], x[1, y], x[2, y]
+        for j in range(r.shape[0]):
+            grey = keep * _luma(r[j], g[j], b[j])
+            r[j] = _clamp01(f * r[j] + grey)
+            g[j] = _clamp01(f * g[j] + grey)
+            b[j] = _clamp01(f * b[j] + grey)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
 def _remainder1(a):
-    return a - np.float32(math.floor(a))
+    return a - np.floor(a)  # np.floor stays float32; math.floor would round-trip through int64
 
 
 @njit(cache=True, inline="always", error_model="numpy")
 def _hsv_channel(n, h6, s, v):
     k = n + h6
     k = k - np.float32(6.0) if k >= np.float32(6.0) else k
-    ramp = min(max(min(k, np.float32(4.0) - k), np.float32(0.0)), np.float32(1.0))
+    ramp = _clamp01(_lower(k, np.float32(4.0) - k))
     return _clamp01(v * (np.float32(1.0) - s * ramp))
 
 
 @njit(cache=True, error_model="numpy")
 def _hue(x, shift):
-    """reference.adjust_hue: RGB -> HSV, rotate hue by ``shift`` turns, -> RGB (hexcone)."""
+    """reference.adjust_hue: RGB -> HSV, rotate hue by ``shift`` turns, -> RGB (hexcone).
+
+    Written with selects instead of branches (every candidate hue is computed, dividing by 1
+    where the pixel is grey), so the loop vectorises.
+    """
+    zero, one = np.float32(0.0), np.float32(1.0)
     for y in range(x.shape[1]):
-        for xx in range(x.shape[2]):
-            r, g, b = x[0, y, xx], x[1, y, xx], x[2, y, xx]
-            maxc = max(r, g, b)
-            minc = min(r, g, b)
-            delta = maxc - minc
-            if delta == 0:
-                h = np.float32(0.0)
-                s = np.float32(0.0)
-            else:
-                s = delta / maxc
-                if maxc == r:
-                    h = (g - b) / delta
-                elif maxc == g:
-                    h = np.float32(2.0) + (b - r) / delta
-                else:
-                    h = np.float32(4.0) + (r - g) / delta
+        red, green, blue = x[0, y], x[1, y], x[2, y]
+        for j in range(red.shape[0]):
+            r, g, b = red[j], green[j], blue[j]
+            maxc = _upper(_upper(r, g), b)
+            delta = maxc - _lower(_lower(r, g), b)
+            grey = delta == zero
+            safe_delta = one if grey else delta
+            s = zero if grey else delta / (one if grey else maxc)
+            h = np.float32(4.0) + (r - g) / safe_delta
+            h = np.float32(2.0) + (b - r) / safe_delta if maxc == g else h
+            h = (g - b) / safe_delta if maxc == r else h
+            h = zero if grey else h
             h = _remainder1(_remainder1(h / np.float32(6.0)) + shift)
             # HSV -> RGB without the six-way sector switch: channel n (r: 5, g: 3, b: 1) is
             # v * (1 - s * clamp(min(k, 4 - k), 0, 1)) with k = (n + 6h) mod 6, the same hexcone.
             h6 = h * np.float32(6.0)
-            r = _hsv_channel(np.float32(5.0), h6, s, maxc)
-            g = _hsv_channel(np.float32(3.0), h6, s, maxc)
-            b = _hsv_channel(np.float32(1.0), h6, s, maxc)
-            x[0, y, xx], x[1, y, xx], x[2, y, xx] = r, g, b
+            red[j] = _hsv_channel(np.float32(5.0), h6, s, maxc)
+            green[j] = _hsv_channel(np.float32(3.0), h6, s, maxc)
+            blue[j] = _hsv_channel(np.float32(1.0), h6, s, maxc)
 
 
 @njit(cache=True, error_model="numpy")
@@ -148,12 +187,15 @@ def _reflect(i, size):
 
 
 @njit(cache=True, error_model="numpy")
-def _blur(x, taps, tmp):
+def _blur(x, taps, padded):
     """reference.gaussian_blur: separable, reflect padding; ``taps`` centred, zero beyond radius.
 
-    Each pass is a sum of shifted copies of contiguous rows, tap by tap (an axpy the compiler
-    vectorises); only the border pixels, where the kernel reaches past the edge, pay for the
-    reflection. Every pixel still sums its taps in ascending order, as one accumulator would.
+    Vertical pass first, into the middle of ``padded`` [3, S, S + 2 * half] rows whose ends are
+    then filled by reflection, so the horizontal pass back into ``x`` needs no border case. Both
+    passes are sums of shifted contiguous rows, tap by tap in ascending order, over zero-based
+    slices: numba then drops its negative-index check, which otherwise keeps LLVM from
+    vectorising the loops (10x slower). Reflect padding acts on each axis alone, so the order of
+    the passes changes only float rounding.
     """
     size = x.shape[1]
     half = (taps.shape[0] - 1) // 2
@@ -162,32 +204,27 @@ def _blur(x, taps, tmp):
         lo += 1
     hi = taps.shape[0] - lo
     radius = half - lo
-    first = min(radius, size)  # pixels [first, last) see no border along the row
-    last = max(size - radius, first)
     for c in range(3):
         for y in range(size):
-            src, dst = x[c, y], tmp[c, y]
-            for xx in range(first, last):
-                dst[xx] = np.float32(0.0)
+            row = padded[c, y]
+            centre = row[half:half + size]
+            for j in range(size):
+                centre[j] = np.float32(0.0)
             for k in range(lo, hi):
-                w, off = taps[k], k - half
-                for xx in range(first, last):
-                    dst[xx] += w * src[xx + off]
-            for xx in range(size):
-                if first <= xx < last:
-                    continue
-                acc = np.float32(0.0)
-                for k in range(lo, hi):
-                    acc += taps[k] * src[_reflect(xx + k - half, size)]
-                dst[xx] = acc
+                w, source = taps[k], x[c, _reflect(y + k - half, size)]
+                for j in range(size):
+                    centre[j] += w * source[j]
+            for j in range(1, radius + 1):
+                row[half - j] = row[half + j]
+                row[half + size - 1 + j] = row[half + size - 1 - j]
         for y in range(size):
-            dst = x[c, y]
-            for xx in range(size):
-                dst[xx] = np.float32(0.0)
+            dst, row = x[c, y], padded[c, y]
+            for j in range(size):
+                dst[j] = np.float32(0.0)
             for k in range(lo, hi):
-                w, row = taps[k], tmp[c, _reflect(y + k - half, size)]
-                for xx in range(size):
-                    dst[xx] += w * row[xx]
+                w, shifted = taps[k], row[k:k + size]
+                for j in range(size):
+                    dst[j] += w * shifted[j]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -262,7 +299,8 @@ def apply_device_ops_cpu(
         if k // 2 >= s:
             raise ValueError(f"blur radius {k // 2} needs views larger than {s} px")
     out = np.empty((n, 3, s, s), np.float32)
-    scratch = np.empty((n, 3, s, s), np.float32) if blur.any() else np.empty((n, 3, 1, 1), np.float32)
+    # Blur rows padded by the kernel's half width on each side (see _blur).
+    scratch = np.empty((n, 3, s, s + k - 1), np.float32) if blur.any() else np.empty((n, 3, 1, 1), np.float32)
     _device_ops(views, mask_arr, patch_arr, hard, mixed, partner, flat(params.jitter, np.bool_), factors,
                 flat(params.jitter_order, np.int64).reshape(n, 4), flat(params.grayscale, np.bool_), blur, taps,
                 flat(params.solarize, np.bool_), normalise, np.asarray(IMAGENET_MEAN, np.float32),

@@ -11,7 +11,7 @@ import torch
 from objloader.augment import apply_device_ops, crop_views, cut_bg_patch, sample_params
 from objloader.loaders import make_loader
 from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig, epoch_order
-from objloader.loaders.resample import crop_views_into, cut_patch_into
+from objloader.loaders.resample import crop_views_into, cut_patch_into, table_arrays
 from objloader.store import BuildOptions, build
 
 ENGINES = ["torch", "ffcv", "dali"]
@@ -273,6 +273,7 @@ def test_epoch_order_shards_are_disjoint_and_complete():
 
 def test_numba_geometry_equals_the_reference():
     rng = np.random.default_rng(0)
+    tables = table_arrays(20)
     for _ in range(20):
         h, w = int(rng.integers(10, 90)), int(rng.integers(10, 90))
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -280,13 +281,14 @@ def test_numba_geometry_equals_the_reference():
         p = sample_params(int(rng.integers(0, 100)), 0, [int(rng.integers(0, 1000))], image_sizes=[[h, w]])
         views = np.zeros((2, 3, 20, 20), np.uint8)
         masks = np.zeros((2, 1, 20, 20), np.uint8)
-        crop_views_into(image, mask[:, :, None].copy(), p.window[0], p.flip[0], views, masks, np.ones(2, bool))
+        crop_views_into(image, mask[:, :, None].copy(), p.window[0], p.flip[0], views, masks, np.ones(2, bool),
+                        *tables)
         ref_v, ref_m = crop_views(image, mask, p.window[0], p.flip[0], 20)
         assert (torch.from_numpy(views).int() - ref_v.int()).abs().max() <= 1
         assert (torch.from_numpy(masks).int() - ref_m.int()).abs().max() <= 1
         rect = np.sort(rng.uniform(0, 1, (2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]].astype(np.float32)
         patch = np.zeros((3, 8, 8), np.uint8)
-        cut_patch_into(image, rect, patch)
+        cut_patch_into(image, rect, patch, *tables)
         assert (torch.from_numpy(patch).int() - cut_bg_patch(image, rect, 8).int()).abs().max() <= 1
 
 

@@ -22,7 +22,7 @@ from ..augment.params import mix_draw, sample_geometry, sample_geometry_batch
 from ..store.reader import DatasetError, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .jpeg import decode_rgb_into
-from .resample import crop_views_into, cut_patch_into
+from .resample import crop_views_into, cut_patch_into, table_arrays
 
 _INDEX_BYTES = 8  # each packed sample starts with its record index, to check alignment
 
@@ -96,6 +96,7 @@ def _make_decoder_class():
             self.mask_bytes = v * s * s if cfg.needs_masks else 0
             self.patch_bytes = 3 * p * p if cfg.needs_patches else 0
             self.packed = _INDEX_BYTES + self.view_bytes + self.mask_bytes + self.patch_bytes
+            self.columns_shape, self.work_shape = (t.shape for t in table_arrays(s))
 
         def declare_state_and_memory(self, previous_state):
             t = self.tables
@@ -106,7 +107,9 @@ def _make_decoder_class():
                      AllocationQuery((biggest,), np.dtype("u1")),  # decoded image
                      AllocationQuery((v, 4), np.dtype("f4")),  # windows
                      AllocationQuery((v,), np.dtype("?")),  # flips
-                     AllocationQuery((v,), np.dtype("?"))])  # views whose mask is resampled
+                     AllocationQuery((v,), np.dtype("?")),  # views whose mask is resampled
+                     AllocationQuery(self.columns_shape, np.dtype("i4")),  # resample tables
+                     AllocationQuery(self.work_shape, np.dtype("f4"))])
 
         def generate_code(self):
             mem_read = self.memory_read
@@ -124,7 +127,7 @@ def _make_decoder_class():
             all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)
 
             def decode(batch_indices, storage, metadata, storage_state):
-                destination, images, windows, flips, mask_flags = storage
+                destination, images, windows, flips, mask_flags, columns, work = storage
                 boxes = numba.carray(_f32_at(boxes_at), (n, k_max, 4))
                 n_boxes = numba.carray(_i64_at(n_boxes_at), (n,))
                 bg_rect = numba.carray(_f32_at(bg_at), (n, 4))
@@ -151,9 +154,9 @@ def _make_decoder_class():
                     mask_views = mask_flags[i]
                     for v in range(views):
                         mask_views[v] = all_masks or mix_draw(seed, epoch, idx, v, p_mix)
-                    crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views)
+                    crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views, columns[i], work[i])
                     if with_patch:
-                        cut_patch_into(image, bg_rect[idx], out[mask_end:].reshape(3, patch, patch))
+                        cut_patch_into(image, bg_rect[idx], out[mask_end:].reshape(3, patch, patch), columns[i], work[i])
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
