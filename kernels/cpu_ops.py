@@ -275,7 +275,9 @@ def apply_device_ops_cpu(
     b, v, _, s, _ = views_uint8.shape
     n = b * v
     flat = lambda a, t: np.ascontiguousarray(np.asarray(a).reshape(n, *np.asarray(a).shape[2:]), dtype=t)  # noqa: E731
-    views = np.ascontiguousarray(views_uint8.reshape(n, 3, s, s).numpy())
+    # numpy does the reshapes (and the copy of an engine's strided batch): a torch copy of this
+    # size would start an OpenMP region whose threads then spin, taking a core from the workers.
+    views = np.ascontiguousarray(views_uint8.numpy().reshape(n, 3, s, s))
     partner = flat(params.partner, np.int64)
     mixed = flat(params.mix, np.bool_) & (partner >= 0)
     if patches is None or masks is None or not mixed.any():
@@ -285,7 +287,7 @@ def apply_device_ops_cpu(
     else:
         if masks.dtype != torch.uint8 or patches.dtype != torch.uint8:
             raise TypeError("the CPU fused path takes uint8 masks and patches")
-        mask_arr = np.ascontiguousarray(masks.reshape(n, 1, s, s).numpy())
+        mask_arr = np.ascontiguousarray(masks.numpy().reshape(n, 1, s, s))
         patch_arr = np.ascontiguousarray(patches.numpy())
     partner = np.where(mixed, partner, 0)  # unmixed views never read a patch
     factors = np.stack([flat(params.brightness, np.float32), flat(params.contrast, np.float32),

@@ -240,26 +240,42 @@ def test_no_boxes_no_background_dataset(tmp_path, crafted):
     assert (oa.params.partner == -1).all() and torch.equal(plain.views, oa.views)
 
 
+def _flat_batch(has_bg, value):
+    """An engine batch of black 16 px views with all-background masks and patches of ``value``."""
+    b = len(has_bg)
+    return EngineBatch(views=torch.zeros(b, 2, 3, 16, 16, dtype=torch.uint8),
+                       masks=torch.zeros(b, 2, 1, 16, 16, dtype=torch.uint8),
+                       patches=torch.full((b, 3, 8, 8), value, dtype=torch.uint8),
+                       index=np.arange(b) + value, labels=torch.zeros(b, dtype=torch.int64),
+                       has_bg=np.array(has_bg), epoch=0, window=np.zeros((b, 2, 4), np.float32),
+                       flip=np.zeros((b, 2), bool), box_index=np.full(b, -1))
+
+
 def test_ring_buffer_serves_partners_when_a_batch_has_no_background():
     cfg = LoaderConfig(batch_size=4, image_size=16, bg_mixup=1.0, color="none", normalize=False, dtype=torch.uint8,
                        ring_size=3)
     stage = DeviceStage(cfg)
 
-    def engine_batch(has_bg, value):
-        b = len(has_bg)
-        return EngineBatch(views=torch.zeros(b, 2, 3, 16, 16, dtype=torch.uint8),
-                           masks=torch.zeros(b, 2, 1, 16, 16, dtype=torch.uint8),
-                           patches=torch.full((b, 3, 8, 8), value, dtype=torch.uint8),
-                           index=np.arange(b) + value, labels=torch.zeros(b, dtype=torch.int64),
-                           has_bg=np.array(has_bg), epoch=0, window=np.zeros((b, 2, 4), np.float32),
-                           flip=np.zeros((b, 2), bool), box_index=np.full(b, -1))
-
-    first = stage(engine_batch([False] * 4, 10))  # nothing anywhere: views stay unmixed
+    first = stage(_flat_batch([False] * 4, 10))  # nothing anywhere: views stay unmixed
     assert (first.params.partner == -1).all() and first.views.max() == 0
-    stage(engine_batch([True, False, True, True], 50))  # fills the ring with three patches of 50
-    third = stage(engine_batch([False] * 4, 90))
+    stage(_flat_batch([True, False, True, True], 50))  # fills the ring with three patches of 50
+    third = stage(_flat_batch([False] * 4, 90))
     assert (third.params.partner >= 4).all()  # partners from the ring, after the batch's own
     assert torch.all(third.views == 50)  # mask 0 everywhere: every pixel is the ring patch
+
+
+def test_a_batch_enters_the_ring_after_its_partners_are_cut():
+    """The one sample with a background has no partner in its batch: it takes the ring's patch of
+    an earlier batch, never its own (with one slot, its own would have overwritten it)."""
+    cfg = LoaderConfig(batch_size=4, image_size=16, bg_mixup=1.0, color="none", normalize=False, dtype=torch.uint8,
+                       ring_size=1)
+    stage = DeviceStage(cfg)
+
+    stage(_flat_batch([True, True, True, True], 50))
+    second = stage(_flat_batch([True, False, False, False], 120))
+    assert (second.params.partner[0] == 4).all()  # the ring's only slot, after the batch's own
+    assert torch.all(second.views[0] == 50)
+    assert torch.all(second.views[1:] == 120)  # the others' partner is sample 0
 
 
 def test_epoch_order_shards_are_disjoint_and_complete():

@@ -214,10 +214,9 @@ class DeviceStage:
         masks = eb.masks.to(dev, non_blocking=True) if eb.masks is not None else None
         patches = None
         if cfg.needs_patches and eb.patches is not None:
-            patches = eb.patches.to(dev, non_blocking=True)
-            if ring_count:
-                patches = torch.cat([patches, self._ring[:ring_count]])
-            self._remember(patches[: len(eb.index)], eb.has_bg)
+            own = eb.patches.to(dev, non_blocking=True)
+            patches = _concat_rows(own, self._ring[:ring_count]) if ring_count else own
+            self._remember(own, eb.has_bg)  # after the concatenation copied the ring's old rows
         if cfg.color == "none" and not cfg.normalize and cfg.dtype == torch.uint8 and not params.mix.any():
             out = views.clone() if eb.aliased and views is eb.views else views  # the engine's bytes as they are
         else:
@@ -233,14 +232,26 @@ class DeviceStage:
 
     def _remember(self, patches: torch.Tensor, has_bg: np.ndarray) -> None:
         """Append this batch's background patches to the ring (oldest overwritten first)."""
-        rows = torch.from_numpy(np.flatnonzero(has_bg)).to(patches.device)
+        rows = np.flatnonzero(has_bg)
         if not len(rows):
             return
         size = self.cfg.ring_size
         if self._ring is None:
             self._ring = torch.zeros((size,) + tuple(patches.shape[1:]), dtype=patches.dtype, device=patches.device)
         rows = rows[-size:]
-        slots = (self._ring_next + torch.arange(len(rows), device=patches.device)) % size
-        self._ring[slots] = patches[rows]
+        slots = (self._ring_next + np.arange(len(rows))) % size
+        if patches.device.type == "cpu":  # numpy, for the reason _concat_rows gives
+            self._ring.numpy()[slots] = patches.numpy()[rows]
+        else:
+            self._ring[torch.from_numpy(slots).to(patches.device)] = patches[torch.from_numpy(rows).to(patches.device)]
         self._ring_next = int((self._ring_next + len(rows)) % size)
         self._ring_count = min(self._ring_count + len(rows), size)
+
+
+def _concat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.cat([a, b]); on the CPU through numpy. A torch copy of this size starts an OpenMP
+    region, and libgomp's threads then spin-wait for the next one, taking a core from the engine's
+    workers: on 2 cores this cost the torch engine +both a quarter of its throughput."""
+    if a.device.type == "cpu":
+        return torch.from_numpy(np.concatenate([a.numpy(), b.numpy()]))
+    return torch.cat([a, b])

@@ -1,7 +1,8 @@
 """dali engine: an external source that reads this rank's share of the epoch order (the same
 records, in the same order, as the torch and FFCV engines) -> decoders.image (mixed on GPU, cpu
 otherwise) -> one resize-with-roi per view for the image and, with the same roi and flip, for
-the mask -> the background patch cut from the same decoded image.
+the mask (on the CPU only for the views the device stage mixes) -> the background patch cut
+from the same decoded image.
 
 The external source is a Python callback: DALI asks it for batch k of epoch e (``batch_info``)
 and it returns the members of records ``epoch_order(...)[k*B:(k+1)*B]``, read through the shard
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..augment.params import sample_geometry_batch
+from ..augment.params import mix_flags, sample_geometry_batch
 from ..store.reader import BuiltDataset, DatasetError, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 
@@ -47,7 +48,8 @@ class _EpochSource:
 
 class _WindowSampler:
     """The python_function of the pipeline: per batch, the labels and every view's roi (DALI
-    order y, x) and flip, plus the background rectangle's roi."""
+    order y, x), flip and whether its mask is needed, plus the background rectangle's roi and
+    whether any view of the sample needs the mask."""
 
     def __init__(self, cfg: LoaderConfig, n_boxes: np.ndarray, labels: np.ndarray):
         self.cfg, self.n_boxes, self.labels = cfg, n_boxes, labels
@@ -62,10 +64,13 @@ class _WindowSampler:
                                                         boxes, views=cfg.views, oa_crop=cfg.oa_crop)
         has_bg = has_background(bg)
         bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
+        # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
+        mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
+                      else mix_flags(cfg.seed, int(epoch[0]), index, views=cfg.views, p_mix=cfg.bg_mixup))
         out = [self.labels[index], has_bg.astype(np.uint8), window, box_index, flip.astype(np.uint8)]
         for v in range(cfg.views):
-            out += [window[:, v, [1, 0]], window[:, v, [3, 2]], flip[:, v].astype(np.int32)]
-        out += [bg[:, [1, 0]], bg[:, [3, 2]]]
+            out += [window[:, v, [1, 0]], window[:, v, [3, 2]], flip[:, v].astype(np.int32), mask_views[:, v]]
+        out += [bg[:, [1, 0]], bg[:, [3, 2]], mask_views.any(axis=1)]
         # DALI wants one array per sample; a 1-D output becomes 0-d arrays (scalars per sample).
         return tuple([np.ascontiguousarray(x) if o.ndim > 1 else np.array(x) for x in o] for o in out)
 
@@ -75,13 +80,19 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
 
     gpu = device_id is not None
     s, p = cfg.image_size, cfg.patch
+    # On the CPU, masks are decoded and resampled only for the views the device stage mixes
+    # (DALI's per-sample conditionals); on the GPU the work is too small to be worth a branch.
+    skip_masks = cfg.needs_masks and not gpu
 
     def resize(image, start, end, size):
         return fn.resize(image, roi_start=start, roi_end=end, roi_relative=True, size=[size, size],
                          antialias=False, interp_type=types.INTERP_LINEAR)
 
+    def zeros(size):  # stands in for a skipped mask: same type, rank and layout as a decoded one
+        return fn.constant(idata=0, shape=[size, size, 1], dtype=types.UINT8, layout="HWC")
+
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(cfg.num_workers, 1), device_id=device_id,
-                  prefetch_queue_depth=2)  # nothing in the graph draws random numbers: no seed
+                  prefetch_queue_depth=2, enable_conditionals=skip_masks)  # no random numbers: no seed
     def object_aware_views():
         # Records in the epoch order: JPEG, boxes, bg rect [, mask PNG] bytes, record index, epoch.
         parts = fn.external_source(source, num_outputs=len(source.members) + 2, batch=True, batch_info=True)
@@ -89,18 +100,32 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
         index, epoch = parts[-2:]
         outs = fn.python_function(index, epoch, fn.peek_image_shape(jpg), fn.decoders.numpy(boxes),
                                   fn.decoders.numpy(bg), function=sampler, batch_processing=True,
-                                  num_outputs=7 + 3 * cfg.views)
+                                  num_outputs=8 + 4 * cfg.views)
         label, has_bg, window, box_index, flip = outs[:5]
-        rois, (bg_start, bg_end) = outs[5:-2], outs[-2:]
+        rois, (bg_start, bg_end, any_mask) = outs[5:-3], outs[-3:]
 
         image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        views = [fn.flip(resize(image, rois[3 * v], rois[3 * v + 1], s), horizontal=rois[3 * v + 2])
+        views = [fn.flip(resize(image, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
                  for v in range(cfg.views)]
         result = [fn.transpose(fn.stack(*views), perm=[0, 3, 1, 2])]  # [V, 3, S, S]
-        if cfg.needs_masks:  # OA masks: the same roi and flip as each view
+        # OA masks: the same roi and flip as each view.
+        if skip_masks:  # per-sample branches: decode and resample a mask only where a view needs it
+            if any_mask:
+                mask = fn.decoders.image(parts[3], device="cpu", output_type=types.GRAY)
+            else:
+                mask = zeros(1)  # never resampled
+            masks = []
+            for v in range(cfg.views):
+                if rois[4 * v + 3]:
+                    view_mask = fn.flip(resize(mask, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
+                else:
+                    view_mask = zeros(s)
+                masks.append(view_mask)
+        elif cfg.needs_masks:
             mask = fn.decoders.image(parts[3], device="mixed" if gpu else "cpu", output_type=types.GRAY)
-            masks = [fn.flip(resize(mask, rois[3 * v], rois[3 * v + 1], s), horizontal=rois[3 * v + 2])
+            masks = [fn.flip(resize(mask, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
                      for v in range(cfg.views)]
+        if cfg.needs_masks:
             result.append(fn.transpose(fn.stack(*masks), perm=[0, 3, 1, 2]))  # [V, 1, S, S]
         if cfg.needs_patches:  # background patch from the same decoded image
             result.append(fn.transpose(resize(image, bg_start, bg_end, p), perm=[2, 0, 1]))  # [3, P, P]

@@ -1,6 +1,8 @@
 """torch engine: DataLoader workers read records from the WebDataset shards (through the .idx
-offsets), decode with OpenCV and cut the views with the torch reference; the baseline a user
-would write, and the readable twin of the FFCV and DALI engines."""
+offsets), decode with OpenCV and cut the views, view masks and patch with the compiled resampler
+the FFCV engine uses (loaders/resample.py, tested against the torch reference); the loader a
+user would write, without FFCV or DALI. A record's mask is decoded only when one of its views
+is mixed."""
 
 from __future__ import annotations
 
@@ -12,18 +14,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..augment.params import mix_flags, sample_geometry_batch
-from ..augment.reference import crop_views, cut_bg_patch
 from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from .resample import crop_views_into, cut_patch_into, table_arrays
 
 _MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
+_NO_MASK = np.zeros((1, 1, 1), np.uint8)  # stands in for the mask of a record none of whose views mixes
 
 
-def decode_record(ds: BuiltDataset, i: int) -> dict:
-    """The fields of record i the engines use: RGB image, label, mask, boxes, n_boxes, bg_rect."""
-    raw = ds.raw(i, _MEMBERS)
+def decode_record(ds: BuiltDataset, i: int, with_mask: bool = True) -> dict:
+    """The fields of record i the engines use: RGB image, label, mask (uint8 [M, M, 1], or None
+    unless ``with_mask``), boxes, n_boxes, bg_rect."""
+    raw = ds.raw(i, _MEMBERS if with_mask else tuple(m for m in _MEMBERS if m != "mask.png"))
     try:
-        image, mask = decode_rgb(raw["jpg"]), decode_png(raw["mask.png"])
+        image = decode_rgb(raw["jpg"])
+        mask = decode_png(raw["mask.png"])[:, :, None] if with_mask else None
     except DatasetError as e:
         raise DatasetError(f"{ds.path}: record {i} ({ds.keys[i]!r}): {e}; run objloader-build --verify") from e
     return {
@@ -68,6 +73,7 @@ class _ViewsDataset(Dataset):
         # Opened (and its shard indexes parsed) once here; each worker receives a pickled copy
         # and opens its own file descriptors on first read.
         self.ds, self.cfg = BuiltDataset(path, manifest), cfg
+        self._tables = table_arrays(cfg.image_size)  # the resampler's scratch, reused by every batch
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -78,27 +84,30 @@ class _ViewsDataset(Dataset):
     def __getitems__(self, request: _BatchRequest) -> EngineBatch:
         cfg = self.cfg
         epoch, indices = request
-        recs = [decode_record(self.ds, int(i)) for i in indices]
+        b, v, s = len(indices), cfg.views, cfg.image_size
+        # A view's mask is read only when the device stage mixes it (or the caller wants the masks).
+        mask_views = (np.ones((b, v), bool) if cfg.return_masks
+                      else mix_flags(cfg.seed, epoch, indices, views=v, p_mix=cfg.bg_mixup))
+        recs = [decode_record(self.ds, int(i), bool(mask_views[k].any())) for k, i in enumerate(indices)]
         sizes = np.array([r["image"].shape[:2] for r in recs], np.int64)
         boxes = np.stack([r["boxes"] for r in recs])
         n_boxes = np.array([r["n_boxes"] for r in recs], np.int64)
         bg = np.stack([r["bg_rect"] for r in recs]).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, indices, sizes, n_boxes, boxes,
-                                                        views=cfg.views, oa_crop=cfg.oa_crop)
-        # A view's mask is read only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((len(recs), cfg.views), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, epoch, indices, views=cfg.views, p_mix=cfg.bg_mixup))
-        views, masks, patches = [], [], []
+                                                        views=v, oa_crop=cfg.oa_crop)
+        views = np.empty((b, v, 3, s, s), np.uint8)
+        masks = np.empty((b, v if cfg.needs_masks else 0, 1, s, s), np.uint8)
+        patches = np.empty((b, 3, cfg.patch, cfg.patch), np.uint8) if cfg.needs_patches else None
+        columns, work = self._tables
         for k, r in enumerate(recs):
-            v, m = crop_views(r["image"], r["mask"], window[k], flip[k], cfg.image_size, mask_views[k])
-            views.append(v)
-            masks.append(m)
-            if cfg.needs_patches:
-                patches.append(cut_bg_patch(r["image"], bg[k], cfg.patch))
+            mask = _NO_MASK if r["mask"] is None else r["mask"]
+            crop_views_into(r["image"], mask, window[k], flip[k], views[k], masks[k], mask_views[k], columns, work)
+            if patches is not None:
+                cut_patch_into(r["image"], bg[k], patches[k], columns, work)
         return EngineBatch(
-            views=torch.stack(views),
-            masks=torch.stack(masks) if cfg.needs_masks else None,
-            patches=torch.stack(patches) if cfg.needs_patches else None,
+            views=torch.from_numpy(views),
+            masks=torch.from_numpy(masks) if cfg.needs_masks else None,
+            patches=torch.from_numpy(patches) if patches is not None else None,
             index=np.asarray(indices, np.int64),
             labels=torch.tensor([r["label"] for r in recs], dtype=torch.int64),
             has_bg=has_background(bg),
