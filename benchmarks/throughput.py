@@ -2,7 +2,7 @@
 and with the object-aware ops, against a reference-style baseline (benchmarks/reference_style.py).
 
     python benchmarks/throughput.py [--data BUILT_SPLIT] [--engines torch,ffcv,dali,reference]
-                                    [--repeats 5] [--batches 16] [--batch-size 64] [--image-size 112]
+                                    [--repeats 7] [--batches 40] [--batch-size 64] [--image-size 112]
                                     [--workers N] [--quick] [--plot | --no-plot]
 
 Runs, for each engine: the full pipeline (engine stage + CPU device stage: BG-Mixup, MoCo v2
@@ -61,7 +61,7 @@ SPLIT_CONFIGS = ("vanilla", "+both")  # configurations of the engine-stage / dev
 VERSIONED = ("torch", "torchvision", "ffcv", "nvidia-dali-cuda130", "numba", "numpy", "pillow",
              "opencv-python", "matplotlib")
 QUICK = dict(repeats=2, batches=3, warmup=1, batch_size=16)
-NORMAL = dict(repeats=5, batches=16, warmup=3, batch_size=64)
+NORMAL = dict(repeats=7, batches=40, warmup=3, batch_size=64)
 
 
 @dataclass
