@@ -306,6 +306,8 @@ def test_numba_geometry_equals_the_reference():
         patch = np.zeros((3, 8, 8), np.uint8)
         cut_patch_into(image, rect, patch, *tables)
         assert (torch.from_numpy(patch).int() - cut_bg_patch(image, rect, 8).int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="table_arrays"):  # scratch for smaller outputs: refused, not overrun
+        cut_patch_into(image, rect, np.zeros((3, 24, 24), np.uint8), *tables)
 
 
 def test_bad_arguments_are_refused(crafted):

@@ -53,6 +53,8 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, out, columns, work):
     """
     height, width, channels = src.shape
     size = out.shape[1]
+    if columns.shape[1] < size or work.shape[1] < size or work.shape[0] < 1 + 2 * channels:
+        raise ValueError("resample tables too small for this output; make them with table_arrays")
     left, right, weights = columns[0], columns[1], work[0]
     for ox in range(size):
         x = _source_coord(x0, x1, size - 1 - ox if flip else ox, size, width)
