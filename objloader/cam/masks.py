@@ -257,8 +257,9 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         if os.path.isfile(done_path) and old == fingerprint:
             log(f"{out}: masks of this run are already complete")
         os.makedirs(out, exist_ok=True)
-        write_json_atomic(run_path, {"format": STORE_FORMAT, "fingerprint": fingerprint, "checkpoint": os.path.abspath(checkpoint),
-                               "checkpoint_sha256": ckpt_sha, "settings": settings.to_dict()})
+        write_json_atomic(run_path, {"format": STORE_FORMAT, "fingerprint": fingerprint,
+                                     "checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": ckpt_sha,
+                                     "settings": settings.to_dict()})
     _barrier(world)
     if os.path.isfile(done_path):
         with open(done_path, encoding="utf-8") as f:

@@ -29,7 +29,7 @@ def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
 
     root = os.path.abspath(root or os.getcwd())
     data, built = os.path.join(root, "demo", "data"), os.path.join(root, "demo", "built")
-    train = os.path.join(built, "train")
+    train = _demo_train_dir(root)
     if os.path.isfile(os.path.join(train, "manifest.json")):
         return train
     if not os.path.isfile(os.path.join(data, "demo.json")):
@@ -40,13 +40,17 @@ def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
     return train
 
 
+def _demo_train_dir(root: str) -> str:
+    return os.path.join(root, "demo", "built", "train")
+
+
 def _default_data(log: Callable) -> str:
     """The demo's train split under the current directory. Under torchrun the first process of
     each machine generates and builds it (minutes, once); the others wait for its manifest.
     torchrun stops them if that process fails."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         return demo_train_path(log=log)
-    train_dir = os.path.join(os.path.abspath(os.getcwd()), "demo", "built", "train")
+    train_dir = _demo_train_dir(os.path.abspath(os.getcwd()))
     deadline = time.monotonic() + DEMO_WAIT_S
     while not os.path.isfile(os.path.join(train_dir, "manifest.json")):
         if time.monotonic() > deadline:

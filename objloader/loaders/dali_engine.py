@@ -88,6 +88,11 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
         return fn.resize(image, roi_start=start, roi_end=end, roi_relative=True, size=[size, size],
                          antialias=False, interp_type=types.INTERP_LINEAR)
 
+    def view_crop(x, rois, v):
+        """View v of ``x``: its roi resized to S, flipped as the view is (rois hold per view: roi
+        start, roi end, flip, mask needed)."""
+        return fn.flip(resize(x, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
+
     def zeros(size):  # stands in for a skipped mask: same type, rank and layout as a decoded one
         return fn.constant(idata=0, shape=[size, size, 1], dtype=types.UINT8, layout="HWC")
 
@@ -105,8 +110,7 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
         rois, (bg_start, bg_end, any_mask) = outs[5:-3], outs[-3:]
 
         image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        views = [fn.flip(resize(image, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
-                 for v in range(cfg.views)]
+        views = [view_crop(image, rois, v) for v in range(cfg.views)]
         result = [fn.transpose(fn.stack(*views), perm=[0, 3, 1, 2])]  # [V, 3, S, S]
         # OA masks: the same roi and flip as each view.
         if skip_masks:  # per-sample branches: decode and resample a mask only where a view needs it
@@ -117,14 +121,13 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
             masks = []
             for v in range(cfg.views):
                 if rois[4 * v + 3]:
-                    view_mask = fn.flip(resize(mask, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
+                    view_mask = view_crop(mask, rois, v)
                 else:
                     view_mask = zeros(s)
                 masks.append(view_mask)
         elif cfg.needs_masks:
             mask = fn.decoders.image(parts[3], device="mixed" if gpu else "cpu", output_type=types.GRAY)
-            masks = [fn.flip(resize(mask, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
-                     for v in range(cfg.views)]
+            masks = [view_crop(mask, rois, v) for v in range(cfg.views)]
         if cfg.needs_masks:
             result.append(fn.transpose(fn.stack(*masks), perm=[0, 3, 1, 2]))  # [V, 1, S, S]
         if cfg.needs_patches:  # background patch from the same decoded image
