@@ -12,7 +12,7 @@ from objloader.cam.geometry import bg_rect, mask_to_boxes, pad_boxes
 from objloader.store import BuildError, BuildOptions, DatasetError, build, open_dataset, read_manifest
 from objloader.store import builder as build_module
 from objloader.store.reader import read_index
-from objloader.store.verify import verify, verify_dali, verify_ffcv
+from objloader.store.verify import verify_dali, verify_ffcv
 
 
 def _scene(rng, h, w):
