@@ -266,6 +266,33 @@ def _device_ops(views, masks, patches, hard, mixed, partner, jitter, factors, or
                         x[c, y, xx] = v
 
 
+@njit(cache=True, parallel=True, error_model="numpy")
+def _mix_only_uint8(views, masks, patches, hard, mixed, partner, out):
+    """reference.bg_mixup then reference's uint8 rounding, for batches without colour or
+    normalisation: each mixed view is blended in float32 and rounded straight back to uint8, the
+    others copied, in one pass over the batch (no float batch, no torch tail)."""
+    full, one, zero = np.float32(255.0), np.float32(1.0), np.float32(0.0)
+    size = views.shape[2]
+    p = patches.shape[2]
+    for i in prange(views.shape[0]):
+        if not mixed[i]:
+            out[i] = views[i]
+            continue
+        patch = patches[partner[i]]
+        for c in range(3):
+            for y in range(size):
+                src, m_row, dst, bg_row = views[i, c, y], masks[i, 0, y], out[i, c, y], patch[c, y % p]
+                for start in range(0, size, p):
+                    n = min(p, size - start)
+                    s_run, m_run, d_run = src[start:start + n], m_row[start:start + n], dst[start:start + n]
+                    for j in range(n):
+                        m = np.float32(m_run[j]) / full
+                        if hard:
+                            m = one if m >= HARD_MIX_THRESHOLD else zero
+                        x = m * (np.float32(s_run[j]) / full) + (one - m) * (np.float32(bg_row[j]) / full)
+                        d_run[j] = np.uint8(_lower(_upper(np.rint(x * full), zero), full))  # torch .round(): half to even
+
+
 def apply_device_ops_cpu(
     views_uint8: torch.Tensor,
     masks: torch.Tensor | None,
@@ -295,6 +322,11 @@ def apply_device_ops_cpu(
         mask_arr = np.ascontiguousarray(masks.numpy().reshape(n, 1, s, s))
         patch_arr = np.ascontiguousarray(patches.numpy())
     partner = np.where(mixed, partner, 0)  # unmixed views never read a patch
+    colour = params.jitter.any() or params.grayscale.any() or params.blur.any() or params.solarize.any()
+    if dtype == torch.uint8 and not normalise and not colour:  # the raw-pixel output: mix in uint8
+        out_u8 = np.empty_like(views)
+        _mix_only_uint8(views, mask_arr, patch_arr, hard, mixed, partner, out_u8)
+        return torch.from_numpy(out_u8).view(b, v, 3, s, s)
     factors = np.stack([flat(params.brightness, np.float32), flat(params.contrast, np.float32),
                         flat(params.saturation, np.float32), flat(params.hue, np.float32)], axis=1)
     blur = flat(params.blur, np.bool_)

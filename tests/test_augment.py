@@ -170,13 +170,13 @@ def test_crop_flip_keeps_mask_aligned():
     assert views[1, :, :, 9:].min() == 255 and views[1, :, :, :7].max() == 0
     for v in range(2):
         assert torch.equal((views[v, 0] > 127), (masks[v, 0] > 127))
-    # A crop of a whole-pixel window matches torchvision's resized_crop (antialias off) inside.
+    # A crop of a whole-pixel window matches torchvision's resized_crop (antialiased when downsampling).
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     win = np.array([[8 / w, 4 / h, 32 / w, 28 / h]], np.float32)
     views, _ = crop_views(image, mask, win, np.array([False]), 12)  # 2x downsample
-    tv = TF.resized_crop(torch.from_numpy(image).permute(2, 0, 1), 4, 8, 24, 24, [12, 12], antialias=False)
-    assert (views[0].int() - tv.int()).abs().max() <= 1
+    tv = TF.resized_crop(torch.from_numpy(image).permute(2, 0, 1), 4, 8, 24, 24, [12, 12], antialias=True)
+    assert (views[0].int() - tv.int())[:, 1:-1, 1:-1].abs().max() <= 1
 
 
 def test_cut_bg_patch():
@@ -253,3 +253,81 @@ def test_color_none_is_identity_before_normalise():
     views = torch.randint(0, 256, (3, 2, 3, 8, 8), dtype=torch.uint8)
     out = apply_device_ops(views, torch.ones(3, 2, 1, 8, 8), None, p)
     assert torch.allclose(out, R.normalize(views.float() / 255), atol=1e-6)
+
+
+def _torchvision_get_params_literal(key, height, width, scale):
+    """torchvision RandomResizedCrop.get_params written out in Python, drawing its uniforms from
+    the sampler's counter-based stream instead of torch's generator."""
+    from objloader.augment.params import _uniform
+
+    area = height * width
+    log_ratio = (np.log(3 / 4), np.log(4 / 3))
+    for t in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * _uniform(key, 4 * t))
+        aspect_ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * _uniform(key, 4 * t + 1))
+        w = int(round(np.sqrt(target_area * aspect_ratio)))
+        h = int(round(np.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(_uniform(key, 4 * t + 2) * (height - h + 1)), height - h)
+            left = min(int(_uniform(key, 4 * t + 3) * (width - w + 1)), width - w)
+            return top, left, h, w
+    return None  # the centre fallback (not reached by the sizes below)
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.2, 1.0), (0.5, 0.6)])
+def test_crop_scale_is_torchvisions_scale_argument(scale):
+    """Every window is torchvision's get_params(scale=scale) on the same draws, and its area is a
+    fraction of the image inside the scale range (up to rounding to whole pixels)."""
+    from objloader.augment.params import _GEOMETRY_STREAM, stream_key
+
+    b, h, w = 64, 300, 400
+    p = sample_params(4, 2, np.arange(b), image_sizes=np.full((b, 2), (h, w)), crop_scale=scale)
+    for i in range(b):
+        for v in range(2):
+            key = np.uint64(stream_key(4, 2, i, v, _GEOMETRY_STREAM))  # uint64, as inside the sampler
+            top, left, hh, ww = _torchvision_get_params_literal(key, h, w, scale)
+            assert np.allclose(p.window[i, v], [left / w, top / h, (left + ww) / w, (top + hh) / h], atol=1e-6)
+    area = (p.window[..., 2] - p.window[..., 0]) * (p.window[..., 3] - p.window[..., 1])
+    assert area.min() >= scale[0] * 0.97 and area.max() <= scale[1] * 1.03
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (0.5, 0.4), (0.2, 1.2), (0.2,), "0.2", (float("nan"), 1.0)])
+def test_bad_crop_scale_is_refused(bad):
+    with pytest.raises(ValueError, match="crop_scale"):
+        sample_params(0, 0, [0], image_sizes=[[32, 32]], crop_scale=bad)
+
+
+@pytest.mark.parametrize("top, left, h, w, size", [(10, 20, 250, 300, 224), (0, 0, 300, 400, 112),
+                                                   (50, 60, 180, 230, 64), (3, 1, 297, 100, 96)])
+def test_downscaled_views_are_torchvisions_antialiased_resized_crop(top, left, h, w, size):
+    """A window larger than the view is resampled as torchvision's resized_crop(antialias=True)
+    (PIL's triangle filter) on the same float image, and the uint8 path within one grey level,
+    inside the view; on its outermost ring torchvision drops the taps beyond the crop, where the
+    reference reads them (as DALI does), so there the two only stay close."""
+    img = torch.rand(300, 400, 3, generator=torch.Generator().manual_seed(1)) * 255
+    window = np.array([[left / 400, top / 300, (left + w) / 400, (top + h) / 300]], np.float32)
+    ours = R._resample(img.permute(2, 0, 1), torch.from_numpy(window), torch.tensor([False]), size)[0]
+    want = TF.resized_crop(img.permute(2, 0, 1), top, left, h, w, [size, size], antialias=True)
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    assert (ours - want)[inner].abs().max() < 0.01
+    assert (ours - want).abs().mean() < 1.0
+    u8 = img.round().to(torch.uint8)
+    views, _ = crop_views(u8, torch.zeros(8, 8, dtype=torch.uint8), window, [False], size)
+    tv = TF.resized_crop(u8.permute(2, 0, 1), top, left, h, w, [size, size], antialias=True)
+    assert (views[0].int() - tv.int())[inner].abs().max() <= 1
+
+
+def test_upscaled_views_are_bilinear_at_pixel_centres():
+    """A window smaller than the view: each output pixel is the bilinear sample at its centre's
+    point of the unit square (grid_sample, align_corners=False, border padding)."""
+    import torch.nn.functional as F
+
+    img = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(2))
+    window = torch.tensor([[0.1, 0.2, 0.7, 0.9]])
+    ours = R._resample(img, window, torch.tensor([True]), 64)[0]
+    centres = (torch.arange(64, dtype=torch.float64) + 0.5) / 64
+    xs = (0.1 + centres * 0.6).flip(0)
+    ys = 0.2 + centres * 0.7
+    grid = torch.stack(torch.meshgrid(2 * ys - 1, 2 * xs - 1, indexing="ij")[::-1], -1)[None].float()
+    want = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    assert (ours - want).abs().max() < 1e-5

@@ -53,3 +53,20 @@ def test_no_patches_means_no_mixup():
     views, masks, _ = _inputs(rng)
     p = sample_params(0, 0, np.arange(6), image_sizes=np.full((6, 2), 64), p_mix=1.0, color="none")
     assert torch.equal(apply_device_ops_cpu(views, None, None, p, normalise=False, dtype=torch.uint8), views)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_uint8_mix_only_path_equals_reference(hard):
+    """colour "none", uint8 out (the engines' raw pixels + BG-Mixup): the one-pass uint8 kernel
+    gives the reference's bytes, mixed views blended, the others untouched."""
+    rng = np.random.default_rng(5)
+    views, masks, patches = _inputs(rng, b=8, s=20, ring=2)
+    p = sample_params(0, 3, np.arange(8), has_bg=rng.random(8) < 0.7, image_sizes=np.full((8, 2), 40), p_mix=0.5,
+                      color="none", ring_count=2)
+    assert p.mix.any() and not p.mix.all()
+    want = R.apply_device_ops(views, masks, patches, p, hard=hard, normalise=False, dtype=torch.uint8)
+    got = apply_device_ops_cpu(views, masks, patches, p, hard=hard, normalise=False, dtype=torch.uint8)
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    assert (got.int() - want.int()).abs().max() <= 1 and (got != want).float().mean() < 0.01
+    unmixed = torch.from_numpy(~(p.mix & (p.partner >= 0)))
+    assert torch.equal(got[unmixed], views[unmixed])

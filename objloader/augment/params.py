@@ -36,6 +36,8 @@ __all__ = [
     "sample_params",
     "sample_geometry",
     "sample_appearance",
+    "DEFAULT_CROP_SCALE",
+    "check_crop_scale",
 ]
 
 # Stream tags: the independent decisions of one (seed, epoch, index, view) never share numbers.
@@ -44,8 +46,9 @@ _PARTNER_STREAM = 1  # BG-Mixup partner: key (seed, epoch, index, view, 1)
 _BOX_STREAM = 2  # OA-Crop box, shared by all views: key (seed, epoch, index, 0, 2)
 _APPEARANCE_STREAM = 3  # mix flag and colour: key (seed, epoch, index, view, 3)
 
-# torchvision RandomResizedCrop defaults, used by MoCo v2 / BYOL.
-_RRC_SCALE = (0.08, 1.0)
+# RandomResizedCrop area range (a fraction of the region cropped from). torchvision's default
+# (0.08, 1) is BYOL's; MoCo v2's published recipe (facebookresearch/moco, aug_plus) uses (0.2, 1).
+DEFAULT_CROP_SCALE = (0.08, 1.0)
 _RRC_LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
 
 
@@ -187,15 +190,16 @@ def _inner_span(lo, hi, size):
 
 
 @njit(cache=True)
-def _resized_crop(key, height, width):
-    """torchvision RandomResizedCrop.get_params on a (height, width) region -> (top, left, h, w).
+def _resized_crop(key, height, width, scale_lo, scale_hi):
+    """torchvision RandomResizedCrop.get_params(scale=(scale_lo, scale_hi)) on a (height, width)
+    region -> (top, left, h, w).
 
     Same logic as torchvision: 10 tries of area / log-ratio rejection sampling (4 draws each),
     then the centre crop with the aspect ratio clamped to the allowed range.
     """
     area = height * width
     for t in range(10):
-        target_area = area * (_RRC_SCALE[0] + (_RRC_SCALE[1] - _RRC_SCALE[0]) * _uniform(key, 4 * t))
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * _uniform(key, 4 * t))
         log_r = _RRC_LOG_RATIO[0] + (_RRC_LOG_RATIO[1] - _RRC_LOG_RATIO[0]) * _uniform(key, 4 * t + 1)
         aspect_ratio = math.exp(log_r)
         w = int(np.rint(math.sqrt(target_area * aspect_ratio)))
@@ -219,13 +223,13 @@ _FLIP_DRAW = 40  # after the 40 draws the crop may use
 
 
 @njit(cache=True)
-def sample_geometry(seed, epoch, index, height, width, boxes, n_boxes, oa_crop, window, flip):
+def sample_geometry(seed, epoch, index, height, width, boxes, n_boxes, oa_crop, scale_lo, scale_hi, window, flip):
     """Geometry of every view of one sample, written into ``window`` [V, 4] and ``flip`` [V].
 
     OA-Crop (paper Sec. 2.3): one box per sample, shared by its views so both see the same
     object; each view's RandomResizedCrop window lies inside it, then a flip with p = 0.5.
-    Without OA-Crop, or without boxes, the region is the whole image. Returns the box index
-    (-1 = whole image).
+    Without OA-Crop, or without boxes, the region is the whole image; a window's area is a
+    fraction in [scale_lo, scale_hi] of the region's. Returns the box index (-1 = whole image).
     """
     left0, top0, right0, bottom0 = 0, 0, width, height
     box_index = -1
@@ -235,7 +239,7 @@ def sample_geometry(seed, epoch, index, height, width, boxes, n_boxes, oa_crop, 
         top0, bottom0 = _inner_span(boxes[box_index, 1], boxes[box_index, 3], height)
     for v in range(window.shape[0]):
         key = stream_key(seed, epoch, index, v, _GEOMETRY_STREAM)
-        top, left, h, w = _resized_crop(key, bottom0 - top0, right0 - left0)
+        top, left, h, w = _resized_crop(key, bottom0 - top0, right0 - left0, scale_lo, scale_hi)
         x0, y0 = left0 + left, top0 + top
         window[v, 0] = x0 / width
         window[v, 1] = y0 / height
@@ -246,10 +250,11 @@ def sample_geometry(seed, epoch, index, height, width, boxes, n_boxes, oa_crop, 
 
 
 @njit(cache=True)
-def _geometry_batch(seed, epoch, indices, sizes, boxes, n_boxes, oa_crop, window, flip, box_index):
+def _geometry_batch(seed, epoch, indices, sizes, boxes, n_boxes, oa_crop, scale_lo, scale_hi, window, flip,
+                    box_index):
     for i in range(indices.shape[0]):
         box_index[i] = sample_geometry(seed, epoch, indices[i], sizes[i, 0], sizes[i, 1], boxes[i],
-                                       n_boxes[i], oa_crop, window[i], flip[i])
+                                       n_boxes[i], oa_crop, scale_lo, scale_hi, window[i], flip[i])
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +330,21 @@ def _appearance_batch(seed, epoch, indices, has_bg, ring_count, p_mix, use_color
                     partner[i, v] = b + _below(u, ring_count)
 
 
+def check_crop_scale(crop_scale) -> tuple[float, float]:
+    """``crop_scale`` as a (min, max) pair of floats with 0 < min <= max <= 1, or a ConfigError."""
+    try:
+        lo, hi = (float(x) for x in crop_scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"crop_scale must be a pair (min, max) of area fractions, got {crop_scale!r}") from None
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}")
+    return lo, hi
+
+
 def sample_geometry_batch(seed, epoch, indices, image_sizes, n_boxes=None, boxes=None, *, views=2,
-                          oa_crop=False):
+                          oa_crop=False, crop_scale=DEFAULT_CROP_SCALE):
     """Vectorised :func:`sample_geometry` over a batch -> (window [B,V,4], flip [B,V], box_index [B])."""
+    scale_lo, scale_hi = check_crop_scale(crop_scale)
     indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     b = len(indices)
     sizes = np.ascontiguousarray(image_sizes, dtype=np.int64).reshape(b, 2)
@@ -338,7 +355,8 @@ def sample_geometry_batch(seed, epoch, indices, image_sizes, n_boxes=None, boxes
     window = np.zeros((b, views, 4), np.float32)
     flip = np.zeros((b, views), np.bool_)
     box_index = np.full(b, -1, np.int64)
-    _geometry_batch(int(seed), int(epoch), indices, sizes, boxes, n_boxes, bool(oa_crop), window, flip, box_index)
+    _geometry_batch(int(seed), int(epoch), indices, sizes, boxes, n_boxes, bool(oa_crop), scale_lo, scale_hi,
+                    window, flip, box_index)
     return window, flip, box_index
 
 
@@ -392,6 +410,7 @@ def sample_params(
     image_sizes,
     views: int = 2,
     oa_crop: bool = False,
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
     p_mix: float = 0.0,
     color: str | ColorConfig = "mocov2",
     ring_count: int = 0,
@@ -409,12 +428,13 @@ def sample_params(
             fall on whole pixels exactly as torchvision's RandomResizedCrop would.
         views: views per sample (2 for MoCo v2 / BYOL).
         oa_crop: OA-Crop (paper Sec. 2.3): crop inside one box per sample.
+        crop_scale: RandomResizedCrop's (min, max) area fraction of the region cropped from.
         p_mix: per-view probability of BG-Mixup (paper eq. 4).
         color: "mocov2", "byol", "none" or a :class:`ColorConfig`.
         ring_count: ring-buffer patches available after the batch's own (partner fallback).
     """
     window, flip, box_index = sample_geometry_batch(seed, epoch, indices, image_sizes, n_boxes, boxes,
-                                                    views=views, oa_crop=oa_crop)
+                                                    views=views, oa_crop=oa_crop, crop_scale=crop_scale)
     appearance = sample_appearance(seed, epoch, indices, has_bg, views=views, p_mix=p_mix, color=color,
                                    ring_count=ring_count)
     return AugParams(window=window, flip=flip, box_index=box_index, **appearance)

@@ -57,31 +57,61 @@ def _as_tensor(x, device=None) -> torch.Tensor:
     return x.to(device) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device=device)
 
 
-def _resample(src: torch.Tensor, windows: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear samples of ``src`` [C, H, W] (float) in each normalised window -> [V, C, S, S].
+def _axis_weights(lo: float, hi: float, extent: int, size: int, inside: bool = False) -> torch.Tensor:
+    """[size, extent] float64: row k holds the weights output pixel k gives each source pixel
+    along an axis of ``extent`` pixels, for the window [lo, hi] of the unit square.
 
-    Output pixel (u, v) samples the unit-square point
-        x = x0 + (u + 0.5) / S * (x1 - x0),   y = y0 + (v + 0.5) / S * (y1 - y0),
-    i.e. pixel centres (align_corners=False) with no antialiasing, the semantics of
-    torchvision's ``resized_crop(..., antialias=False)``. Because the points are defined on the
-    unit square, an image of any size and a mask of any M sampled with the same window land on
-    the same points, which is what keeps the two aligned. Points within half a pixel of the
-    window's edge read the neighbouring source pixels (clamped only at the image border),
-    where torchvision would clamp to the crop's edge; the two agree everywhere else.
-    A flipped view mirrors the sample points (= horizontal flip of the output).
+    scale = (hi - lo) * extent / size source pixels per output pixel.
+    - scale <= 1 (upsampling): output k reads the point p = lo * extent + (k + 0.5) * scale - 0.5
+      (pixel centres, align_corners=False) linearly from its two neighbours, p clamped to the
+      image border: torchvision's ``resized_crop(..., antialias=False)``, except that points
+      within half a pixel of the window's edge read the neighbouring source pixels, where
+      torchvision clamps to the crop's edge.
+    - scale > 1 (downsampling): antialiased: a triangle of half-width ``scale`` centred on
+      lo * extent + (k + 0.5) * scale, normalised to sum 1 (PIL's bilinear filter, which
+      torchvision's ``antialias=True`` applies); taps beyond the window read the pixels there,
+      and beyond the image border the border pixel. torchvision drops the taps outside the crop, so the two differ on the
+      view's outermost ring of pixels only; DALI's antialiased resize pads as here.
+    Because windows are defined on the unit square, an image of any size and a mask of any M
+    cut with the same window sample the same points, which keeps them aligned.
+    ``inside`` (the background patch): the window's own pixels play the image's part, its edge
+    the border's, so no pixel outside the window contributes.
     """
-    v = windows.shape[0]
-    centres = (torch.arange(size, dtype=torch.float64, device=src.device) + 0.5) / size  # [S]
-    w = windows.to(torch.float64)
-    xs = w[:, 0:1] + centres * (w[:, 2:3] - w[:, 0:1])  # [V, S]
-    ys = w[:, 1:2] + centres * (w[:, 3:4] - w[:, 1:2])  # [V, S]
-    xs = torch.where(flip.to(src.device).view(v, 1), xs.flip(-1), xs)
-    # grid_sample's [-1, 1] spans the pixel edges of src when align_corners=False.
-    gx = (2 * xs - 1).view(v, 1, size).expand(v, size, size)
-    gy = (2 * ys - 1).view(v, size, 1).expand(v, size, size)
-    grid = torch.stack((gx, gy), dim=-1).to(src.dtype)
-    batch = src.unsqueeze(0).expand(v, -1, -1, -1)
-    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    a, b = lo * extent, hi * extent
+    scale = (b - a) / size
+    k = torch.arange(size, dtype=torch.float64)
+    edge_lo, edge_hi = 0, extent
+    if inside:
+        edge_lo = max(math.floor(a + 1e-3), 0)  # a window meant to lie on whole pixels is within 1e-3 px of them
+        edge_hi = min(max(math.ceil(b - 1e-3), edge_lo + 1), extent)
+    if scale <= 1.0:
+        j = torch.arange(extent, dtype=torch.float64)
+        p = (a + (k + 0.5) * scale - 0.5).clamp(edge_lo, edge_hi - 1)
+        return (1 - (p[:, None] - j[None, :]).abs()).clamp(min=0)  # linear interpolation as a tent of width 1
+    reach = math.ceil(scale) + 1  # taps this far beyond the border still carry weight
+    j = torch.arange(-reach, extent + reach, dtype=torch.float64)
+    centre = a + (k + 0.5) * scale
+    tri = (1 - ((j[None, :] + 0.5) - centre[:, None]).abs() / scale).clamp(min=0)  # [size, extent + 2 reach]
+    border = j.clamp(edge_lo, edge_hi - 1).long().expand(size, -1)
+    w = torch.zeros(size, extent, dtype=torch.float64).scatter_add_(1, border, tri)
+    return w / w.sum(1, keepdim=True)
+
+
+def _resample(src: torch.Tensor, windows: torch.Tensor, flip: torch.Tensor, size: int,
+              inside: bool = False) -> torch.Tensor:
+    """Samples of ``src`` [C, H, W] (float) in each normalised window (x0, y0, x1, y1) -> [V, C,
+    S, S]: view = Wy @ src @ Wx^T per channel, with the per-axis weights of :func:`_axis_weights`
+    (bilinear when upsampling, antialiased when downsampling). A flipped view mirrors its output
+    columns (= horizontal flip of the output)."""
+    c, h, w = src.shape
+    views = []
+    for win, fl in zip(windows.tolist(), flip.tolist()):
+        wx = _axis_weights(win[0], win[2], w, size, inside).to(src)
+        wy = _axis_weights(win[1], win[3], h, size, inside).to(src)
+        if fl:
+            wx = wx.flip(0)
+        views.append(wy @ src @ wx.T)  # [C, S, S]
+    return torch.stack(views) if views else src.new_zeros(0, c, size, size)
 
 
 def crop_views(image, mask, window, flip, out_size: int, mask_views=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +152,16 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 def cut_bg_patch(image, bg_rect, size: int) -> torch.Tensor:
     """The background rectangle of an image resized to uint8 [3, size, size].
 
-    A zero-area ``bg_rect`` (no background) gives an all-zero patch; the sampler never picks
-    such a sample as a partner (``has_bg`` false).
+    Only the rectangle's own pixels are read (``_axis_weights(inside=True)``), so no object pixel
+    leaks into the patch at its edge. A zero-area ``bg_rect`` (no background) gives an all-zero
+    patch; the sampler never picks such a sample as a partner (``has_bg`` false).
     """
     img = _as_tensor(image)
     rect = _as_tensor(bg_rect, img.device).reshape(1, 4).to(torch.float32)
     if (rect[0, 2] - rect[0, 0]) * (rect[0, 3] - rect[0, 1]) <= 0:
         return torch.zeros(3, size, size, dtype=torch.uint8, device=img.device)
     no_flip = torch.zeros(1, dtype=torch.bool, device=img.device)
-    return _to_uint8(_resample(img.permute(2, 0, 1).to(torch.float32), rect, no_flip, size)[0])
+    return _to_uint8(_resample(img.permute(2, 0, 1).to(torch.float32), rect, no_flip, size, inside=True)[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def make_loader(
     image_size: int,
     views: int = 2,
     oa_crop: bool = False,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
     bg_mixup: float = 0.0,
     bg_mode: str = "soft",
     color: str = "mocov2",
@@ -84,6 +85,8 @@ def make_loader(
         batch_size, image_size: samples per batch (per rank) and the views' side in pixels.
         views: views per sample (2 for MoCo v2 / BYOL).
         oa_crop: OA-Crop, each sample's views cropped inside one of its boxes (paper Sec. 2.3).
+        crop_scale: RandomResizedCrop's (min, max) area, a fraction of the image (of the box with
+            OA-Crop). (0.08, 1) is torchvision's default and BYOL's; MoCo v2's recipe uses (0.2, 1).
         bg_mixup: per-view BG-Mixup probability p_mix (paper eq. 4; 0.4 for MoCo v2).
         bg_mode: "soft" (the soft mask blends) or "hard" (BG-HardMix, mask binarised at 0.5).
         color: "mocov2", "byol" or "none".
@@ -105,7 +108,7 @@ def make_loader(
     if num_workers is None:
         num_workers = default_workers()
     cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, views=views, oa_crop=oa_crop,
-                       bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color, normalize=normalize, dtype=dtype,
+                       crop_scale=crop_scale, bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color, normalize=normalize, dtype=dtype,
                        device=str(device), seed=seed, shuffle=shuffle, drop_last=drop_last,
                        num_workers=num_workers, rank=rank, world_size=world_size,
                        patch_size=patch_size, ring_size=ring_size, return_masks=return_masks)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..augment import AugParams
-from ..augment.params import resolve_color, sample_appearance
+from ..augment.params import DEFAULT_CROP_SCALE, check_crop_scale, resolve_color, sample_appearance
 from ..errors import ConfigError
 
 __all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch",
@@ -34,6 +34,7 @@ class LoaderConfig:
     image_size: int
     views: int = 2
     oa_crop: bool = False
+    crop_scale: tuple = DEFAULT_CROP_SCALE  # RandomResizedCrop area range; MoCo v2's recipe: (0.2, 1)
     bg_mixup: float = 0.0  # per-view probability p_mix (paper: 0.4 for MoCo v2)
     bg_mode: str = "soft"  # "soft" (eq. 4) or "hard" (BG-HardMix)
     color: str = "mocov2"
@@ -74,6 +75,7 @@ class LoaderConfig:
         if self.bg_mode not in ("soft", "hard"):
             bad(f"bg_mode must be 'soft' or 'hard', got {self.bg_mode!r}")
         resolve_color(self.color)
+        object.__setattr__(self, "crop_scale", check_crop_scale(self.crop_scale))  # a plain pair of floats
         if not 0 <= self.rank < self.world_size:
             bad(f"rank {self.rank} outside world_size {self.world_size}")
         if self.num_workers < 0:

@@ -46,10 +46,23 @@ class _EpochSource:
         return (*members, index, np.full(len(index), epoch, np.int64))
 
 
+def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
+    """Per sample, the background patch as DALI cuts it: the whole pixels the rectangle touches
+    (slice anchor and shape, y x), and the rectangle in that slice's pixels (resize roi start and
+    end, y x), so the resize reads only the rectangle's own pixels (reference.cut_bg_patch)."""
+    hw = sizes[:, :2].astype(np.float64)
+    lo = bg[:, [1, 0]].astype(np.float64) * hw  # y0, x0 in pixels
+    hi = bg[:, [3, 2]].astype(np.float64) * hw
+    anchor = np.clip(np.floor(lo + 1e-3), 0, hw - 1)  # the reference's edges (reference._axis_weights)
+    end = np.minimum(np.maximum(np.ceil(hi - 1e-3), anchor + 1), hw)
+    return [anchor.astype(np.int32), (end - anchor).astype(np.int32), (lo - anchor).astype(np.float32),
+            (hi - anchor).astype(np.float32)]
+
+
 class _WindowSampler:
     """The python_function of the pipeline: per batch, the labels and every view's roi (DALI
-    order y, x), flip and whether its mask is needed, plus the background rectangle's roi and
-    whether any view of the sample needs the mask."""
+    order y, x), flip and whether its mask is needed, plus the background patch's slice and roi
+    (:func:`_patch_slices`) and whether any view of the sample needs the mask."""
 
     def __init__(self, cfg: LoaderConfig, n_boxes: np.ndarray, labels: np.ndarray):
         self.cfg, self.n_boxes, self.labels = cfg, n_boxes, labels
@@ -61,7 +74,8 @@ class _WindowSampler:
         boxes = np.stack(boxes).astype(np.float32)
         bg = np.stack(bg).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, int(epoch[0]), index, sizes, self.n_boxes[index],
-                                                        boxes, views=cfg.views, oa_crop=cfg.oa_crop)
+                                                        boxes, views=cfg.views, oa_crop=cfg.oa_crop,
+                                                        crop_scale=cfg.crop_scale)
         has_bg = has_background(bg)
         bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
         # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
@@ -70,7 +84,7 @@ class _WindowSampler:
         out = [self.labels[index], has_bg.astype(np.uint8), window, box_index, flip.astype(np.uint8)]
         for v in range(cfg.views):
             out += [window[:, v, [1, 0]], window[:, v, [3, 2]], flip[:, v].astype(np.int32), mask_views[:, v]]
-        out += [bg[:, [1, 0]], bg[:, [3, 2]], mask_views.any(axis=1)]
+        out += [*_patch_slices(bg, sizes), mask_views.any(axis=1)]
         # DALI wants one array per sample; a 1-D output becomes 0-d arrays (scalars per sample).
         return tuple([np.ascontiguousarray(x) if o.ndim > 1 else np.array(x) for x in o] for o in out)
 
@@ -86,7 +100,7 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
 
     def resize(image, start, end, size):
         return fn.resize(image, roi_start=start, roi_end=end, roi_relative=True, size=[size, size],
-                         antialias=False, interp_type=types.INTERP_LINEAR)
+                         antialias=True, interp_type=types.INTERP_LINEAR)  # antialiased when downscaling
 
     def view_crop(x, rois, v):
         """View v of ``x``: its roi resized to S, flipped as the view is (rois hold per view: roi
@@ -105,9 +119,9 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
         index, epoch = parts[-2:]
         outs = fn.python_function(index, epoch, fn.peek_image_shape(jpg), fn.decoders.numpy(boxes),
                                   fn.decoders.numpy(bg), function=sampler, batch_processing=True,
-                                  num_outputs=8 + 4 * cfg.views)
+                                  num_outputs=10 + 4 * cfg.views)
         label, has_bg, window, box_index, flip = outs[:5]
-        rois, (bg_start, bg_end, any_mask) = outs[5:-3], outs[-3:]
+        rois, (bg_anchor, bg_shape, bg_start, bg_end, any_mask) = outs[5:-5], outs[-5:]
 
         image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
         views = [view_crop(image, rois, v) for v in range(cfg.views)]
@@ -130,8 +144,11 @@ def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderCo
             masks = [view_crop(mask, rois, v) for v in range(cfg.views)]
         if cfg.needs_masks:
             result.append(fn.transpose(fn.stack(*masks), perm=[0, 3, 1, 2]))  # [V, 1, S, S]
-        if cfg.needs_patches:  # background patch from the same decoded image
-            result.append(fn.transpose(resize(image, bg_start, bg_end, p), perm=[2, 0, 1]))  # [3, P, P]
+        if cfg.needs_patches:  # background patch from the same decoded image, from its own pixels only
+            region = fn.slice(image, bg_anchor, bg_shape, axes=[0, 1])
+            patch = fn.resize(region, roi_start=bg_start, roi_end=bg_end, roi_relative=False, size=[p, p],
+                              antialias=True, interp_type=types.INTERP_LINEAR)
+            result.append(fn.transpose(patch, perm=[2, 0, 1]))  # [3, P, P]
         return (*result, index, epoch, label, has_bg, window, box_index, flip)
 
     return object_aware_views()

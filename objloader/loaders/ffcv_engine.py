@@ -96,7 +96,8 @@ def _make_decoder_class():
             self.mask_bytes = v * s * s if cfg.needs_masks else 0
             self.patch_bytes = 3 * p * p if cfg.needs_patches else 0
             self.packed = _INDEX_BYTES + self.view_bytes + self.mask_bytes + self.patch_bytes
-            self.columns_shape, self.work_shape = (t.shape for t in table_arrays(s))
+            largest = int(max(tables.heights.max(), tables.widths.max(), tables.mask_res))
+            self.table_shapes = [t.shape for t in table_arrays(s, 3, largest, min(s, p) if cfg.needs_patches else s)]
 
         def declare_state_and_memory(self, previous_state):
             t = self.tables
@@ -108,8 +109,10 @@ def _make_decoder_class():
                      AllocationQuery((v, 4), np.dtype("f4")),  # windows
                      AllocationQuery((v,), np.dtype("?")),  # flips
                      AllocationQuery((v,), np.dtype("?")),  # views whose mask is resampled
-                     AllocationQuery(self.columns_shape, np.dtype("i4")),  # resample tables
-                     AllocationQuery(self.work_shape, np.dtype("f4"))])
+                     AllocationQuery(self.table_shapes[0], np.dtype("i4")),  # resample tables
+                     AllocationQuery(self.table_shapes[1], np.dtype("i4")),
+                     AllocationQuery(self.table_shapes[2], np.dtype("f4")),
+                     AllocationQuery(self.table_shapes[3], np.dtype("f4"))])
 
         def generate_code(self):
             mem_read = self.memory_read
@@ -119,6 +122,7 @@ def _make_decoder_class():
             boxes_at, n_boxes_at = t.boxes.ctypes.data, t.n_boxes.ctypes.data
             bg_at, mask_ptr_at, epoch_at = t.bg_rect.ctypes.data, t.mask_ptr.ctypes.data, t.epoch.ctypes.data
             seed, oa_crop, views, size, patch = cfg.seed, cfg.oa_crop, cfg.views, cfg.image_size, cfg.patch
+            scale_lo, scale_hi = cfg.crop_scale
             view_end = _INDEX_BYTES + self.view_bytes
             mask_end = view_end + self.mask_bytes
             with_masks, with_patch = self.mask_bytes > 0, self.patch_bytes > 0
@@ -127,7 +131,7 @@ def _make_decoder_class():
             all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)
 
             def decode(batch_indices, storage, metadata, storage_state):
-                destination, images, windows, flips, mask_flags, columns, work = storage
+                destination, images, windows, flips, mask_flags, first, count, weights, work = storage
                 boxes = numba.carray(_f32_at(boxes_at), (n, k_max, 4))
                 n_boxes = numba.carray(_i64_at(n_boxes_at), (n,))
                 bg_rect = numba.carray(_f32_at(bg_at), (n, 4))
@@ -139,7 +143,8 @@ def _make_decoder_class():
                     h, w = np.int64(field["height"]), np.int64(field["width"])
                     image = images[i][: h * w * 3].reshape(h, w, 3)
                     status = decode_rgb_into(mem_read(field["data_ptr"], storage_state), image)
-                    sample_geometry(seed, epoch, idx, h, w, boxes[idx], n_boxes[idx], oa_crop, windows[i], flips[i])
+                    sample_geometry(seed, epoch, idx, h, w, boxes[idx], n_boxes[idx], oa_crop, scale_lo, scale_hi,
+                                    windows[i], flips[i])
                     out = destination[i]
                     tag = idx if status == 0 else np.int64(-1)  # -1: the main thread reports the record
                     for b in range(_INDEX_BYTES):
@@ -154,9 +159,11 @@ def _make_decoder_class():
                     mask_views = mask_flags[i]
                     for v in range(views):
                         mask_views[v] = all_masks or mix_draw(seed, epoch, idx, v, p_mix)
-                    crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views, columns[i], work[i])
+                    crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views, first[i], count[i],
+                                    weights[i], work[i])
                     if with_patch:
-                        cut_patch_into(image, bg_rect[idx], out[mask_end:].reshape(3, patch, patch), columns[i], work[i])
+                        cut_patch_into(image, bg_rect[idx], out[mask_end:].reshape(3, patch, patch), first[i], count[i],
+                                       weights[i], work[i])
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
@@ -247,7 +254,7 @@ class FFCVEngine:
             window, flip, box_index = sample_geometry_batch(cfg.seed, self.epoch, index,
                                                             np.stack([t.heights[index], t.widths[index]], 1),
                                                             t.n_boxes[index], t.boxes[index], views=v,
-                                                            oa_crop=cfg.oa_crop)
+                                                            oa_crop=cfg.oa_crop, crop_scale=cfg.crop_scale)
             yield EngineBatch(
                 views=data[:, _INDEX_BYTES:view_end].view(-1, v, 3, s, s),
                 masks=data[:, view_end:mask_end].view(-1, v, 1, s, s) if dec.mask_bytes else None,

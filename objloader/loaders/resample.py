@@ -1,15 +1,22 @@
 """numba twins of the reference geometry (objloader.augment.reference.crop_views / cut_bg_patch),
-for engines that run compiled code per sample (FFCV). Tested against the reference.
+for engines that run compiled code per sample (torch workers, FFCV). Tested against the reference.
 
-Sampling rule (the reference's): output pixel (u, v) of an S x S view reads the unit-square point
-    x = x0 + (u + 0.5) / S * (x1 - x0),   y = y0 + (v + 0.5) / S * (y1 - y0)
-bilinearly, with source coordinates clamped to the image border, rounded to uint8. A flipped view
-mirrors the sample points.
+Sampling rule (the reference's, DESIGN.md "Op semantics"), per axis of an S-pixel output from a
+window [lo, hi] of the unit square over an axis of E source pixels, scale = (hi - lo) E / S:
+- scale <= 1 (upsampling): output k reads the point p = lo E + (k + 0.5) scale - 0.5 linearly
+  from its two neighbouring pixels, clamped to the image border;
+- scale > 1 (downsampling): antialiased: a triangle filter of half-width ``scale`` centred on
+  lo E + (k + 0.5) scale, its weights normalised to sum 1; pixels beyond the image border count
+  as the border pixel (torchvision's ``antialias=True`` inside the view, DALI's at its edge too).
+A view reads the image's pixels beyond its window's edge; the background patch reads only the
+pixels of its rectangle (the ones at its edge stand for those beyond), so no object leaks in.
+Separable: every source row of the window is filtered along x once into a work buffer, then
+each output row is a weighted sum of work rows; float32 throughout, rounded to uint8. A flipped
+view mirrors the output columns.
 
-Speed: the source columns and weights of an output row are the same for every row, so they are
-computed once per window into caller-owned tables (``table_arrays``), and each source row is
-interpolated along x once; the inner loop is then a contiguous lerp, in float32 like the
-reference's grid_sample.
+Speed: the taps of an output column are the same for every row and the taps of an output row
+the same for every column, so both are computed once per window into caller-owned tables
+(``table_arrays``); nothing is allocated per sample.
 """
 
 from __future__ import annotations
@@ -20,92 +27,143 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, inline="always")
-def _source_coord(lo, hi, k, size, extent):
-    """Pixel-space coordinate of output sample k along one axis, clamped to the border."""
-    p = (lo + (k + 0.5) / size * (hi - lo)) * extent - 0.5
-    return min(max(p, 0.0), extent - 1.0)
+def max_taps(extent: int, out_size: int) -> int:
+    """Most source pixels one output pixel reads along an axis of ``extent`` pixels resized to
+    ``out_size``: the triangle spans 2 x scale pixels, scale <= extent / out_size."""
+    return int(2 * max(extent / max(out_size, 1), 1.0)) + 3
 
 
-def table_arrays(size: int, channels: int = 3):
-    """Fresh scratch tables for outputs up to ``size`` px wide with up to ``channels`` channels:
-    ``columns`` int32 [2, size] and ``work`` float32 [1 + 2 * channels, size]."""
-    return np.empty((2, size), np.int32), np.empty((1 + 2 * channels, size), np.float32)
+def table_arrays(size: int, channels: int = 3, max_source: int = 256, min_output: int | None = None):
+    """Fresh scratch for outputs up to ``size`` px with up to ``channels`` channels, from images
+    up to ``max_source`` px a side, resized to outputs of at least ``min_output`` px (default
+    ``size``): (first tap int32 [2, size], tap counts int32 [2, size], weights float32
+    [2, size, taps], work float32 [max_source, channels, size]); axis 0 of the first three is
+    x, y. Pass them to the functions below as ``*tables``."""
+    taps = max_taps(max_source, min_output or size)
+    return (np.empty((2, size), np.int32), np.empty((2, size), np.int32), np.empty((2, size, taps), np.float32),
+            np.empty((max_source, channels, size), np.float32))
 
 
-@njit(cache=True, inline="always")
-def _horizontal_pass(src_row, left, right, weights, work, base, size):
-    """work[base + c, :size] = source row ``src_row`` [W, C] sampled at the output columns."""
-    one = np.float32(1.0)
-    for ox in range(size):
-        xa, xb, fx = left[ox], right[ox], weights[ox]
-        for c in range(src_row.shape[1]):
-            work[base + c, ox] = (one - fx) * np.float32(src_row[xa, c]) + fx * np.float32(src_row[xb, c])
+def tables_fit(tables, size: int, channels: int, max_source: int, min_output: int) -> bool:
+    """Whether ``tables`` serve images up to ``max_source`` px and outputs of min_output..size px."""
+    first, _, weights, work = tables
+    return (first.shape[1] >= size and work.shape[1] >= channels and work.shape[0] >= max_source
+            and weights.shape[2] >= max_taps(max_source, min_output))
 
 
 @njit(cache=True)
-def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, out, columns, work):
-    """Bilinear samples of ``src`` uint8 [H, W, C] in the window -> ``out`` uint8 [C, S, S].
+def _axis_taps(lo, hi, extent, size, mirror, inside, first, count, weights):
+    """Taps of an S = ``size`` output along an axis of ``extent`` pixels, window [lo, hi] of the
+    unit square (the module docstring's rule) -> first[k], count[k], weights[k, :count[k]].
+    ``inside``: taps stay on the window's own pixels (the background patch), else on the image's."""
+    a, b = lo * extent, hi * extent
+    scale = (b - a) / size
+    edge_lo, edge_hi = 0, extent
+    if inside:  # windows land within 1e-3 px of whole pixels when they are meant to
+        edge_lo = max(int(math.floor(a + 1e-3)), 0)
+        edge_hi = min(max(int(math.ceil(b - 1e-3)), edge_lo + 1), extent)
+    if scale <= 1.0:
+        for k in range(size):
+            kk = size - 1 - k if mirror else k
+            p = min(max(a + (kk + 0.5) * scale - 0.5, edge_lo), edge_hi - 1.0)
+            i0 = int(math.floor(p))
+            f = np.float32(p - i0)
+            first[k] = i0
+            if i0 + 1 < edge_hi:
+                count[k] = 2
+                weights[k, 0], weights[k, 1] = np.float32(1.0) - f, f
+            else:
+                count[k] = 1
+                weights[k, 0] = np.float32(1.0)
+        return
+    for k in range(size):
+        kk = size - 1 - k if mirror else k
+        centre = a + (kk + 0.5) * scale
+        j0 = int(math.floor(centre - scale + 0.5))
+        j1 = int(math.floor(centre + scale + 0.5))
+        lo_tap, hi_tap = max(j0, edge_lo), min(j1, edge_hi)  # pixels beyond the edge count as the edge's
+        if hi_tap - lo_tap > weights.shape[1]:
+            raise ValueError("resample tables too small for this window; make them with table_arrays")
+        for t in range(hi_tap - lo_tap):
+            weights[k, t] = 0.0
+        total = 0.0
+        for j in range(j0, j1):
+            w = max(1.0 - abs(j + 0.5 - centre) / scale, 0.0)
+            weights[k, min(max(j, edge_lo), edge_hi - 1) - lo_tap] += w
+            total += w
+        for t in range(hi_tap - lo_tap):
+            weights[k, t] = np.float32(weights[k, t] / total)
+        first[k], count[k] = lo_tap, hi_tap - lo_tap
 
-    Separable: a source row is interpolated along x once into ``work`` and kept while
-    consecutive output rows read it (when a window is upsampled, most do), then each output row
-    is a contiguous lerp of two such rows. Same formula as the reference, in float32.
-    """
+
+@njit(cache=True)
+def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, weights, work):
+    """Samples of ``src`` uint8 [H, W, C] in the window (x0, y0, x1, y1) -> ``out`` uint8
+    [C, S, S], by the module docstring's rule (``inside``: read only the window's pixels);
+    ``first, count, weights, work``: table_arrays."""
     height, width, channels = src.shape
     size = out.shape[1]
-    if columns.shape[1] < size or work.shape[1] < size or work.shape[0] < 1 + 2 * channels:
+    if first.shape[1] < size or work.shape[2] < size or work.shape[1] < channels:
         raise ValueError("resample tables too small for this output; make them with table_arrays")
-    left, right, weights = columns[0], columns[1], work[0]
-    for ox in range(size):
-        x = _source_coord(x0, x1, size - 1 - ox if flip else ox, size, width)
-        xa = int(math.floor(x))
-        left[ox] = xa
-        right[ox] = min(xa + 1, width - 1)
-        weights[ox] = np.float32(x - xa)
-    one = np.float32(1.0)
-    # The two row buffers start at work rows 1 and 1 + C; ``held`` says which source row each holds.
-    base_a, base_b = 1, 1 + channels
-    held_a, held_b = -1, -1
-    for oy in range(size):
-        y = _source_coord(y0, y1, oy, size, height)
-        ya = int(math.floor(y))
-        yb = min(ya + 1, height - 1)
-        fy = np.float32(y - ya)
-        if held_a != ya:
-            if held_b == ya:  # the previous bottom row is this top row: swap the buffers
-                base_a, base_b, held_a, held_b = base_b, base_a, held_b, held_a
-            else:
-                _horizontal_pass(src[ya], left, right, weights, work, base_a, size)
-                held_a = ya
-        if held_b != yb:
-            _horizontal_pass(src[yb], left, right, weights, work, base_b, size)
-            held_b = yb
+    _axis_taps(x0, x1, width, size, flip, inside, first[0], count[0], weights[0])
+    _axis_taps(y0, y1, height, size, False, inside, first[1], count[1], weights[1])
+    row_lo = first[1, 0]
+    row_hi = first[1, size - 1] + count[1, size - 1]
+    if row_hi - row_lo > work.shape[0]:
+        raise ValueError("resample tables too small for this image; make them with table_arrays")
+    xf, xn, xw = first[0], count[0], weights[0]
+    for r in range(row_lo, row_hi):  # horizontal pass: every source row of the window, once
+        src_row = src[r]
         for c in range(channels):
-            top, bottom, dst = work[base_a + c], work[base_b + c], out[c, oy]
+            dst = work[r - row_lo, c]
             for ox in range(size):
-                value = np.rint((one - fy) * top[ox] + fy * bottom[ox])
-                dst[ox] = np.uint8(min(max(value, np.float32(0.0)), np.float32(255.0)))
+                j0 = xf[ox]
+                acc = np.float32(0.0)
+                for t in range(xn[ox]):
+                    acc += xw[ox, t] * np.float32(src_row[j0 + t, c])
+                dst[ox] = acc
+    zero, full = np.float32(0.0), np.float32(255.0)
+    for oy in range(size):  # vertical pass: each output row a weighted sum of work rows
+        r0, n = first[1, oy] - row_lo, count[1, oy]
+        for c in range(channels):
+            dst = out[c, oy]
+            w0 = weights[1, oy, 0]
+            top = work[r0, c]
+            if n == 2:  # the upsampling case, as a contiguous lerp
+                w1, bottom = weights[1, oy, 1], work[r0 + 1, c]
+                for ox in range(size):
+                    value = np.rint(w0 * top[ox] + w1 * bottom[ox])
+                    dst[ox] = np.uint8(min(max(value, zero), full))
+            else:
+                for ox in range(size):
+                    acc = w0 * top[ox]
+                    for t in range(1, n):
+                        acc += weights[1, oy, t] * work[r0 + t, c, ox]
+                    value = np.rint(acc)
+                    dst[ox] = np.uint8(min(max(value, zero), full))
 
 
 @njit(cache=True)
-def crop_views_into(image, mask, window, flip, views_out, masks_out, mask_views, columns, work):
+def crop_views_into(image, mask, window, flip, views_out, masks_out, mask_views, first, count, weights, work):
     """All views of one sample: image [H, W, 3] -> views_out [V, 3, S, S]; when ``masks_out`` has
     rows, the mask [M, M, 1] with the same windows and flips -> masks_out [V, 1, S, S] for the
-    views with ``mask_views[v]`` (the others are zeroed). ``columns``/``work``: ``table_arrays``."""
+    views with ``mask_views[v]`` (the others are zeroed). The last four: ``table_arrays``."""
     for v in range(window.shape[0]):
         x0, y0, x1, y1 = window[v, 0], window[v, 1], window[v, 2], window[v, 3]
-        resample_hwc_to_chw(image, x0, y0, x1, y1, flip[v], views_out[v], columns, work)
+        resample_hwc_to_chw(image, x0, y0, x1, y1, flip[v], False, views_out[v], first, count, weights, work)
         if masks_out.shape[0] > 0:
             if mask_views[v]:
-                resample_hwc_to_chw(mask, x0, y0, x1, y1, flip[v], masks_out[v], columns, work)
+                resample_hwc_to_chw(mask, x0, y0, x1, y1, flip[v], False, masks_out[v], first, count, weights, work)
             else:
                 masks_out[v] = 0
 
 
 @njit(cache=True)
-def cut_patch_into(image, bg_rect, out, columns, work):
-    """Background rectangle resized to ``out`` uint8 [3, P, P]; zeros when it has no area."""
+def cut_patch_into(image, bg_rect, out, first, count, weights, work):
+    """Background rectangle resized to ``out`` uint8 [3, P, P] from its own pixels only (no
+    object pixel leaks in at its edge); zeros when it has no area."""
     if bg_rect[2] <= bg_rect[0] or bg_rect[3] <= bg_rect[1]:
         out[:] = 0
     else:
-        resample_hwc_to_chw(image, bg_rect[0], bg_rect[1], bg_rect[2], bg_rect[3], False, out, columns, work)
+        resample_hwc_to_chw(image, bg_rect[0], bg_rect[1], bg_rect[2], bg_rect[3], False, True, out, first, count,
+                            weights, work)

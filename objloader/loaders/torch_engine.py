@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..augment.params import mix_flags, sample_geometry_batch
 from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
-from .resample import crop_views_into, cut_patch_into, table_arrays
+from .resample import crop_views_into, cut_patch_into, table_arrays, tables_fit
 
 _MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
 _NO_MASK = np.zeros((1, 1, 1), np.uint8)  # stands in for the mask of a record none of whose views mixes
@@ -73,7 +73,7 @@ class _ViewsDataset(Dataset):
         # Opened (and its shard indexes parsed) once here; each worker receives a pickled copy
         # and opens its own file descriptors on first read.
         self.ds, self.cfg = BuiltDataset(path, manifest), cfg
-        self._tables = table_arrays(cfg.image_size)  # the resampler's scratch, reused by every batch
+        self._tables = table_arrays(cfg.image_size)  # the resampler's scratch, reused (and grown) by every batch
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -94,16 +94,19 @@ class _ViewsDataset(Dataset):
         n_boxes = np.array([r["n_boxes"] for r in recs], np.int64)
         bg = np.stack([r["bg_rect"] for r in recs]).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, indices, sizes, n_boxes, boxes,
-                                                        views=v, oa_crop=cfg.oa_crop)
+                                                        views=v, oa_crop=cfg.oa_crop, crop_scale=cfg.crop_scale)
         views = np.empty((b, v, 3, s, s), np.uint8)
         masks = np.empty((b, v if cfg.needs_masks else 0, 1, s, s), np.uint8)
         patches = np.empty((b, 3, cfg.patch, cfg.patch), np.uint8) if cfg.needs_patches else None
-        columns, work = self._tables
+        largest, smallest = int(sizes.max()), min(s, cfg.patch) if patches is not None else s
+        if not tables_fit(self._tables, s, 3, largest, smallest):
+            self._tables = table_arrays(s, 3, max(largest, 256), smallest)
+        tables = self._tables
         for k, r in enumerate(recs):
             mask = _NO_MASK if r["mask"] is None else r["mask"]
-            crop_views_into(r["image"], mask, window[k], flip[k], views[k], masks[k], mask_views[k], columns, work)
+            crop_views_into(r["image"], mask, window[k], flip[k], views[k], masks[k], mask_views[k], *tables)
             if patches is not None:
-                cut_patch_into(r["image"], bg[k], patches[k], columns, work)
+                cut_patch_into(r["image"], bg[k], patches[k], *tables)
         return EngineBatch(
             views=torch.from_numpy(views),
             masks=torch.from_numpy(masks) if cfg.needs_masks else None,
