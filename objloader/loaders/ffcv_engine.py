@@ -154,7 +154,7 @@ def _make_decoder_class():
                         mask = mem_read(mask_ptr[idx], storage_state)[: m_res * m_res].reshape(m_res, m_res, 1)
                         mask_out = out[view_end:mask_end].reshape(views, 1, size, size)
                     else:
-                        mask = image[:1, :1, :1]
+                        mask = images[i][:1].reshape(1, 1, 1)  # a contiguous stand-in, never read
                         mask_out = out[view_end:view_end].reshape(0, 1, size, size)
                     mask_views = mask_flags[i]
                     for v in range(views):

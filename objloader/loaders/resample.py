@@ -10,9 +10,8 @@ window [lo, hi] of the unit square over an axis of E source pixels, scale = (hi 
   as the border pixel (torchvision's ``antialias=True`` inside the view, DALI's at its edge too).
 A view reads the image's pixels beyond its window's edge; the background patch reads only the
 pixels of its rectangle (the ones at its edge stand for those beyond), so no object leaks in.
-Separable: every source row of the window is filtered along x once into a work buffer, then
-each output row is a weighted sum of work rows; float32 throughout, rounded to uint8. A flipped
-view mirrors the output columns.
+Separable: per output row, the vertical taps first (contiguous runs, vectorised), then the
+horizontal taps; float32 throughout, rounded to uint8. A flipped view mirrors the output columns.
 
 Speed: the taps of an output column are the same for every row and the taps of an output row
 the same for every column, so both are computed once per window into caller-owned tables
@@ -37,8 +36,9 @@ def table_arrays(size: int, channels: int = 3, max_source: int = 256, min_output
     """Fresh scratch for outputs up to ``size`` px with up to ``channels`` channels, from images
     up to ``max_source`` px a side, resized to outputs of at least ``min_output`` px (default
     ``size``): (first tap int32 [2, size], tap counts int32 [2, size], weights float32
-    [2, size, taps], work float32 [max_source, channels, size]); axis 0 of the first three is
-    x, y. Pass them to the functions below as ``*tables``."""
+    [2, size, taps], work float32 [max_source, channels, size], at least one source row of
+    interleaved pixels); axis 0 of the first three is x, y. Pass them to the functions below as
+    ``*tables``."""
     taps = max_taps(max_source, min_output or size)
     return (np.empty((2, size), np.int32), np.empty((2, size), np.int32), np.empty((2, size, taps), np.float32),
             np.empty((max_source, channels, size), np.float32))
@@ -98,49 +98,47 @@ def _axis_taps(lo, hi, extent, size, mirror, inside, first, count, weights):
 
 @njit(cache=True)
 def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, weights, work):
-    """Samples of ``src`` uint8 [H, W, C] in the window (x0, y0, x1, y1) -> ``out`` uint8
-    [C, S, S], by the module docstring's rule (``inside``: read only the window's pixels);
-    ``first, count, weights, work``: table_arrays."""
+    """Samples of ``src`` uint8 [H, W, C] (C-contiguous) in the window (x0, y0, x1, y1) -> ``out``
+    uint8 [C, S, S], by the module docstring's rule (``inside``: read only the window's pixels);
+    ``first, count, weights, work``: table_arrays.
+
+    Per output row: first the vertical taps, summed over the window's columns as contiguous
+    runs of interleaved pixels (LLVM vectorises them), into a float32 row of ``work``; then
+    each output pixel gathers its horizontal taps from that row.
+    """
     height, width, channels = src.shape
     size = out.shape[1]
     if first.shape[1] < size or work.shape[2] < size or work.shape[1] < channels:
         raise ValueError("resample tables too small for this output; make them with table_arrays")
     _axis_taps(x0, x1, width, size, flip, inside, first[0], count[0], weights[0])
     _axis_taps(y0, y1, height, size, False, inside, first[1], count[1], weights[1])
-    row_lo = first[1, 0]
-    row_hi = first[1, size - 1] + count[1, size - 1]
-    if row_hi - row_lo > work.shape[0]:
+    col_lo, col_hi = width, 0
+    for ox in range(size):
+        col_lo = min(col_lo, first[0, ox])
+        col_hi = max(col_hi, first[0, ox] + count[0, ox])
+    a, b = col_lo * channels, col_hi * channels
+    if b - a > work.size:
         raise ValueError("resample tables too small for this image; make them with table_arrays")
+    rows = src.reshape(height, width * channels)
+    line = work.reshape(work.size)[: b - a]  # the window's columns after the vertical taps
     xf, xn, xw = first[0], count[0], weights[0]
-    for r in range(row_lo, row_hi):  # horizontal pass: every source row of the window, once
-        src_row = src[r]
-        for c in range(channels):
-            dst = work[r - row_lo, c]
-            for ox in range(size):
-                j0 = xf[ox]
+    zero, full = np.float32(0.0), np.float32(255.0)
+    for oy in range(size):
+        r0, n = first[1, oy], count[1, oy]
+        w0, top = weights[1, oy, 0], rows[r0, a:b]
+        for j in range(line.shape[0]):
+            line[j] = w0 * np.float32(top[j])
+        for t in range(1, n):
+            w, more = weights[1, oy, t], rows[r0 + t, a:b]
+            for j in range(line.shape[0]):
+                line[j] += w * np.float32(more[j])
+        for ox in range(size):
+            base = (xf[ox] - col_lo) * channels
+            for c in range(channels):
                 acc = np.float32(0.0)
                 for t in range(xn[ox]):
-                    acc += xw[ox, t] * np.float32(src_row[j0 + t, c])
-                dst[ox] = acc
-    zero, full = np.float32(0.0), np.float32(255.0)
-    for oy in range(size):  # vertical pass: each output row a weighted sum of work rows
-        r0, n = first[1, oy] - row_lo, count[1, oy]
-        for c in range(channels):
-            dst = out[c, oy]
-            w0 = weights[1, oy, 0]
-            top = work[r0, c]
-            if n == 2:  # the upsampling case, as a contiguous lerp
-                w1, bottom = weights[1, oy, 1], work[r0 + 1, c]
-                for ox in range(size):
-                    value = np.rint(w0 * top[ox] + w1 * bottom[ox])
-                    dst[ox] = np.uint8(min(max(value, zero), full))
-            else:
-                for ox in range(size):
-                    acc = w0 * top[ox]
-                    for t in range(1, n):
-                        acc += weights[1, oy, t] * work[r0 + t, c, ox]
-                    value = np.rint(acc)
-                    dst[ox] = np.uint8(min(max(value, zero), full))
+                    acc += xw[ox, t] * line[base + t * channels + c]
+                out[c, oy, ox] = np.uint8(min(max(np.rint(acc), zero), full))
 
 
 @njit(cache=True)
