@@ -292,11 +292,15 @@ def summarise(args, runs, prepared, cores) -> dict:
             "rows": rows}
 
 
-def _median_of(result, loader, ops="vanilla", colour="off", note=None):
-    for row in result["rows"]:
-        if (row["loader"], row["ops"], row["colour"], row.get("note")) == (loader, ops, colour, note):
-            return row["images_per_s"]["median"] if row["images_per_s"] else None
-    return None
+def _row(result, loader, ops, colour, note=None):
+    """The result row of one contestant, or None."""
+    return next((row for row in result["rows"]
+                 if (row["loader"], row["ops"], row["colour"], row.get("note")) == (loader, ops, colour, note)), None)
+
+
+def _median_of(result, loader, ops, colour):
+    row = _row(result, loader, ops, colour)
+    return row["images_per_s"]["median"] if row and row["images_per_s"] else None
 
 
 def markdown(result) -> str:
@@ -311,12 +315,12 @@ def markdown(result) -> str:
              "| loader | colour | vanilla | +OA-Crop | +BG-Mixup 0.4 | +both | +both vs vanilla |",
              "|---|---|---:|---:|---:|---:|---:|"]
 
-    def cell(loader, ops, colour, note=None):
-        for row in result["rows"]:
-            if (row["loader"], row["ops"], row["colour"], row.get("note")) == (loader, ops, colour, note):
-                s = row["images_per_s"]
-                return "error" if s is None else f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
-        return "—"
+    def cell(loader, ops, colour):
+        row = _row(result, loader, ops, colour)
+        if row is None:
+            return "—"
+        s = row["images_per_s"]
+        return "error" if s is None else f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
 
     seen = []
     for row in result["rows"]:
@@ -324,7 +328,7 @@ def markdown(result) -> str:
         if row.get("note") or key in seen:
             continue
         seen.append(key)
-        van, both = _median_of(result, *key[:1], "vanilla", key[1]), _median_of(result, key[0], "both", key[1])
+        van, both = _median_of(result, key[0], "vanilla", key[1]), _median_of(result, key[0], "both", key[1])
         cost = f"{(van / both - 1) * 100:+.0f} %" if van and both else "—"
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cell(key[0], o, key[1]) for o in OPS) + f" | {cost} |")
     lines += ["", "+both vs vanilla: the time per image that OA-Crop + BG-Mixup add to the same engine's vanilla "

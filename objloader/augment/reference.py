@@ -47,6 +47,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma (r, g, b), torchvision's rgb_to_grayscale weights
 HARD_MIX_THRESHOLD = 0.5  # BG-HardMix: a pixel is object when its soft mask is >= 0.5
 SOLARIZE_THRESHOLD = 0.5  # on [0, 1] images, as in BYOL
+EDGE_SLACK_PX = 1e-3  # a window meant to lie on whole pixels lies within this of them (float32 storage)
 
 # --------------------------------------------------------------------------------------------
 # Geometry (engine stage)
@@ -70,8 +71,9 @@ def _axis_weights(lo: float, hi: float, extent: int, size: int, inside: bool = F
     - scale > 1 (downsampling): antialiased: a triangle of half-width ``scale`` centred on
       lo * extent + (k + 0.5) * scale, normalised to sum 1 (PIL's bilinear filter, which
       torchvision's ``antialias=True`` applies); taps beyond the window read the pixels there,
-      and beyond the image border the border pixel. torchvision drops the taps outside the crop, so the two differ on the
-      view's outermost ring of pixels only; DALI's antialiased resize pads as here.
+      and beyond the image border the border pixel. torchvision drops the taps outside the
+      crop, so the two differ on the view's outermost ring of pixels only; DALI's antialiased
+      resize pads as here.
     Because windows are defined on the unit square, an image of any size and a mask of any M
     cut with the same window sample the same points, which keeps them aligned.
     ``inside`` (the background patch): the window's own pixels play the image's part, its edge
@@ -82,8 +84,8 @@ def _axis_weights(lo: float, hi: float, extent: int, size: int, inside: bool = F
     k = torch.arange(size, dtype=torch.float64)
     edge_lo, edge_hi = 0, extent
     if inside:
-        edge_lo = max(math.floor(a + 1e-3), 0)  # a window meant to lie on whole pixels is within 1e-3 px of them
-        edge_hi = min(max(math.ceil(b - 1e-3), edge_lo + 1), extent)
+        edge_lo = max(math.floor(a + EDGE_SLACK_PX), 0)
+        edge_hi = min(max(math.ceil(b - EDGE_SLACK_PX), edge_lo + 1), extent)
     if scale <= 1.0:
         j = torch.arange(extent, dtype=torch.float64)
         p = (a + (k + 0.5) * scale - 0.5).clamp(edge_lo, edge_hi - 1)

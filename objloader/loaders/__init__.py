@@ -13,6 +13,7 @@ import torch
 
 from ..optional import require
 from ..store.reader import DatasetError, check_integrity, read_manifest
+from ..augment.params import DEFAULT_CROP_SCALE
 from .common import ENGINES, Batch, DeviceStage, LoaderConfig
 from ..errors import ConfigError
 
@@ -60,7 +61,7 @@ def make_loader(
     image_size: int,
     views: int = 2,
     oa_crop: bool = False,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
     bg_mixup: float = 0.0,
     bg_mode: str = "soft",
     color: str = "mocov2",
@@ -108,7 +109,8 @@ def make_loader(
     if num_workers is None:
         num_workers = default_workers()
     cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, views=views, oa_crop=oa_crop,
-                       crop_scale=crop_scale, bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color, normalize=normalize, dtype=dtype,
+                       crop_scale=crop_scale, bg_mixup=float(bg_mixup), bg_mode=bg_mode, color=color,
+                       normalize=normalize, dtype=dtype,
                        device=str(device), seed=seed, shuffle=shuffle, drop_last=drop_last,
                        num_workers=num_workers, rank=rank, world_size=world_size,
                        patch_size=patch_size, ring_size=ring_size, return_masks=return_masks)

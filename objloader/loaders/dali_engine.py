@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..augment.params import mix_flags, sample_geometry_batch
+from ..augment.reference import EDGE_SLACK_PX
 from ..store.reader import BuiltDataset, DatasetError, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 
@@ -53,8 +54,8 @@ def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
     hw = sizes[:, :2].astype(np.float64)
     lo = bg[:, [1, 0]].astype(np.float64) * hw  # y0, x0 in pixels
     hi = bg[:, [3, 2]].astype(np.float64) * hw
-    anchor = np.clip(np.floor(lo + 1e-3), 0, hw - 1)  # the reference's edges (reference._axis_weights)
-    end = np.minimum(np.maximum(np.ceil(hi - 1e-3), anchor + 1), hw)
+    anchor = np.clip(np.floor(lo + EDGE_SLACK_PX), 0, hw - 1)  # the reference's edges (reference._axis_weights)
+    end = np.minimum(np.maximum(np.ceil(hi - EDGE_SLACK_PX), anchor + 1), hw)
     return [anchor.astype(np.int32), (end - anchor).astype(np.int32), (lo - anchor).astype(np.float32),
             (hi - anchor).astype(np.float32)]
 

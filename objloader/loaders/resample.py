@@ -25,6 +25,8 @@ import math
 import numpy as np
 from numba import njit
 
+from ..augment.reference import EDGE_SLACK_PX
+
 
 def max_taps(extent: int, out_size: int) -> int:
     """Most source pixels one output pixel reads along an axis of ``extent`` pixels resized to
@@ -36,18 +38,18 @@ def table_arrays(size: int, channels: int = 3, max_source: int = 256, min_output
     """Fresh scratch for outputs up to ``size`` px with up to ``channels`` channels, from images
     up to ``max_source`` px a side, resized to outputs of at least ``min_output`` px (default
     ``size``): (first tap int32 [2, size], tap counts int32 [2, size], weights float32
-    [2, size, taps], work float32 [max_source, channels, size], at least one source row of
-    interleaved pixels); axis 0 of the first three is x, y. Pass them to the functions below as
-    ``*tables``."""
+    [2, size, taps], work float32 [max_source * channels]: one source row of interleaved pixels
+    after the vertical taps); axis 0 of the first three is x, y. Pass them to the functions below
+    as ``*tables``."""
     taps = max_taps(max_source, min_output or size)
     return (np.empty((2, size), np.int32), np.empty((2, size), np.int32), np.empty((2, size, taps), np.float32),
-            np.empty((max_source, channels, size), np.float32))
+            np.empty(max_source * channels, np.float32))
 
 
 def tables_fit(tables, size: int, channels: int, max_source: int, min_output: int) -> bool:
     """Whether ``tables`` serve images up to ``max_source`` px and outputs of min_output..size px."""
     first, _, weights, work = tables
-    return (first.shape[1] >= size and work.shape[1] >= channels and work.shape[0] >= max_source
+    return (first.shape[1] >= size and work.shape[0] >= max_source * channels
             and weights.shape[2] >= max_taps(max_source, min_output))
 
 
@@ -59,9 +61,9 @@ def _axis_taps(lo, hi, extent, size, mirror, inside, first, count, weights):
     a, b = lo * extent, hi * extent
     scale = (b - a) / size
     edge_lo, edge_hi = 0, extent
-    if inside:  # windows land within 1e-3 px of whole pixels when they are meant to
-        edge_lo = max(int(math.floor(a + 1e-3)), 0)
-        edge_hi = min(max(int(math.ceil(b - 1e-3)), edge_lo + 1), extent)
+    if inside:
+        edge_lo = max(int(math.floor(a + EDGE_SLACK_PX)), 0)
+        edge_hi = min(max(int(math.ceil(b - EDGE_SLACK_PX)), edge_lo + 1), extent)
     if scale <= 1.0:
         for k in range(size):
             kk = size - 1 - k if mirror else k
@@ -108,7 +110,7 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, we
     """
     height, width, channels = src.shape
     size = out.shape[1]
-    if first.shape[1] < size or work.shape[2] < size or work.shape[1] < channels:
+    if first.shape[1] < size:
         raise ValueError("resample tables too small for this output; make them with table_arrays")
     _axis_taps(x0, x1, width, size, flip, inside, first[0], count[0], weights[0])
     _axis_taps(y0, y1, height, size, False, inside, first[1], count[1], weights[1])
@@ -117,10 +119,10 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, we
         col_lo = min(col_lo, first[0, ox])
         col_hi = max(col_hi, first[0, ox] + count[0, ox])
     a, b = col_lo * channels, col_hi * channels
-    if b - a > work.size:
+    if b - a > work.shape[0]:
         raise ValueError("resample tables too small for this image; make them with table_arrays")
     rows = src.reshape(height, width * channels)
-    line = work.reshape(work.size)[: b - a]  # the window's columns after the vertical taps
+    line = work[: b - a]  # the window's columns after the vertical taps
     xf, xn, xw = first[0], count[0], weights[0]
     zero, full = np.float32(0.0), np.float32(255.0)
     for oy in range(size):
