@@ -267,16 +267,18 @@ def _device_ops(views, masks, patches, hard, mixed, partner, jitter, factors, or
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _mix_only_uint8(views, masks, patches, hard, mixed, partner, out):
+def _mix_only_uint8(views, masks, patches, hard, mixed, partner, out, in_place):
     """reference.bg_mixup then reference's uint8 rounding, for batches without colour or
     normalisation: each mixed view is blended in float32 and rounded straight back to uint8, the
-    others copied, in one pass over the batch (no float batch, no torch tail)."""
+    others copied (with ``in_place``, ``out`` is ``views`` and they stay), in one pass over the
+    batch (no float batch, no torch tail)."""
     full, one, zero = np.float32(255.0), np.float32(1.0), np.float32(0.0)
     size = views.shape[2]
     p = patches.shape[2]
     for i in prange(views.shape[0]):
         if not mixed[i]:
-            out[i] = views[i]
+            if not in_place:
+                out[i] = views[i]
             continue
         patch = patches[partner[i]]
         for c in range(3):
@@ -302,8 +304,12 @@ def apply_device_ops_cpu(
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
     normalise: bool = True,
+    reuse_views: bool = False,
 ) -> torch.Tensor:
-    """Same arguments and result as reference.apply_device_ops, for CPU tensors (uint8 masks)."""
+    """Same arguments and result as reference.apply_device_ops, for CPU tensors (uint8 masks).
+    With ``reuse_views``, a uint8 result without colour is written into ``views_uint8`` itself:
+    the unmixed views stay where they are, and no fresh batch (its page faults cost as much as
+    the blend) is allocated."""
     b, v, _, s, _ = views_uint8.shape
     n = b * v
     flat = lambda a, t: np.ascontiguousarray(np.asarray(a).reshape(n, *np.asarray(a).shape[2:]), dtype=t)  # noqa: E731
@@ -324,8 +330,9 @@ def apply_device_ops_cpu(
     partner = np.where(mixed, partner, 0)  # unmixed views never read a patch
     colour = params.jitter.any() or params.grayscale.any() or params.blur.any() or params.solarize.any()
     if dtype == torch.uint8 and not normalise and not colour:  # the raw-pixel output: mix in uint8
-        out_u8 = np.empty_like(views)
-        _mix_only_uint8(views, mask_arr, patch_arr, hard, mixed, partner, out_u8)
+        in_place = reuse_views and views_uint8.is_contiguous()  # then ``views`` is the caller's memory
+        out_u8 = views if in_place else np.empty_like(views)
+        _mix_only_uint8(views, mask_arr, patch_arr, hard, mixed, partner, out_u8, in_place)
         return torch.from_numpy(out_u8).view(b, v, 3, s, s)
     factors = np.stack([flat(params.brightness, np.float32), flat(params.contrast, np.float32),
                         flat(params.saturation, np.float32), flat(params.hue, np.float32)], axis=1)

@@ -402,6 +402,7 @@ def apply_device_ops_fused(
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
     normalise: bool = True,
+    reuse_views: bool = False,
 ) -> torch.Tensor:
     """Fused equivalent of :func:`objloader.augment.reference.apply_device_ops` (same arguments,
     same result up to float rounding): BG-Mixup (eq. 4) -> colour -> normalise for a batch.
@@ -413,6 +414,8 @@ def apply_device_ops_fused(
             ring buffer; None: no mixup).
         params: the batch's :class:`AugParams` (numpy; uploaded once as one small table).
         normalise: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
+        reuse_views: the caller gives up ``views_uint8``: an implementation may return it,
+            overwritten with the result (the CPU one does for uint8 output without colour).
     Returns:
         [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalise``.
     """

@@ -70,3 +70,9 @@ def test_uint8_mix_only_path_equals_reference(hard):
     assert (got.int() - want.int()).abs().max() <= 1 and (got != want).float().mean() < 0.01
     unmixed = torch.from_numpy(~(p.mix & (p.partner >= 0)))
     assert torch.equal(got[unmixed], views[unmixed])
+    # reuse_views: the same bytes, written into the caller's views (no fresh batch).
+    given = views.clone()
+    in_place = apply_device_ops_cpu(given, masks, patches, p, hard=hard, normalise=False, dtype=torch.uint8,
+                                    reuse_views=True)
+    assert torch.equal(in_place, got) and torch.equal(given, got)
+    assert in_place.data_ptr() == given.data_ptr()

@@ -391,6 +391,7 @@ def apply_device_ops(
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
     normalise: bool = True,
+    reuse_views: bool = False,
 ) -> torch.Tensor:
     """Device stage for a batch: BG-Mixup (eq. 4) -> colour -> normalise.
 
@@ -400,6 +401,8 @@ def apply_device_ops(
         patches: [N, 3, P, P] background patches indexed by ``params.partner`` (None: no mixup).
         params: the batch's :class:`AugParams`.
         normalise: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
+        reuse_views: the caller gives up ``views_uint8``: an implementation may return it,
+            overwritten with the result (the CPU one does for uint8 output without colour).
     Returns:
         [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalise``.
     """

@@ -222,8 +222,9 @@ class DeviceStage:
         if cfg.color == "none" and not cfg.normalize and cfg.dtype == torch.uint8 and not params.mix.any():
             out = views.clone() if eb.aliased and views is eb.views else views  # the engine's bytes as they are
         else:
+            # The engine's views are this batch's own unless aliased (then the engine reuses them).
             out = self._apply(views, masks, patches, params, hard=self.hard, dtype=cfg.dtype,
-                              normalise=cfg.normalize)
+                              normalise=cfg.normalize, reuse_views=not (eb.aliased and views is eb.views))
         if masks is not None and (not cfg.return_masks):
             masks = None
         elif masks is not None and eb.aliased and masks is eb.masks:

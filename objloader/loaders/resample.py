@@ -10,8 +10,14 @@ window [lo, hi] of the unit square over an axis of E source pixels, scale = (hi 
   as the border pixel (torchvision's ``antialias=True`` inside the view, DALI's at its edge too).
 A view reads the image's pixels beyond its window's edge; the background patch reads only the
 pixels of its rectangle (the ones at its edge stand for those beyond), so no object leaks in.
-Separable: per output row, the vertical taps first (contiguous runs, vectorised), then the
-horizontal taps; float32 throughout, rounded to uint8. A flipped view mirrors the output columns.
+Separable, float32 throughout, rounded to uint8; a flipped view mirrors the output columns. The
+order of the two passes follows the vertical scale, so that the gathering pass (the slow one)
+runs over as few rows as possible:
+- downsampling vertically: per output row, the vertical taps first (contiguous runs of source
+  pixels, vectorised), then each output pixel gathers its horizontal taps from that row;
+- upsampling vertically (object masks, small windows): each source row the window reads is
+  resampled horizontally once, and every output row blends the two rows it lies between
+  (vectorised); an M-px mask into S-px views gathers over about M rows instead of S.
 
 Speed: the taps of an output column are the same for every row and the taps of an output row
 the same for every column, so both are computed once per window into caller-owned tables
@@ -38,18 +44,23 @@ def table_arrays(size: int, channels: int = 3, max_source: int = 256, min_output
     """Fresh scratch for outputs up to ``size`` px with up to ``channels`` channels, from images
     up to ``max_source`` px a side, resized to outputs of at least ``min_output`` px (default
     ``size``): (first tap int32 [2, size], tap counts int32 [2, size], weights float32
-    [2, size, taps], work float32 [max_source * channels]: one source row of interleaved pixels
-    after the vertical taps); axis 0 of the first three is x, y. Pass them to the functions below
-    as ``*tables``."""
+    [2, size, taps], work float32 [work_size(...)]: one source row of interleaved pixels after the
+    vertical taps, or two output rows after the horizontal ones); axis 0 of the first three is x,
+    y. Pass them to the functions below as ``*tables``."""
     taps = max_taps(max_source, min_output or size)
     return (np.empty((2, size), np.int32), np.empty((2, size), np.int32), np.empty((2, size, taps), np.float32),
-            np.empty(max_source * channels, np.float32))
+            np.empty(work_size(size, channels, max_source), np.float32))
+
+
+def work_size(size: int, channels: int, max_source: int) -> int:
+    """Floats of scratch the resampler needs (table_arrays' last array)."""
+    return max(max_source, 2 * size) * channels
 
 
 def tables_fit(tables, size: int, channels: int, max_source: int, min_output: int) -> bool:
     """Whether ``tables`` serve images up to ``max_source`` px and outputs of min_output..size px."""
     first, _, weights, work = tables
-    return (first.shape[1] >= size and work.shape[0] >= max_source * channels
+    return (first.shape[1] >= size and work.shape[0] >= work_size(size, channels, max_source)
             and weights.shape[2] >= max_taps(max_source, min_output))
 
 
@@ -104,9 +115,7 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, we
     uint8 [C, S, S], by the module docstring's rule (``inside``: read only the window's pixels);
     ``first, count, weights, work``: table_arrays.
 
-    Per output row: first the vertical taps, summed over the window's columns as contiguous
-    runs of interleaved pixels (LLVM vectorises them), into a float32 row of ``work``; then
-    each output pixel gathers its horizontal taps from that row.
+    The two passes' order: the module docstring.
     """
     height, width, channels = src.shape
     size = out.shape[1]
@@ -119,12 +128,14 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, we
         col_lo = min(col_lo, first[0, ox])
         col_hi = max(col_hi, first[0, ox] + count[0, ox])
     a, b = col_lo * channels, col_hi * channels
-    if b - a > work.shape[0]:
+    if max(b - a, 2 * size * channels) > work.shape[0]:
         raise ValueError("resample tables too small for this image; make them with table_arrays")
     rows = src.reshape(height, width * channels)
-    line = work[: b - a]  # the window's columns after the vertical taps
     xf, xn, xw = first[0], count[0], weights[0]
-    zero, full = np.float32(0.0), np.float32(255.0)
+    if _most(count[1], size) <= 2:  # upsampling vertically: horizontal pass first, once per source row
+        _rows_then_blend(rows, a, b, col_lo, channels, xf, xn, xw, first[1], count[1], weights[1], work, out)
+        return
+    line = work[: b - a]  # the window's columns after the vertical taps
     for oy in range(size):
         r0, n = first[1, oy], count[1, oy]
         w0, top = weights[1, oy, 0], rows[r0, a:b]
@@ -134,6 +145,103 @@ def resample_hwc_to_chw(src, x0, y0, x1, y1, flip, inside, out, first, count, we
             w, more = weights[1, oy, t], rows[r0 + t, a:b]
             for j in range(line.shape[0]):
                 line[j] += w * np.float32(more[j])
+        _horizontal(line, xf, xn, xw, col_lo, channels, out, oy)
+
+
+@njit(cache=True, inline="always")
+def _most(counts, size):
+    most = 0
+    for k in range(size):
+        most = max(most, counts[k])
+    return most
+
+
+@njit(cache=True)
+def _rows_then_blend(rows, a, b, col_lo, channels, xf, xn, xw, yf, yn, yw, work, out):
+    """The upsampling order: source row r resampled horizontally into a planar float32 row
+    (channel-major, ``size`` per channel) held in one of two slots of ``work``; output row oy
+    blends its (at most two) rows. Output rows move down monotonically, so each source row is
+    resampled once."""
+    size = out.shape[1]
+    span = size * channels
+    slots = work[: 2 * span].reshape(2, channels, size)
+    held = np.full(2, -1, np.int64)  # source row in each slot
+    zero, full = np.float32(0.0), np.float32(255.0)
+    for oy in range(size):
+        r0, n = yf[oy], yn[oy]
+        for t in range(n):
+            r = r0 + t
+            if held[r % 2] != r:
+                _horizontal_planar(rows[r, a:b], xf, xn, xw, col_lo, channels, slots[r % 2])
+                held[r % 2] = r
+        top, w0 = slots[r0 % 2], yw[oy, 0]
+        if n == 1:
+            for c in range(channels):
+                src, dst = top[c], out[c, oy]
+                for ox in range(size):
+                    dst[ox] = np.uint8(min(max(np.rint(w0 * src[ox]), zero), full))
+        else:
+            bottom, w1 = slots[(r0 + 1) % 2], yw[oy, 1]
+            for c in range(channels):
+                s0, s1, dst = top[c], bottom[c], out[c, oy]
+                for ox in range(size):
+                    dst[ox] = np.uint8(min(max(np.rint(w0 * s0[ox] + w1 * s1[ox]), zero), full))
+
+
+@njit(cache=True, inline="always")
+def _horizontal_planar(pixels, xf, xn, xw, col_lo, channels, dst):
+    """One source row's window columns (uint8, interleaved) -> dst float32 [C, size] by the
+    horizontal taps, unrounded."""
+    size = dst.shape[1]
+    if channels == 3:
+        for ox in range(size):
+            base = (xf[ox] - col_lo) * 3
+            r, g, b = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+            for t in range(xn[ox]):
+                w = xw[ox, t]
+                r += w * np.float32(pixels[base])
+                g += w * np.float32(pixels[base + 1])
+                b += w * np.float32(pixels[base + 2])
+                base += 3
+            dst[0, ox], dst[1, ox], dst[2, ox] = r, g, b
+        return
+    for ox in range(size):
+        base = (xf[ox] - col_lo) * channels
+        for c in range(channels):
+            acc = np.float32(0.0)
+            for t in range(xn[ox]):
+                acc += xw[ox, t] * np.float32(pixels[base + t * channels + c])
+            dst[c, ox] = acc
+
+
+@njit(cache=True, inline="always")
+def _horizontal(line, xf, xn, xw, col_lo, channels, out, oy):
+    """Output row ``oy``: each pixel gathers its horizontal taps from ``line`` (interleaved
+    channels). The common channel counts keep one accumulator per channel, so a tap's weight
+    is read once and the loop carries no channel index: about 3x faster than the general loop."""
+    zero, full = np.float32(0.0), np.float32(255.0)
+    size = out.shape[2]
+    if channels == 3:
+        for ox in range(size):
+            base = (xf[ox] - col_lo) * 3
+            r, g, b = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+            for t in range(xn[ox]):
+                w = xw[ox, t]
+                r += w * line[base]
+                g += w * line[base + 1]
+                b += w * line[base + 2]
+                base += 3
+            out[0, oy, ox] = np.uint8(min(max(np.rint(r), zero), full))
+            out[1, oy, ox] = np.uint8(min(max(np.rint(g), zero), full))
+            out[2, oy, ox] = np.uint8(min(max(np.rint(b), zero), full))
+    elif channels == 1:
+        for ox in range(size):
+            base = xf[ox] - col_lo
+            acc = np.float32(0.0)
+            for t in range(xn[ox]):
+                acc += xw[ox, t] * line[base + t]
+            out[0, oy, ox] = np.uint8(min(max(np.rint(acc), zero), full))
+    else:
         for ox in range(size):
             base = (xf[ox] - col_lo) * channels
             for c in range(channels):

@@ -18,6 +18,11 @@ from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, d
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .resample import crop_views_into, cut_patch_into, table_arrays, tables_fit
 
+try:  # libjpeg-turbo straight from numba: the same pixels as OpenCV's decode, ~25 % sooner
+    from .jpeg import decode_rgb as _decode_jpeg
+except ImportError:  # no libturbojpeg on this machine: OpenCV's decode
+    _decode_jpeg = None
+
 _MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
 _NO_MASK = np.zeros((1, 1, 1), np.uint8)  # stands in for the mask of a record none of whose views mixes
 
@@ -27,7 +32,9 @@ def decode_record(ds: BuiltDataset, i: int, with_mask: bool = True) -> dict:
     unless ``with_mask``), boxes, n_boxes, bg_rect."""
     raw = ds.raw(i, _MEMBERS if with_mask else tuple(m for m in _MEMBERS if m != "mask.png"))
     try:
-        image = decode_rgb(raw["jpg"])
+        image = _decode_jpeg(raw["jpg"]) if _decode_jpeg is not None else decode_rgb(raw["jpg"])
+        if image is None:
+            raise DatasetError("stored image does not decode")
         mask = decode_png(raw["mask.png"])[:, :, None] if with_mask else None
     except DatasetError as e:
         raise DatasetError(f"{ds.path}: record {i} ({ds.keys[i]!r}): {e}; run objloader-build --verify") from e
