@@ -331,3 +331,42 @@ def test_a_manifest_without_its_records_is_a_one_line_error(built, tmp_path):
     with pytest.raises(DatasetError, match=r"manifest.json: 'records' is missing or not a dict; rebuild"):
         BuiltDataset(str(ds))
     assert "manifest.json: 'records' is missing or not a dict" in _refused(ds, "torch")
+
+
+def test_the_index_arrays_read_what_the_index_lists_and_refuse_a_misaligned_index(built, tmp_path):
+    """BuiltDataset keeps each shard's .idx as arrays: every record's members are the bytes the
+    .idx line names, a pickled copy (one per torch worker) reads the same without the manifest,
+    and an index whose lines are swapped, short of a member, or of other members is refused."""
+    import pickle
+
+    ds = BuiltDataset(str(built))
+    record = 0
+    for shard in range(2):
+        with open(built / "shards" / f"shard-{shard:05d}.tar", "rb") as tar:
+            for entry in read_index(str(built / "shards" / f"shard-{shard:05d}.idx")):
+                raw = ds.raw(record)
+                assert set(raw) == set(entry)
+                for suffix, (offset, size, name) in entry.items():
+                    assert name == f"{record:09d}.{suffix}"
+                    tar.seek(offset)
+                    assert raw[suffix] == tar.read(size)
+                assert ds.raw(record, ("bg.npy", "jpg")).keys() == {"bg.npy", "jpg"}
+                record += 1
+    assert record == len(ds) == 6
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.manifest is None and [copy.raw(i) for i in range(6)] == [ds.raw(i) for i in range(6)]
+    assert copy.keys[5] == ds.keys[5] == read_manifest(str(built))["records"]["keys"][5]
+
+    idx = tmp_path / "ds" / "shards" / "shard-00000.idx"
+    for damage, message in (
+            (lambda lines: [lines[0], lines[2], lines[1]] + lines[3:], "line 2 does not name record 0"),
+            (lambda lines: lines[:2] + [b" ".join(lines[2].split()[:-4])] + lines[3:], "different numbers of members"),
+            (lambda lines: lines[:2] + [lines[2].replace(b"bg.npy", b"xx.npy")] + lines[3:], "different members"),
+            (lambda lines: lines[:2] + [lines[2].replace(b" 000000001.", b" 000000007.", 1)] + lines[3:],
+             "line 3 does not name record 1")):
+        shutil.rmtree(tmp_path / "ds", ignore_errors=True)
+        ds_dir = _copy(built, tmp_path)
+        lines = idx.read_bytes().split(b"\n")
+        idx.write_bytes(b"\n".join(damage(lines)))
+        with pytest.raises(DatasetError, match=message):
+            BuiltDataset(str(ds_dir))

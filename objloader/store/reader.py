@@ -7,6 +7,7 @@ records themselves; ``objloader-build --verify`` is the full check (checksums, e
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import io
 import json
@@ -17,7 +18,7 @@ import cv2
 import numpy as np
 
 from .schema import record_digest
-from .wds_writer import TAR_BLOCK, record_name
+from .wds_writer import TAR_BLOCK
 from ..errors import ObjloaderError
 
 class DatasetError(ObjloaderError, ValueError):
@@ -180,8 +181,92 @@ def _manifest_problems(manifest: dict) -> List[str]:
     return problems
 
 
+def _record_digits(records: np.ndarray) -> np.ndarray:
+    """record_name's 9 ASCII digits of each record, as uint8 [n, 9] (records below 10^9)."""
+    powers = 10 ** np.arange(8, -1, -1, dtype=np.int64)
+    return ((records[:, None] // powers) % 10 + ord("0")).astype(np.uint8)
+
+
+def index_arrays(idx_path: str, first_record: int) -> Tuple[Tuple[str, ...], np.ndarray, np.ndarray]:
+    """A shard's .idx parsed at once into arrays: (member suffixes in file order, offsets
+    int64 [n, members], sizes int64 [n, members]) for records first_record.. in order.
+
+    read_index's dicts cost ~2 KB of Python objects a record and would be pickled to every
+    loader worker; BuiltDataset keeps these as 8 bytes a record plus 8 a member. Every line must list the same members in the same order
+    (the writer's layout) and name its own record (RECORD.suffix): a damaged or misaligned index
+    raises DatasetError instead of pairing a record with another's bytes."""
+    try:
+        with open(idx_path, "rb") as f:
+            head, _, body = f.read().partition(b"\n")
+    except FileNotFoundError:
+        raise DatasetError(f"{idx_path} is missing; rebuild the dataset") from None
+    except OSError as e:
+        raise DatasetError(f"{idx_path} cannot be read: {e.strerror or e}") from None
+    try:
+        count = _index_header(head)
+    except DatasetError as e:
+        raise DatasetError(f"{idx_path}: {e}") from None
+    lines = [line for line in body.split(b"\n") if line.strip()]  # blank lines are not samples
+    if len(lines) != count:
+        raise DatasetError(f"{idx_path}: header says {count} samples, found {len(lines)}")
+    if count == 0:
+        return (), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64)
+    members = len(lines[0].split()) // 4
+    tokens = np.array(body.split())  # bytes tokens, 4 per member: suffix offset size name
+    if members == 0 or tokens.size != count * members * 4:
+        raise DatasetError(f"{idx_path}: lines list different numbers of members; the index is damaged")
+    table = tokens.reshape(count, members, 4)
+    suffixes = table[0, :, 0]
+    if not (table[:, :, 0] == suffixes).all():
+        raise DatasetError(f"{idx_path}: lines list different members; the index is damaged")
+    try:
+        offsets, sizes = table[:, :, 1].astype(np.int64), table[:, :, 2].astype(np.int64)
+    except ValueError:
+        raise DatasetError(f"{idx_path}: an offset or size is not a number; the index is damaged") from None
+    if (offsets < 0).any() or (sizes < 0).any():
+        raise DatasetError(f"{idx_path}: negative offset or size; the index is damaged")
+    # Names as bytes: the record's 9 digits, then ".suffix", then the array's zero padding.
+    names = table[:, :, 3]
+    width = names.dtype.itemsize
+    raw_names = np.ascontiguousarray(names).view(np.uint8).reshape(count, members, width)
+    records = np.arange(first_record, first_record + count, dtype=np.int64)
+    good = (raw_names[:, :, :9] == _record_digits(records)[:, None, :]).all(axis=(1, 2))
+    for j, suffix in enumerate(suffixes):
+        tail = np.zeros(width - 9, np.uint8)
+        rest = b"." + bytes(suffix)
+        tail[:len(rest)] = np.frombuffer(rest, np.uint8)[:width - 9]
+        good &= len(rest) <= width - 9
+        good &= (raw_names[:, j, 9:] == tail).all(axis=1)
+    if not good.all():
+        k = int(np.argmin(good))
+        raise DatasetError(f"{idx_path}: line {k + 2} does not name record {first_record + k} "
+                           f"({bytes(names[k, 0]).decode('utf-8', 'replace')!r}); the index is damaged")
+    return tuple(bytes(x).decode() for x in suffixes), offsets, sizes
+
+
+class _PackedStrings:
+    """A long list of short strings as one UTF-8 blob and offsets (record keys): ~1/5 of a
+    Python list's memory, and pickled to a loader worker as two buffers."""
+
+    def __init__(self, strings: List[str]):
+        encoded = [x.encode("utf-8") for x in strings]
+        self._blob = b"".join(encoded)
+        self._ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._blob[start:int(self._ends[i])].decode("utf-8")
+
+
 class BuiltDataset:
-    """Records of one built dataset; `ds[i]` is a dict of numpy fields (see DESIGN.md)."""
+    """Records of one built dataset; `ds[i]` is a dict of numpy fields (see DESIGN.md).
+
+    Per-record state is numpy arrays (offsets and sizes of every member, labels, box counts)
+    and packed keys, so opening 10^5-10^6 records stays quick and a pickled copy (one per torch
+    loader worker) is small; the manifest itself stays in the opening process."""
 
     def __init__(self, path: str, manifest: Optional[dict] = None):
         """``manifest``: PATH/manifest.json when the caller has already read it (it lists every
@@ -199,45 +284,83 @@ class BuiltDataset:
         if "wds" not in self.manifest["formats"]:
             raise DatasetError(f"{path!r} was built without WebDataset shards (--formats); "
                                "open_dataset reads the shards")
+        records = self.manifest["records"]
         self.classes = self.manifest.get("classes", [])
         self.has_gt = self.manifest["has_gt"]
-        self.labels = np.asarray(self.manifest["records"]["labels"], dtype=np.int64)
-        self.n_boxes = np.asarray(self.manifest["records"]["n_boxes"], dtype=np.int64)
-        self.keys = self.manifest["records"]["keys"]
-        self._entries = []  # record i -> (shard file, {suffix: (offset, size, name)})
+        self.labels = np.asarray(records["labels"], dtype=np.int64)
+        self.n_boxes = np.asarray(records["n_boxes"], dtype=np.int64)
+        self.keys = _PackedStrings(records["keys"])
+        self._tars = [os.path.join(path, tar) for tar in self.manifest["shards"]]
         self._shard_records = {}  # shard as the manifest names it -> range of its records
-        for tar in self.manifest["shards"]:
-            tar_path = os.path.join(path, tar)
-            start = len(self._entries)
-            for entry in read_index(tar_path[:-4] + ".idx"):
-                self._entries.append((tar_path, entry))
-            self._shard_records[tar] = range(start, len(self._entries))
-        if len(self._entries) != len(self.keys):
-            raise DatasetError(f"{path!r}: shards hold {len(self._entries)} records, manifest says {len(self.keys)}")
+        starts, offsets, sizes, self._members = [0], [], [], None
+        for tar, tar_path in zip(self.manifest["shards"], self._tars):
+            idx_path = tar_path[:-4] + ".idx"
+            members, off, size = index_arrays(idx_path, starts[-1])
+            if len(off) and self._members is None:
+                self._members = members
+            elif len(off) and members != self._members:
+                raise DatasetError(f"{idx_path}: lists members {', '.join(members)}, the first shard "
+                                   f"{', '.join(self._members)}; the dataset is damaged")
+            offsets.append(off)
+            sizes.append(size)
+            self._shard_records[tar] = range(starts[-1], starts[-1] + len(off))
+            starts.append(starts[-1] + len(off))
+        self._members = self._members or ()
+        m = len(self._members)
+        offsets = np.concatenate([o for o in offsets if len(o)] or [np.zeros((0, m), np.int64)])
+        sizes = np.concatenate([x for x in sizes if len(x)] or [np.zeros((0, m), np.int64)])
+        # Where a record starts in its tar (int64), and its members from there (uint32; a
+        # record's members are adjacent, each far below 4 GiB).
+        self._start = offsets[:, 0].copy() if m else np.zeros(len(offsets), np.int64)
+        relative = offsets - self._start[:, None]
+        if len(offsets) and (relative.min() < 0 or max(relative.max(), sizes.max()) >= 2 ** 32):
+            raise DatasetError(f"{path!r}: a record's members are not adjacent in its shard; rebuild the dataset")
+        self._relative, self._sizes = relative.astype(np.uint32), sizes.astype(np.uint32)
+        self._shard_bounds = starts  # records of shard s: starts[s]..starts[s + 1] (one int a shard)
+        self._column = {suffix: j for j, suffix in enumerate(self._members)}
+        if len(self._start) != len(self.keys):
+            raise DatasetError(f"{path!r}: shards hold {len(self._start)} records, manifest says {len(self.keys)}")
         self._files = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def __getstate__(self) -> dict:
+        # A loader worker needs the arrays, not the manifest (every record's key and digest
+        # again, as Python objects) nor this process's file descriptors.
+        state = self.__dict__.copy()
+        state["manifest"], state["_files"] = None, {}
+        return state
 
-    def _read(self, tar_path: str, offset: int, size: int) -> bytes:
-        fd = self._files.get(tar_path)
+    def __len__(self) -> int:
+        return len(self._start)
+
+    @property
+    def members(self) -> Tuple[str, ...]:
+        """The member suffixes every record has (jpg, cls, mask.png, ...)."""
+        return self._members
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self._files.get(shard)
         if fd is None:
-            fd = self._files[tar_path] = os.open(tar_path, os.O_RDONLY)
-        return os.pread(fd, size, offset)
+            fd = self._files[shard] = os.open(self._tars[shard], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise DatasetError(f"{self._tars[shard]}: ends before byte {offset + size}; the shard is truncated")
+        return data
 
     def raw(self, i: int, members=None) -> dict:
         """suffix -> member bytes of record i (only the suffixes in ``members``, if given)."""
         if not 0 <= i < len(self):
             raise IndexError(f"record {i} out of range (dataset has {len(self)})")
-        tar_path, entry = self._entries[i]
-        out = {}
-        for suffix, (offset, size, name) in entry.items():
-            if members is not None and suffix not in members:
-                continue
-            if not name.startswith(record_name(i) + "."):
-                raise DatasetError(f"{tar_path}: index entry {name!r} is not record {i}")
-            out[suffix] = self._read(tar_path, offset, size)
-        return out
+        shard = bisect.bisect_right(self._shard_bounds, i) - 1
+        wanted = self._members if members is None else [m for m in members if m in self._column]
+        if not wanted:
+            return {}
+        # One read from the record's first wanted member to the end of its last (they are adjacent).
+        relative, sizes = self._relative[i].tolist(), self._sizes[i].tolist()  # Python ints: ~1 us
+        spans = [(m, relative[self._column[m]], sizes[self._column[m]]) for m in wanted]
+        lo = min(r for _, r, _ in spans)
+        hi = max(r + n for _, r, n in spans)
+        data = self._read(shard, int(self._start[i]) + lo, hi - lo)
+        return {m: data[r - lo:r - lo + n] for m, r, n in spans}
 
     def __getitem__(self, i: int) -> dict:
         raw = self.raw(i)
