@@ -5,11 +5,13 @@ the mask (on the CPU only for the views the device stage mixes) -> the backgroun
 from the same decoded image.
 
 The external source is a Python callback: DALI asks it for batch k of epoch e (``batch_info``)
-and it returns the members of records ``epoch_order(...)[k*B:(k+1)*B]``, read through the shard
-indexes, with their record index and epoch. The crop windows come from the shared sampler
-(objloader.augment.params), called once per batch from a python_function on each record's
-index, epoch, image size (peek_image_shape, no decode) and boxes. Order and parameters are
-therefore the same in every engine, and a resumed epoch replays the uninterrupted one.
+and it returns the JPEG (and mask) bytes of records ``epoch_order(...)[k*B:(k+1)*B]``, read
+through the shard indexes, with every view's crop window from the shared sampler
+(objloader.augment.params) on each record's index, epoch, image size (the JPEG's frame header,
+no decode) and boxes. Order and parameters are therefore the same in every engine, and a resumed
+epoch replays the uninterrupted one. The callback depends on nothing but (epoch, batch), so DALI
+runs it in ``num_workers`` Python worker processes (a parallel external source): the reading and
+sampling of upcoming batches scales with cores and leaves the training process's thread free.
 """
 
 from __future__ import annotations
@@ -19,17 +21,33 @@ import torch
 
 from ..augment.params import mix_flags, sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
-from ..store.reader import BuiltDataset, DatasetError, read_manifest
+from ..store.reader import BuiltDataset, DatasetError, decode_npy, jpeg_shape, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+
+# What the pipeline passes through from the source to the EngineBatch.
+_PASSED = ("index", "epoch", "label", "has_bg", "window", "box_index", "flip")
+_PATCH = ("bg_anchor", "bg_shape", "bg_start", "bg_end")  # the patch's slice and roi (_patch_slices)
 
 
 class _EpochSource:
     """The external source: batch ``iteration`` of epoch ``first_epoch + epoch_idx`` is that
-    slice of this rank's epoch order; per sample the members' bytes, the record index, the epoch."""
+    slice of this rank's epoch order. Outputs, per batch, named by ``names``: JPEG bytes, mask
+    PNG bytes (when masks are needed), per view v its roi start and end (y, x) and flip, with
+    ``mask_flags`` whether each view's mask is needed and whether any is, the background patch's
+    slice and roi (when patches are needed), then ``_PASSED``. The pipeline is given only what it
+    uses (DALI warns of unused outputs).
 
-    def __init__(self, ds: BuiltDataset, cfg: LoaderConfig, first_epoch: int):
-        self.ds, self.cfg, self.first_epoch = ds, cfg, first_epoch
+    Stateless but for a cache of the current epoch's order, as a parallel source must be: any
+    worker can produce any batch."""
+
+    def __init__(self, ds: BuiltDataset, cfg: LoaderConfig, first_epoch: int, mask_flags: bool):
+        self.ds, self.cfg, self.first_epoch, self.mask_flags = ds, cfg, first_epoch, mask_flags
         self.members = ("jpg", "boxes.npy", "bg.npy") + (("mask.png",) if cfg.needs_masks else ())
+        views = range(cfg.views)
+        self.names = (("jpg",) + (("mask",) if cfg.needs_masks else ())
+                      + tuple(f"{kind}{v}" for v in views for kind in ("start", "end", "flip"))
+                      + (tuple(f"mask{v}" for v in views) + ("any_mask",) if mask_flags else ())
+                      + (_PATCH if cfg.needs_patches else ()) + _PASSED)
         self._epoch, self._order = None, None
 
     def __call__(self, info):
@@ -40,11 +58,40 @@ class _EpochSource:
                                                           shuffle=cfg.shuffle, rank=cfg.rank,
                                                           world_size=cfg.world_size)
         if info.iteration >= batches_per_epoch(len(self._order), b, cfg.drop_last):
-            raise StopIteration  # the epoch's end; the last batch may have been partial
-        index = self._order[info.iteration * b:(info.iteration + 1) * b]
+            raise StopIteration  # the epoch's end (the last batch may have been partial); again past it
+        index = self._order[info.iteration * b:(info.iteration + 1) * b].astype(np.int64)
         raws = [self.ds.raw(int(i), self.members) for i in index]
-        members = [[np.frombuffer(raw[m], np.uint8) for raw in raws] for m in self.members]
-        return (*members, index, np.full(len(index), epoch, np.int64))
+        sizes = np.empty((len(index), 2), np.int64)
+        for k, raw in enumerate(raws):
+            try:
+                sizes[k] = jpeg_shape(raw["jpg"])
+            except DatasetError as e:
+                i = int(index[k])
+                raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
+                                   "run objloader-build --verify") from None
+        boxes = np.stack([decode_npy(raw["boxes.npy"]) for raw in raws]).astype(np.float32)
+        bg = np.stack([decode_npy(raw["bg.npy"]) for raw in raws]).astype(np.float32)
+        window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, self.ds.n_boxes[index],
+                                                        boxes, views=cfg.views, oa_crop=cfg.oa_crop,
+                                                        crop_scale=cfg.crop_scale)
+        has_bg = has_background(bg)
+        bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
+        # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
+        mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
+                      else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
+        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws],
+               "any_mask": mask_views.any(axis=1), "index": index, "epoch": np.full(len(index), epoch, np.int64),
+               "label": self.ds.labels[index], "has_bg": has_bg.astype(np.uint8), "window": window,
+               "box_index": box_index, "flip": flip.astype(np.uint8)}
+        if cfg.needs_masks:
+            out["mask"] = [np.frombuffer(raw["mask.png"], np.uint8) for raw in raws]
+        for v in range(cfg.views):
+            out.update({f"start{v}": window[:, v, [1, 0]], f"end{v}": window[:, v, [3, 2]],
+                        f"flip{v}": flip[:, v].astype(np.int32), f"mask{v}": mask_views[:, v]})
+        if cfg.needs_patches:
+            out.update(zip(_PATCH, _patch_slices(bg, sizes)))
+        # Dense arrays are batches (first axis: the sample); DALI needs them contiguous.
+        return tuple(out[n] if isinstance(out[n], list) else np.ascontiguousarray(out[n]) for n in self.names)
 
 
 def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
@@ -60,97 +107,63 @@ def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
             (hi - anchor).astype(np.float32)]
 
 
-class _WindowSampler:
-    """The python_function of the pipeline: per batch, the labels and every view's roi (DALI
-    order y, x), flip and whether its mask is needed, plus the background patch's slice and roi
-    (:func:`_patch_slices`) and whether any view of the sample needs the mask."""
-
-    def __init__(self, cfg: LoaderConfig, n_boxes: np.ndarray, labels: np.ndarray):
-        self.cfg, self.n_boxes, self.labels = cfg, n_boxes, labels
-
-    def __call__(self, index, epoch, shapes, boxes, bg):
-        cfg = self.cfg
-        index = np.stack(index).astype(np.int64)
-        sizes = np.stack(shapes)[:, :2].astype(np.int64)
-        boxes = np.stack(boxes).astype(np.float32)
-        bg = np.stack(bg).astype(np.float32)
-        window, flip, box_index = sample_geometry_batch(cfg.seed, int(epoch[0]), index, sizes, self.n_boxes[index],
-                                                        boxes, views=cfg.views, oa_crop=cfg.oa_crop,
-                                                        crop_scale=cfg.crop_scale)
-        has_bg = has_background(bg)
-        bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
-        # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, int(epoch[0]), index, views=cfg.views, p_mix=cfg.bg_mixup))
-        out = [self.labels[index], has_bg.astype(np.uint8), window, box_index, flip.astype(np.uint8)]
-        for v in range(cfg.views):
-            out += [window[:, v, [1, 0]], window[:, v, [3, 2]], flip[:, v].astype(np.int32), mask_views[:, v]]
-        out += [*_patch_slices(bg, sizes), mask_views.any(axis=1)]
-        # DALI wants one array per sample; a 1-D output becomes 0-d arrays (scalars per sample).
-        return tuple([np.ascontiguousarray(x) if o.ndim > 1 else np.array(x) for x in o] for o in out)
-
-
-def _build_pipeline(source: _EpochSource, sampler: _WindowSampler, cfg: LoaderConfig, device_id):
+def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
+    """The pipeline over ``source``; with ``source.mask_flags`` it decodes and resamples masks
+    only for the views that need them (per-sample conditionals)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     s, p = cfg.image_size, cfg.patch
-    # On the CPU, masks are decoded and resampled only for the views the device stage mixes
-    # (DALI's per-sample conditionals); on the GPU the work is too small to be worth a branch.
-    skip_masks = cfg.needs_masks and not gpu
+    skip_masks = source.mask_flags
+    parallel = cfg.num_workers > 0
 
     def resize(image, start, end, size):
         return fn.resize(image, roi_start=start, roi_end=end, roi_relative=True, size=[size, size],
                          antialias=True, interp_type=types.INTERP_LINEAR)  # antialiased when downscaling
 
-    def view_crop(x, rois, v):
-        """View v of ``x``: its roi resized to S, flipped as the view is (rois hold per view: roi
-        start, roi end, flip, mask needed)."""
-        return fn.flip(resize(x, rois[4 * v], rois[4 * v + 1], s), horizontal=rois[4 * v + 2])
+    def view_crop(x, parts, v):
+        """View v of ``x``: its roi resized to S, flipped as the view is."""
+        return fn.flip(resize(x, parts[f"start{v}"], parts[f"end{v}"], s), horizontal=parts[f"flip{v}"])
 
     def zeros(size):  # stands in for a skipped mask: same type, rank and layout as a decoded one
         return fn.constant(idata=0, shape=[size, size, 1], dtype=types.UINT8, layout="HWC")
 
+    # Python workers are spawned, not forked: the training process may already hold a CUDA
+    # context (and other threads' locks) that a forked child would inherit broken.
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(cfg.num_workers, 1), device_id=device_id,
-                  prefetch_queue_depth=2, enable_conditionals=skip_masks)  # no random numbers: no seed
+                  prefetch_queue_depth=2, enable_conditionals=skip_masks,  # no random numbers: no seed
+                  py_num_workers=max(cfg.num_workers, 1), py_start_method="spawn")
     def object_aware_views():
-        # Records in the epoch order: JPEG, boxes, bg rect [, mask PNG] bytes, record index, epoch.
-        parts = fn.external_source(source, num_outputs=len(source.members) + 2, batch=True, batch_info=True)
-        jpg, boxes, bg = parts[:3]
-        index, epoch = parts[-2:]
-        outs = fn.python_function(index, epoch, fn.peek_image_shape(jpg), fn.decoders.numpy(boxes),
-                                  fn.decoders.numpy(bg), function=sampler, batch_processing=True,
-                                  num_outputs=10 + 4 * cfg.views)
-        label, has_bg, window, box_index, flip = outs[:5]
-        rois, (bg_anchor, bg_shape, bg_start, bg_end, any_mask) = outs[5:-5], outs[-5:]
-
-        image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        views = [view_crop(image, rois, v) for v in range(cfg.views)]
+        queue = {"prefetch_queue_depth": 2} if parallel else {}  # batches each worker prepares ahead
+        parts = dict(zip(source.names, fn.external_source(source, num_outputs=len(source.names), batch=True,
+                                                          batch_info=True, parallel=parallel, **queue)))
+        image = fn.decoders.image(parts["jpg"], device="mixed" if gpu else "cpu", output_type=types.RGB)
+        views = [view_crop(image, parts, v) for v in range(cfg.views)]
         result = [fn.transpose(fn.stack(*views), perm=[0, 3, 1, 2])]  # [V, 3, S, S]
         # OA masks: the same roi and flip as each view.
         if skip_masks:  # per-sample branches: decode and resample a mask only where a view needs it
-            if any_mask:
-                mask = fn.decoders.image(parts[3], device="cpu", output_type=types.GRAY)
+            if parts["any_mask"]:
+                mask = fn.decoders.image(parts["mask"], device="cpu", output_type=types.GRAY)
             else:
                 mask = zeros(1)  # never resampled
             masks = []
             for v in range(cfg.views):
-                if rois[4 * v + 3]:
-                    view_mask = view_crop(mask, rois, v)
+                if parts[f"mask{v}"]:
+                    view_mask = view_crop(mask, parts, v)
                 else:
                     view_mask = zeros(s)
                 masks.append(view_mask)
         elif cfg.needs_masks:
-            mask = fn.decoders.image(parts[3], device="mixed" if gpu else "cpu", output_type=types.GRAY)
-            masks = [view_crop(mask, rois, v) for v in range(cfg.views)]
+            mask = fn.decoders.image(parts["mask"], device="mixed" if gpu else "cpu", output_type=types.GRAY)
+            masks = [view_crop(mask, parts, v) for v in range(cfg.views)]
         if cfg.needs_masks:
             result.append(fn.transpose(fn.stack(*masks), perm=[0, 3, 1, 2]))  # [V, 1, S, S]
         if cfg.needs_patches:  # background patch from the same decoded image, from its own pixels only
-            region = fn.slice(image, bg_anchor, bg_shape, axes=[0, 1])
-            patch = fn.resize(region, roi_start=bg_start, roi_end=bg_end, roi_relative=False, size=[p, p],
-                              antialias=True, interp_type=types.INTERP_LINEAR)
+            region = fn.slice(image, parts["bg_anchor"], parts["bg_shape"], axes=[0, 1])
+            patch = fn.resize(region, roi_start=parts["bg_start"], roi_end=parts["bg_end"], roi_relative=False,
+                              size=[p, p], antialias=True, interp_type=types.INTERP_LINEAR)
             result.append(fn.transpose(patch, perm=[2, 0, 1]))  # [3, P, P]
-        return (*result, index, epoch, label, has_bg, window, box_index, flip)
+        return (*result, *(parts[n] for n in _PASSED))
 
     return object_aware_views()
 
@@ -182,11 +195,14 @@ class DALIEngine:
         device_id = None
         if cfg.device.startswith("cuda"):
             device_id = torch.device(cfg.device).index or 0
-        sampler = _WindowSampler(cfg, self.ds.n_boxes, self.ds.labels)
-        self._pipe = _build_pipeline(_EpochSource(self.ds, cfg, first_epoch), sampler, cfg, device_id)
+        self._pipe = None  # a previous pipeline's Python workers go before new ones start
+        # On the CPU, masks are decoded and resampled only for the views the device stage mixes;
+        # on the GPU the work is too small to be worth a per-sample branch.
+        source = _EpochSource(self.ds, cfg, first_epoch, mask_flags=cfg.needs_masks and device_id is None)
+        self._pipe = _build_pipeline(source, cfg, device_id)
         self._pipe.build()
         names = ["views"] + (["masks"] if cfg.needs_masks else []) + (["patches"] if cfg.needs_patches else [])
-        names += ["index", "epoch", "label", "has_bg", "window", "box_index", "flip"]
+        names += list(_PASSED)
         # No reader: the iterator runs until the source's StopIteration (a partial last batch included).
         self._iter = DALIGenericIterator([self._pipe], names, auto_reset=True)
         self._pipe_epoch = first_epoch
