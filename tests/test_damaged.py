@@ -370,3 +370,17 @@ def test_the_index_arrays_read_what_the_index_lists_and_refuse_a_misaligned_inde
         idx.write_bytes(b"\n".join(damage(lines)))
         with pytest.raises(DatasetError, match=message):
             BuiltDataset(str(ds_dir))
+
+
+def test_jpeg_shape_reads_the_frame_header_of_every_jpeg_kind_and_refuses_others():
+    """The DALI engine sizes crop windows from jpeg_shape: it must equal the decoded size."""
+    rng = np.random.default_rng(0)
+    for h, w, options in ((37, 91, []), (300, 17, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+                          (64, 64, [cv2.IMWRITE_JPEG_OPTIMIZE, 1, cv2.IMWRITE_JPEG_QUALITY, 30])):
+        ok, enc = cv2.imencode(".jpg", rng.integers(0, 255, (h, w, 3), dtype=np.uint8), options)
+        data = enc.tobytes()
+        assert store_reader.jpeg_shape(data) == (h, w) == cv2.imdecode(enc, cv2.IMREAD_COLOR).shape[:2]
+    ok, png = cv2.imencode(".png", np.zeros((4, 4), np.uint8))
+    for bad in (png.tobytes(), data[:20], b""):
+        with pytest.raises(DatasetError):
+            store_reader.jpeg_shape(bad)
