@@ -16,6 +16,10 @@ sampling of upcoming batches scales with cores and leaves the training process's
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+
 import numpy as np
 import torch
 
@@ -49,6 +53,12 @@ class _EpochSource:
                       + (tuple(f"mask{v}" for v in views) + ("any_mask",) if mask_flags else ())
                       + (_PATCH if cfg.needs_patches else ()) + _PASSED)
         self._epoch, self._order = None, None
+
+    def __setstate__(self, state):
+        # Runs in each DALI Python worker as it receives the source: DALI's workers do not watch
+        # their parent, so a training process killed outright would leave them waiting forever.
+        self.__dict__.update(state)
+        _exit_with_parent()
 
     def __call__(self, info):
         cfg, b = self.cfg, self.cfg.batch_size
@@ -92,6 +102,18 @@ class _EpochSource:
             out.update(zip(_PATCH, _patch_slices(bg, sizes)))
         # Dense arrays are batches (first axis: the sample); DALI needs them contiguous.
         return tuple(out[n] if isinstance(out[n], list) else np.ascontiguousarray(out[n]) for n in self.names)
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent exits (prctl PR_SET_PDEATHSIG);
+    elsewhere, nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent had already gone before the request
+        os._exit(1)
 
 
 def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
