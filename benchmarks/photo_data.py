@@ -1,9 +1,9 @@
 """An ImageNet-like image set for benchmarks at the settings users run (generated once, cached).
 
-    python benchmarks/photo_data.py OUT [--images 3000] [--classes 10] [--seed 0]
+    python benchmarks/photo_data.py OUT [--images 3000] [--classes 10] [--seed 0] [--long-side 400 500]
 
 ImageFolder layout, as torchvision's ``ImageFolder`` and ``objloader-build --gt-masks`` read it:
-``OUT/images/<class>/<id>.jpg`` (JPEG quality 90, long side 400-500 px, aspect 3:4 to 4:3) and
+``OUT/images/<class>/<id>.jpg`` (JPEG quality 90, long side 400-500 px by default, aspect 3:4 to 4:3) and
 ``OUT/masks/<class>/<id>.png`` (the object's exact mask). Every pixel is real photo content:
 the background is a random crop of one of scikit-image's bundled photos, scaled, flipped and
 tinted; the object is a crop of the class's own photo, cut out by a random smooth blob (10-45 %
@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 VERSION = 1
+LONG_SIDE = (400, 500)  # default long side range, px (ImageNet-like); the cached options omit it
 # Colour photos of scikit-image (bundled in its wheel, no download): each class's objects are
 # cut from one of them; backgrounds come from any of these and the grey ones, tinted.
 _CLASS_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -92,9 +93,9 @@ def _blob(rng, height: int, width: int) -> np.ndarray:
 
 def _one(job) -> tuple[int, int, int, int]:
     """Write image ``i`` and its mask; -> (i, width, height, JPEG bytes)."""
-    out, i, label, seed = job
+    out, i, label, seed, (lo, hi) = job
     rng = np.random.default_rng([seed, i])
-    long_side = int(rng.integers(400, 501))
+    long_side = int(rng.integers(lo, hi + 1))
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     width, height = (long_side, int(round(long_side / aspect))) if aspect >= 1 else (int(round(long_side * aspect)), long_side)
     others = [n for n in _BACKGROUND_PHOTOS if n != _CLASS_PHOTOS[label]]
@@ -112,12 +113,17 @@ def _one(job) -> tuple[int, int, int, int]:
 
 
 def photo_set(out: str, images: int = 3000, classes: int = 10, seed: int = 0, workers: int | None = None,
-              log=print) -> dict:
+              log=print, long_side: tuple = LONG_SIDE) -> dict:
     """The set under ``out`` (generated unless a complete one with the same options is there);
-    returns its photo_data.json record."""
+    returns its photo_data.json record. ``long_side``: (min, max) of the images' long side, px."""
     if not 1 <= classes <= len(_CLASS_PHOTOS):
         raise SystemExit(f"photo_data: classes must be in [1, {len(_CLASS_PHOTOS)}]")
+    lo, hi = int(long_side[0]), int(long_side[1])
+    if not 8 <= lo <= hi:
+        raise SystemExit(f"photo_data: long side must satisfy 8 <= MIN <= MAX, got {lo} {hi}")
     options = {"version": VERSION, "images": images, "classes": classes, "seed": seed}
+    if (lo, hi) != LONG_SIDE:  # only then, so sets cached before the option existed stay valid
+        options["long_side"] = [lo, hi]
     marker = os.path.join(out, "photo_data.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -128,9 +134,13 @@ def photo_set(out: str, images: int = 3000, classes: int = 10, seed: int = 0, wo
         os.makedirs(os.path.join(out, "images", f"class{c:02d}"), exist_ok=True)
         os.makedirs(os.path.join(out, "masks", f"class{c:02d}"), exist_ok=True)
     log(f"photo_data: generating {images} JPEGs under {out}")
-    jobs = [(out, i, i % classes, seed) for i in range(images)]
+    jobs = [(out, i, i % classes, seed, (lo, hi)) for i in range(images)]
+    rows, step = [], max(images // 10, 10000)  # a progress line per 10 % of a large set
     with Pool(workers or os.cpu_count() or 1) as pool:
-        rows = pool.map(_one, jobs, chunksize=32)
+        for row in pool.imap(_one, jobs, chunksize=32):
+            rows.append(row)
+            if len(rows) % step == 0 and len(rows) < images:
+                log(f"photo_data: {len(rows)}/{images}")
     rows = np.array(rows, np.float64)
     info = {"options": options, "images": images,
             "mean_width": float(rows[:, 1].mean()), "mean_height": float(rows[:, 2].mean()),
@@ -148,8 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-side", type=int, nargs=2, default=LONG_SIDE, metavar=("MIN", "MAX"),
+                   help="range of the images' long side, px")
     a = p.parse_args(argv)
-    print(json.dumps(photo_set(a.out, a.images, a.classes, a.seed)))
+    print(json.dumps(photo_set(a.out, a.images, a.classes, a.seed, long_side=tuple(a.long_side))))
     return 0
 
 

@@ -10,8 +10,9 @@ through the shard indexes, with every view's crop window from the shared sampler
 (objloader.augment.params) on each record's index, epoch, image size (the JPEG's frame header,
 no decode) and boxes. Order and parameters are therefore the same in every engine, and a resumed
 epoch replays the uninterrupted one. The callback depends on nothing but (epoch, batch), so DALI
-runs it in ``num_workers`` Python worker processes (a parallel external source): the reading and
-sampling of upcoming batches scales with cores and leaves the training process's thread free.
+runs it in ``num_workers`` Python worker processes (a parallel external source; forked, or spawned
+once CUDA is initialised): the reading and sampling of upcoming batches scales with cores and
+leaves the training process's thread free.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ class _EpochSource:
                       + (tuple(f"mask{v}" for v in views) + ("any_mask",) if mask_flags else ())
                       + (_PATCH if cfg.needs_patches else ()) + _PASSED)
         self._epoch, self._order = None, None
-
-    def __setstate__(self, state):
-        # Runs in each DALI Python worker as it receives the source: DALI's workers do not watch
-        # their parent, so a training process killed outright would leave them waiting forever.
-        self.__dict__.update(state)
-        _exit_with_parent()
+        self._pid = os.getpid()  # the process that made the source (the loader's)
 
     def __call__(self, info):
+        if self._pid != os.getpid():  # first call in a DALI worker (forked or spawned)
+            # DALI's workers do not watch their parent: a training process killed outright
+            # would leave them waiting forever.
+            self._pid = os.getpid()
+            _exit_with_parent()
         cfg, b = self.cfg, self.cfg.batch_size
         epoch = self.first_epoch + info.epoch_idx
         if epoch != self._epoch:
@@ -150,11 +151,14 @@ def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
     def zeros(size):  # stands in for a skipped mask: same type, rank and layout as a decoded one
         return fn.constant(idata=0, shape=[size, size, 1], dtype=types.UINT8, layout="HWC")
 
-    # Python workers are spawned, not forked: the training process may already hold a CUDA
-    # context (and other threads' locks) that a forked child would inherit broken.
+    # Python workers are forked (quick, and a script needs no main guard) unless this process
+    # already holds a CUDA context, which a forked child would inherit broken: then they are
+    # spawned, and each re-imports the main script (which needs `if __name__ == "__main__":`).
+    start = "spawn" if torch.cuda.is_initialized() else "fork"
+
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(cfg.num_workers, 1), device_id=device_id,
                   prefetch_queue_depth=2, enable_conditionals=skip_masks,  # no random numbers: no seed
-                  py_num_workers=max(cfg.num_workers, 1), py_start_method="spawn")
+                  py_num_workers=max(cfg.num_workers, 1), py_start_method=start)
     def object_aware_views():
         queue = {"prefetch_queue_depth": 2} if parallel else {}  # batches each worker prepares ahead
         parts = dict(zip(source.names, fn.external_source(source, num_outputs=len(source.names), batch=True,
