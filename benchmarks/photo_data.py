@@ -91,24 +91,37 @@ def _blob(rng, height: int, width: int) -> np.ndarray:
     return mask
 
 
+def _complete(path: str, ending: bytes) -> bool:
+    """The file is there and ends as a whole JPEG (EOI marker) or PNG (IEND chunk) does."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(ending), os.SEEK_END)
+            return f.read() == ending
+    except OSError:
+        return False
+
+
 def _one(job) -> tuple[int, int, int, int]:
-    """Write image ``i`` and its mask; -> (i, width, height, JPEG bytes)."""
-    out, i, label, seed, (lo, hi) = job
+    """Write image ``i`` and its mask (or, with ``reuse``, keep them when an interrupted run of the
+    same options wrote both whole); -> (i, width, height, JPEG bytes)."""
+    out, i, label, seed, (lo, hi), reuse = job
     rng = np.random.default_rng([seed, i])
     long_side = int(rng.integers(lo, hi + 1))
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     width, height = (long_side, int(round(long_side / aspect))) if aspect >= 1 else (int(round(long_side * aspect)), long_side)
+    name, cls = f"{i:06d}", f"class{label:02d}"
+    jpg = os.path.join(out, "images", cls, name + ".jpg")
+    png = os.path.join(out, "masks", cls, name + ".png")
+    if reuse and _complete(jpg, b"\xff\xd9") and _complete(png, b"IEND\xaeB`\x82"):
+        return i, width, height, os.path.getsize(jpg)
     others = [n for n in _BACKGROUND_PHOTOS if n != _CLASS_PHOTOS[label]]
     image = _random_crop(rng, _photo(others[int(rng.integers(len(others)))]), height, width)
     obj = _random_crop(rng, _photo(_CLASS_PHOTOS[label]), height, width)
     mask = _blob(rng, height, width)
     soft = cv2.GaussianBlur(mask, (0, 0), 1.0).astype(np.float32)[:, :, None] / 255.0  # no cut-out seam
     image = (soft * obj + (1 - soft) * image).astype(np.uint8)
-    name = f"{i:06d}"
-    cls = f"class{label:02d}"
-    jpg = os.path.join(out, "images", cls, name + ".jpg")
     cv2.imwrite(jpg, image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-    cv2.imwrite(os.path.join(out, "masks", cls, name + ".png"), mask)
+    cv2.imwrite(png, mask)
     return i, width, height, os.path.getsize(jpg)
 
 
@@ -133,8 +146,13 @@ def photo_set(out: str, images: int = 3000, classes: int = 10, seed: int = 0, wo
     for c in range(classes):
         os.makedirs(os.path.join(out, "images", f"class{c:02d}"), exist_ok=True)
         os.makedirs(os.path.join(out, "masks", f"class{c:02d}"), exist_ok=True)
-    log(f"photo_data: generating {images} JPEGs under {out}")
-    jobs = [(out, i, i % classes, seed, (lo, hi)) for i in range(images)]
+    # An interrupted run of the same options left photo_data.partial.json: its whole files are kept.
+    started = os.path.join(out, "photo_data.partial.json")
+    reuse = os.path.isfile(started) and json.load(open(started)) == options
+    with open(started, "w") as f:
+        json.dump(options, f)
+    log(f"photo_data: generating {images} JPEGs under {out}" + (" (resuming)" if reuse else ""))
+    jobs = [(out, i, i % classes, seed, (lo, hi), reuse) for i in range(images)]
     rows, step = [], max(images // 10, 10000)  # a progress line per 10 % of a large set
     with Pool(workers or os.cpu_count() or 1) as pool:
         for row in pool.imap(_one, jobs, chunksize=32):
@@ -149,6 +167,7 @@ def photo_set(out: str, images: int = 3000, classes: int = 10, seed: int = 0, wo
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)
     os.replace(tmp, marker)
+    os.remove(started)
     return info
 
 
