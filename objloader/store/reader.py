@@ -88,21 +88,27 @@ def _entry_record(entry: dict) -> int:
     return int(names.pop())
 
 
-def read_index(idx_path: str) -> List[dict]:
-    """Parse a DALI webdataset index: per sample, suffix -> (offset, size, member name)."""
+def _read_index_file(idx_path: str) -> Tuple[int, bytes]:
+    """(sample count of its header, the sample lines) of an .idx; DatasetError when it is
+    missing, unreadable or has no v1.2 header."""
     try:
         with open(idx_path, "rb") as f:
-            lines = f.read().split(b"\n")
+            head, _, body = f.read().partition(b"\n")
     except FileNotFoundError:
         raise DatasetError(f"{idx_path} is missing; rebuild the dataset") from None
     except OSError as e:
         raise DatasetError(f"{idx_path} cannot be read: {e.strerror or e}") from None
     try:
-        count = _index_header(lines[0])
+        return _index_header(head), body
     except DatasetError as e:
         raise DatasetError(f"{idx_path}: {e}") from None
+
+
+def read_index(idx_path: str) -> List[dict]:
+    """Parse a DALI webdataset index: per sample, suffix -> (offset, size, member name)."""
+    count, body = _read_index_file(idx_path)
     samples = []
-    for n, line in enumerate(lines[1:], start=2):
+    for n, line in enumerate(body.split(b"\n"), start=2):
         if not line.strip():
             continue
         try:
@@ -222,20 +228,10 @@ def index_arrays(idx_path: str, first_record: int) -> Tuple[Tuple[str, ...], np.
     int64 [n, members], sizes int64 [n, members]) for records first_record.. in order.
 
     read_index's dicts cost ~2 KB of Python objects a record and would be pickled to every
-    loader worker; BuiltDataset keeps these as 8 bytes a record plus 8 a member. Every line must list the same members in the same order
-    (the writer's layout) and name its own record (RECORD.suffix): a damaged or misaligned index
+    loader worker; BuiltDataset keeps these as 8 bytes a record plus 8 a member. Every line must
+    list the same members in the same order (the writer's layout) and name its own record (RECORD.suffix): a damaged or misaligned index
     raises DatasetError instead of pairing a record with another's bytes."""
-    try:
-        with open(idx_path, "rb") as f:
-            head, _, body = f.read().partition(b"\n")
-    except FileNotFoundError:
-        raise DatasetError(f"{idx_path} is missing; rebuild the dataset") from None
-    except OSError as e:
-        raise DatasetError(f"{idx_path} cannot be read: {e.strerror or e}") from None
-    try:
-        count = _index_header(head)
-    except DatasetError as e:
-        raise DatasetError(f"{idx_path}: {e}") from None
+    count, body = _read_index_file(idx_path)
     lines = [line for line in body.split(b"\n") if line.strip()]  # blank lines are not samples
     if len(lines) != count:
         raise DatasetError(f"{idx_path}: header says {count} samples, found {len(lines)}")
