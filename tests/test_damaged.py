@@ -372,6 +372,55 @@ def test_the_index_arrays_read_what_the_index_lists_and_refuse_a_misaligned_inde
             BuiltDataset(str(ds_dir))
 
 
+def test_the_compiled_index_scan_accepts_only_what_the_general_parse_reads_the_same(built, tmp_path):
+    """index_arrays scans the writer's exact layout in a compiled pass and leaves everything else
+    to the general numpy parse. Property: for a written index and for thousands of one-byte edits,
+    insertions and deletions of it, the scan either declines or returns exactly the general
+    parse's arrays; it accepts the written index (the fast path is the one taken); and every edit
+    the general parse refuses stays refused."""
+    idx = str(built / "shards" / "shard-00000.idx")
+    count, body = store_reader._read_index_file(idx)
+
+    def scan(data: bytes, first: int = 0):
+        members = len(data[:data.find(b"\n")].split()) // 4
+        off, size = np.zeros((count, members), np.int64), np.zeros((count, members), np.int64)
+        if members and store_reader._scan_writer_index(np.frombuffer(data, np.uint8), count, first, off, size):
+            return off, size
+        return None
+
+    def general(data: bytes, first: int = 0):
+        try:
+            return store_reader._parse_index_arrays(idx, count, data, first)[1:]
+        except DatasetError:
+            return None
+
+    accepted = scan(body)
+    assert accepted is not None, "the writer's own layout must take the compiled path"
+    assert all(np.array_equal(a, b) for a, b in zip(accepted, general(body)))
+    assert scan(body, first=1) is None and general(body, first=1) is None  # names another record
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b"0123456789 .\n\tjpgnpymaskxX-", np.uint8)
+    declined = 0
+    for trial in range(3000):
+        data = bytearray(body)
+        at = int(rng.integers(0, len(data)))
+        kind = trial % 3
+        if kind == 0:
+            data[at] = int(rng.choice(alphabet))
+        elif kind == 1:
+            data.insert(at, int(rng.choice(alphabet)))
+        else:
+            del data[at]
+        data = bytes(data)
+        fast, slow = scan(data), general(data)
+        if fast is None:
+            declined += 1
+            continue
+        assert slow is not None, f"trial {trial}: the scan accepted an index the general parse refuses"
+        assert all(np.array_equal(a, b) for a, b in zip(fast, slow)), f"trial {trial}: arrays differ"
+    assert declined > 1000  # most edits break the layout; the ones that do not (a digit for a digit) agree
+
+
 def test_jpeg_shape_reads_the_frame_header_of_every_jpeg_kind_and_refuses_others():
     """The DALI engine sizes crop windows from jpeg_shape: it must equal the decoded size."""
     rng = np.random.default_rng(0)
