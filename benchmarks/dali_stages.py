@@ -1,0 +1,253 @@
+"""Where the DALI engine's time goes on the CPU, op by op: the engine's pipeline rebuilt stage by
+stage on the same pre-read batches, each stage adding one piece of the +both pipeline.
+
+    python benchmarks/dali_stages.py [--data demo/photos/built] [--image-size 224] [--batch-size 64]
+                                     [--threads 2] [--batches 15] [--repeats 3]
+
+The external source returns batches read and sampled beforehand (the engine's own
+_EpochSource, called once per batch up front), so every figure is DALI's work alone: no reading,
+no sampling, no Python workers. Stages (images/s of the pipeline, each 2 views a record):
+
+- decode: decoders.image only
+- +views: the two antialiased resizes with roi (one per view)
+- +layout: each view flipped and made channels-first by crop_mirror_normalize, then stacked to
+  [V, 3, S, S] (objloader's vanilla pipeline); and, for the record, the same done the engine's
+  former way (fn.flip, fn.stack, fn.transpose)
+- +masks: mask PNG decode for every record, its two resizes, flips, stack
+- +masks, per view: the same with DALI conditionals, only for the views BG-Mixup mixes (the
+  engine's CPU path)
+- +patch: the background patch slice + resize + channels-first (objloader's +both pipeline)
+
+plus the engine's +both pipeline itself (_build_pipeline) over the same source, and the CPU
+device stage (BG-Mixup blend, uint8 out) alone on the engine's own batches. Round-robin repeats,
+medians. Writes benchmarks/results/dali_stages.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import git_state, machine  # noqa: E402
+from objloader.loaders import dali_engine  # noqa: E402
+from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
+from objloader.store.reader import BuiltDataset  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+P_MIX = 0.4
+
+
+class _Replay:
+    """A non-parallel external source replaying batches produced up front by the engine's source."""
+
+    def __init__(self, batches: list, names: tuple):
+        self.batches, self.names, self.k = batches, names, 0
+
+    def __call__(self):
+        out = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        return out
+
+
+STAGES = ("decode", "+views", "+layout", "+masks", "+masks, per view", "+patch")
+OLD_LAYOUT = "+layout as before (flip, stack, transpose)"
+
+
+def _stage_pipeline(stage: str, replay: _Replay, cfg: LoaderConfig):
+    """The pipeline up to ``stage`` (or OLD_LAYOUT: +views, then the layout ops the engine used
+    until crop_mirror_normalize replaced them)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    s, p = cfg.image_size, cfg.patch
+    old = stage == OLD_LAYOUT
+    upto = STAGES.index("+layout") if old else STAGES.index(stage)
+    conditional = upto >= STAGES.index("+masks, per view")
+    laid_out = upto >= STAGES.index("+layout")
+
+    def resize(x, start, end, size):
+        return fn.resize(x, roi_start=start, roi_end=end, roi_relative=True, size=[size, size], antialias=True,
+                         interp_type=types.INTERP_LINEAR)
+
+    def chw(x, mirror=0):
+        return fn.crop_mirror_normalize(x, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
+
+    def view(x, parts, v):
+        out = resize(x, parts[f"start{v}"], parts[f"end{v}"], s)
+        if old:
+            return fn.flip(out, horizontal=parts[f"flip{v}"])
+        return chw(out, parts[f"flip{v}"]) if laid_out else out
+
+    def zeros(size, layout):
+        shape = [1, size, size] if layout == "CHW" else [size, size, 1]
+        return fn.constant(idata=0, shape=shape, dtype=types.UINT8, layout=layout)
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_workers, device_id=None, prefetch_queue_depth=2,
+                  enable_conditionals=conditional)
+    def pipe():
+        parts = dict(zip(replay.names, fn.external_source(replay, num_outputs=len(replay.names), batch=True)))
+        image = fn.decoders.image(parts["jpg"], device="cpu", output_type=types.RGB)
+        if upto == 0:
+            return image
+        views = [view(image, parts, v) for v in range(cfg.views)]
+        if old:
+            return fn.transpose(fn.stack(*views), perm=[0, 3, 1, 2])
+        out = [fn.stack(*views)] if laid_out else views
+        if upto >= STAGES.index("+masks"):
+            if conditional:
+                if parts["any_mask"]:
+                    mask = fn.decoders.image(parts["mask"], device="cpu", output_type=types.GRAY)
+                else:
+                    mask = zeros(1, "HWC")
+                masks = []
+                for v in range(cfg.views):
+                    if parts[f"mask{v}"]:
+                        m = view(mask, parts, v)
+                    else:
+                        m = zeros(s, "CHW")
+                    masks.append(m)
+            else:
+                mask = fn.decoders.image(parts["mask"], device="cpu", output_type=types.GRAY)
+                masks = [view(mask, parts, v) for v in range(cfg.views)]
+            out.append(fn.stack(*masks))
+        if upto >= STAGES.index("+patch"):
+            region = fn.slice(image, parts["bg_anchor"], parts["bg_shape"], axes=[0, 1])
+            patch = fn.resize(region, roi_start=parts["bg_start"], roi_end=parts["bg_end"], roi_relative=False,
+                              size=[p, p], antialias=True, interp_type=types.INTERP_LINEAR)
+            out.append(chw(patch))
+        return tuple(out)
+
+    return pipe()
+
+
+class _ReplayWithInfo:
+    """The replay behind the batch_info signature the engine's pipeline calls its source with."""
+
+    def __init__(self, replay: _Replay):
+        self.replay, self.names, self.mask_flags = replay, replay.names, True
+
+    def __call__(self, info):
+        return self.replay()
+
+
+def time_pipeline(pipe, batches: int) -> float:
+    pipe.run()  # fill
+    t = time.perf_counter()
+    for _ in range(batches):
+        pipe.run()
+    return batches * pipe.max_batch_size / (time.perf_counter() - t)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.path.join(REPO, "demo", "photos", "built"))
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    args = p.parse_args(argv)
+
+    cfg = LoaderConfig(batch_size=args.batch_size, image_size=args.image_size, oa_crop=True, bg_mixup=P_MIX,
+                       crop_scale=(0.2, 1.0), color="none", normalize=False, dtype=torch.uint8,
+                       num_workers=args.threads)
+    ds = BuiltDataset(args.data)
+    source = dali_engine._EpochSource(ds, cfg, first_epoch=0, mask_flags=True)
+    n_batches = min(8, len(ds) // args.batch_size)
+
+    class Info:
+        epoch_idx = 0
+
+        def __init__(self, k):
+            self.iteration = k
+
+    batches = [source(Info(k)) for k in range(n_batches)]
+    replay = _Replay(batches, source.names)
+    pipes = {name: _stage_pipeline(name, replay, cfg) for name in STAGES + (OLD_LAYOUT,)}
+    engine_source = _ReplayWithInfo(replay)
+    pipes["engine +both"] = dali_engine._build_pipeline(engine_source, replace(cfg, num_workers=args.threads), None)
+    for pipe in pipes.values():
+        pipe.build()
+
+    # The CPU device stage alone, on the engine pipeline's own batches.
+    stage = DeviceStage(cfg)
+    engine_batches = []
+    for k in range(n_batches):
+        outs = pipes["engine +both"].run()
+        views, masks, patches = (torch.from_numpy(np.array(o.as_tensor())) for o in outs[:3])
+        passed = dict(zip(dali_engine._PASSED, (np.array(o.as_tensor()) for o in outs[3:])))
+        engine_batches.append(EngineBatch(
+            views=views, masks=masks, patches=patches, index=passed["index"].reshape(-1),
+            labels=torch.from_numpy(passed["label"].reshape(-1)), has_bg=passed["has_bg"].reshape(-1).astype(bool),
+            epoch=0, window=passed["window"], flip=passed["flip"].astype(bool),
+            box_index=passed["box_index"].reshape(-1)))
+
+    def device_stage_rate(batches_timed: int) -> float:
+        stage(engine_batches[0])
+        t = time.perf_counter()
+        for k in range(batches_timed):
+            stage(engine_batches[k % len(engine_batches)])
+        return batches_timed * args.batch_size / (time.perf_counter() - t)
+
+    runs = {**{name: (lambda pipe=pipe: time_pipeline(pipe, args.batches)) for name, pipe in pipes.items()},
+            "device stage alone": lambda: device_stage_rate(args.batches)}
+    rates = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rates[name].append(runs[name]())
+            print(f"repeat {r + 1}/{args.repeats} {name}: {rates[name][-1]:.0f} images/s", flush=True)
+
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    ms = {name: 1000 * args.batch_size / v for name, v in med.items()}  # ms a batch
+    rows, previous = [], None
+    for name in STAGES:
+        rows.append({"stage": name, "images_per_s": med[name], "ms_per_batch": ms[name],
+                     "added_ms_per_batch": None if previous is None else ms[name] - ms[previous]})
+        previous = name if name != "+masks" else previous  # both mask variants add to +layout
+    rows.append({"stage": OLD_LAYOUT, "images_per_s": med[OLD_LAYOUT], "ms_per_batch": ms[OLD_LAYOUT],
+                 "added_ms_per_batch": ms[OLD_LAYOUT] - ms["+views"]})
+    rows.append({"stage": "engine +both", "images_per_s": med["engine +both"], "ms_per_batch": ms["engine +both"]})
+    rows.append({"stage": "device stage alone", "images_per_s": med["device stage alone"],
+                 "ms_per_batch": ms["device stage alone"]})
+    info = {"images": len(ds)}
+    result = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": git_state(), "command": " ".join(sys.argv), "data": {"path": args.data, **info},
+              "settings": {"image_size": args.image_size, "batch_size": args.batch_size, "threads": args.threads,
+                           "batches": args.batches, "repeats": args.repeats, "p_mix": P_MIX, "crop_scale": [0.2, 1.0],
+                           "oa_crop": True},
+              "rates": rates, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dali_stages.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    m = result["machine"]
+    lines = [f"# The DALI engine's pipeline, stage by stage ({args.image_size} px, CPU)", "",
+             f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), {result['date']}, commit {result['commit']['commit']}. "
+             f"{len(ds)} records of {args.data}; batch {args.batch_size}, 2 views, {args.threads} DALI threads, "
+             f"OA-Crop windows, BG-Mixup {P_MIX}; batches read beforehand (DALI's work only). "
+             f"Median of {args.repeats} round-robin repeats of {args.batches} batches.", "",
+             "| stage | images/s | ms a batch | added, ms a batch |", "|---|---:|---:|---:|"]
+    for row in rows:
+        added = row.get("added_ms_per_batch")
+        lines.append(f"| {row['stage']} | {row['images_per_s']:.0f} | {row['ms_per_batch']:.1f} | "
+                     f"{'' if added is None else f'{added:+.1f}'} |")
+    lines += ["", "+masks and +masks, per view each add to +layout (one without, one with DALI conditionals); "
+              "+patch adds to +masks, per view; the former layout adds to +views. The device stage runs on the "
+              "training thread after DALI."]
+    with open(os.path.join(args.out, "dali_stages.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
