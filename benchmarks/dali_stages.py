@@ -59,6 +59,9 @@ class _Replay:
         return out
 
 
+WINDOWS = ("vanilla", "oa")
+ENGINE, DEVICE = "engine +both pipeline", "device stage alone (BG-Mixup, uint8)"
+STOCK = "stock-style: random_resized_crop + crop_mirror_normalize"
 STAGES = ("decode", "+views", "+layout", "+masks", "+masks, per view", "+patch")
 OLD_LAYOUT = "+layout as before (flip, stack, transpose)"
 
@@ -129,6 +132,25 @@ def _stage_pipeline(stage: str, replay: _Replay, cfg: LoaderConfig):
     return pipe()
 
 
+def _stock_pipeline(replay: _Replay, cfg: LoaderConfig):
+    """benchmarks/peers.py's stock DALI pipeline after its reader, on the replayed JPEGs."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_workers, device_id=None, prefetch_queue_depth=2,
+                  seed=0)
+    def pipe():
+        parts = dict(zip(replay.names, fn.external_source(replay, num_outputs=len(replay.names), batch=True)))
+        image = fn.decoders.image(parts["jpg"], device="cpu", output_type=types.RGB)
+        views = [fn.crop_mirror_normalize(fn.random_resized_crop(image, size=[cfg.image_size] * 2,
+                                                                 random_area=list(cfg.crop_scale),
+                                                                 random_aspect_ratio=[3 / 4, 4 / 3], antialias=True),
+                                          mirror=fn.random.coin_flip(), output_layout="CHW", dtype=types.UINT8)
+                 for _ in range(cfg.views)]
+        return tuple(views)
+
+    return pipe()
+
+
 class _ReplayWithInfo:
     """The replay behind the batch_info signature the engine's pipeline calls its source with."""
 
@@ -158,11 +180,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
 
-    cfg = LoaderConfig(batch_size=args.batch_size, image_size=args.image_size, oa_crop=True, bg_mixup=P_MIX,
-                       crop_scale=(0.2, 1.0), color="none", normalize=False, dtype=torch.uint8,
-                       num_workers=args.threads)
     ds = BuiltDataset(args.data)
-    source = dali_engine._EpochSource(ds, cfg, first_epoch=0, mask_flags=True)
     n_batches = min(8, len(ds) // args.batch_size)
 
     class Info:
@@ -171,62 +189,66 @@ def main(argv=None) -> None:
         def __init__(self, k):
             self.iteration = k
 
-    batches = [source(Info(k)) for k in range(n_batches)]
-    replay = _Replay(batches, source.names)
-    pipes = {name: _stage_pipeline(name, replay, cfg) for name in STAGES + (OLD_LAYOUT,)}
-    engine_source = _ReplayWithInfo(replay)
-    pipes["engine +both"] = dali_engine._build_pipeline(engine_source, replace(cfg, num_workers=args.threads), None)
-    for pipe in pipes.values():
-        pipe.build()
+    pipes, stages, engine_batches = {}, {}, {}
+    for windows in WINDOWS:
+        cfg = LoaderConfig(batch_size=args.batch_size, image_size=args.image_size, oa_crop=windows == "oa",
+                           bg_mixup=P_MIX, crop_scale=(0.2, 1.0), color="none", normalize=False, dtype=torch.uint8,
+                           num_workers=args.threads)
+        source = dali_engine._EpochSource(ds, cfg, first_epoch=0, mask_flags=True)
+        replay = _Replay([source(Info(k)) for k in range(n_batches)], source.names)
+        for name in STAGES + (OLD_LAYOUT,):
+            pipes[windows, name] = _stage_pipeline(name, replay, cfg)
+        pipes[windows, ENGINE] = dali_engine._build_pipeline(_ReplayWithInfo(replay), cfg, None)
+        if windows == "vanilla":
+            pipes[windows, STOCK] = _stock_pipeline(replay, cfg)
+        for pipe in (q for (w, _), q in pipes.items() if w == windows):
+            pipe.build()
+        # The CPU device stage alone, on the engine pipeline's own batches.
+        stages[windows], engine_batches[windows] = DeviceStage(cfg), []
+        for k in range(n_batches):
+            outs = pipes[windows, ENGINE].run()
+            views, masks, patches = (torch.from_numpy(np.array(o.as_tensor())) for o in outs[:3])
+            passed = dict(zip(dali_engine._PASSED, (np.array(o.as_tensor()) for o in outs[3:])))
+            engine_batches[windows].append(EngineBatch(
+                views=views, masks=masks, patches=patches, index=passed["index"].reshape(-1),
+                labels=torch.from_numpy(passed["label"].reshape(-1)), epoch=0,
+                has_bg=passed["has_bg"].reshape(-1).astype(bool), window=passed["window"],
+                flip=passed["flip"].astype(bool), box_index=passed["box_index"].reshape(-1)))
 
-    # The CPU device stage alone, on the engine pipeline's own batches.
-    stage = DeviceStage(cfg)
-    engine_batches = []
-    for k in range(n_batches):
-        outs = pipes["engine +both"].run()
-        views, masks, patches = (torch.from_numpy(np.array(o.as_tensor())) for o in outs[:3])
-        passed = dict(zip(dali_engine._PASSED, (np.array(o.as_tensor()) for o in outs[3:])))
-        engine_batches.append(EngineBatch(
-            views=views, masks=masks, patches=patches, index=passed["index"].reshape(-1),
-            labels=torch.from_numpy(passed["label"].reshape(-1)), has_bg=passed["has_bg"].reshape(-1).astype(bool),
-            epoch=0, window=passed["window"], flip=passed["flip"].astype(bool),
-            box_index=passed["box_index"].reshape(-1)))
-
-    def device_stage_rate(batches_timed: int) -> float:
-        stage(engine_batches[0])
+    def device_stage_rate(windows: str) -> float:
+        stage, batches = stages[windows], engine_batches[windows]
+        stage(batches[0])
         t = time.perf_counter()
-        for k in range(batches_timed):
-            stage(engine_batches[k % len(engine_batches)])
-        return batches_timed * args.batch_size / (time.perf_counter() - t)
+        for k in range(args.batches):
+            stage(batches[k % len(batches)])
+        return args.batches * args.batch_size / (time.perf_counter() - t)
 
-    runs = {**{name: (lambda pipe=pipe: time_pipeline(pipe, args.batches)) for name, pipe in pipes.items()},
-            "device stage alone": lambda: device_stage_rate(args.batches)}
-    rates = {name: [] for name in runs}
-    names = list(runs)
+    runs = {**{key: (lambda pipe=pipe: time_pipeline(pipe, args.batches)) for key, pipe in pipes.items()},
+            **{(w, DEVICE): (lambda w=w: device_stage_rate(w)) for w in WINDOWS}}
+    rates = {key: [] for key in runs}
+    keys = list(runs)
     for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            rates[name].append(runs[name]())
-            print(f"repeat {r + 1}/{args.repeats} {name}: {rates[name][-1]:.0f} images/s", flush=True)
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            rates[key].append(runs[key]())
+            print(f"repeat {r + 1}/{args.repeats} {key[0]} windows, {key[1]}: {rates[key][-1]:.0f} images/s", flush=True)
 
-    med = {name: statistics.median(v) for name, v in rates.items()}
-    ms = {name: 1000 * args.batch_size / v for name, v in med.items()}  # ms a batch
-    rows, previous = [], None
-    for name in STAGES:
-        rows.append({"stage": name, "images_per_s": med[name], "ms_per_batch": ms[name],
-                     "added_ms_per_batch": None if previous is None else ms[name] - ms[previous]})
-        previous = name if name != "+masks" else previous  # both mask variants add to +layout
-    rows.append({"stage": OLD_LAYOUT, "images_per_s": med[OLD_LAYOUT], "ms_per_batch": ms[OLD_LAYOUT],
-                 "added_ms_per_batch": ms[OLD_LAYOUT] - ms["+views"]})
-    rows.append({"stage": "engine +both", "images_per_s": med["engine +both"], "ms_per_batch": ms["engine +both"]})
-    rows.append({"stage": "device stage alone", "images_per_s": med["device stage alone"],
-                 "ms_per_batch": ms["device stage alone"]})
-    info = {"images": len(ds)}
+    med = {key: statistics.median(v) for key, v in rates.items()}
+    ms = {key: 1000 * args.batch_size / v for key, v in med.items()}  # ms a batch
+    added_to = {"+views": "decode", "+layout": "+views", "+masks": "+layout", "+masks, per view": "+layout",
+                "+patch": "+masks, per view", OLD_LAYOUT: "+views"}
+    rows = []
+    for name in STAGES + (OLD_LAYOUT, ENGINE, DEVICE, STOCK):
+        row = {"stage": name}
+        for w in WINDOWS:
+            if (w, name) in med:
+                row[w] = {"images_per_s": med[w, name], "ms_per_batch": ms[w, name],
+                          "added_ms_per_batch": ms[w, name] - ms[w, added_to[name]] if name in added_to else None}
+        rows.append(row)
     result = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_state(), "command": " ".join(sys.argv), "data": {"path": args.data, **info},
+              "commit": git_state(), "command": " ".join(sys.argv), "data": {"path": args.data, "images": len(ds)},
               "settings": {"image_size": args.image_size, "batch_size": args.batch_size, "threads": args.threads,
-                           "batches": args.batches, "repeats": args.repeats, "p_mix": P_MIX, "crop_scale": [0.2, 1.0],
-                           "oa_crop": True},
-              "rates": rates, "rows": rows}
+                           "batches": args.batches, "repeats": args.repeats, "p_mix": P_MIX, "crop_scale": [0.2, 1.0]},
+              "rates": {f"{w}|{name}": v for (w, name), v in rates.items()}, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dali_stages.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -234,16 +256,24 @@ def main(argv=None) -> None:
     lines = [f"# The DALI engine's pipeline, stage by stage ({args.image_size} px, CPU)", "",
              f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), {result['date']}, commit {result['commit']['commit']}. "
              f"{len(ds)} records of {args.data}; batch {args.batch_size}, 2 views, {args.threads} DALI threads, "
-             f"OA-Crop windows, BG-Mixup {P_MIX}; batches read beforehand (DALI's work only). "
-             f"Median of {args.repeats} round-robin repeats of {args.batches} batches.", "",
-             "| stage | images/s | ms a batch | added, ms a batch |", "|---|---:|---:|---:|"]
+             f"RandomResizedCrop scale (0.2, 1) windows (vanilla) or OA-Crop windows (oa), BG-Mixup {P_MIX}; "
+             f"batches read and sampled beforehand (DALI's work only). Median of {args.repeats} round-robin repeats "
+             f"of {args.batches} batches; ms a batch of {args.batch_size}.", "",
+             "| stage | vanilla windows: images/s | ms | added ms | OA-Crop windows: images/s | ms | added ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(row, w):
+        if w not in row:
+            return "— | — | —"
+        c, added = row[w], row[w]["added_ms_per_batch"]
+        return f"{c['images_per_s']:.0f} | {c['ms_per_batch']:.1f} | {'' if added is None else f'{added:+.1f}'}"
+
     for row in rows:
-        added = row.get("added_ms_per_batch")
-        lines.append(f"| {row['stage']} | {row['images_per_s']:.0f} | {row['ms_per_batch']:.1f} | "
-                     f"{'' if added is None else f'{added:+.1f}'} |")
-    lines += ["", "+masks and +masks, per view each add to +layout (one without, one with DALI conditionals); "
-              "+patch adds to +masks, per view; the former layout adds to +views. The device stage runs on the "
-              "training thread after DALI."]
+        lines.append(f"| {row['stage']} | {cells(row, 'vanilla')} | {cells(row, 'oa')} |")
+    lines += ["", "Added: against +views for +layout and the former layout, against +layout for both mask variants "
+              "(one without, one with DALI conditionals), against +masks, per view for +patch. The device stage runs "
+              "on the training thread after DALI. The stock-style row is what benchmarks/peers.py's stock DALI "
+              "pipeline does after its file reader, on the same replayed JPEGs."]
     with open(os.path.join(args.out, "dali_stages.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
