@@ -38,7 +38,7 @@ setup(
         "pillow>=9",
         "matplotlib>=3.7",  # benchmark plots, loss curves
     ],
-    extras_require={"test": ["pytest>=7", "tensorboard>=2.14"]},
+    extras_require={"test": ["pytest>=7", "tensorboard>=2.14", "hypothesis>=6.100", "pycocotools>=2.0.7"]},
     entry_points={
         "console_scripts": [
             "objloader-build=objloader.cli.build:main",
