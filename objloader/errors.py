@@ -9,7 +9,7 @@ This module imports nothing, so every stage of the data flow can use it.
 """
 from __future__ import annotations
 
-__all__ = ["ObjloaderError", "ConfigError", "ProbeError"]
+__all__ = ["ObjloaderError", "ConfigError", "ProbeError", "RunError", "DivergedError"]
 
 
 class ObjloaderError(Exception):
@@ -22,3 +22,11 @@ class ConfigError(ObjloaderError, ValueError):
 
 class ProbeError(ObjloaderError, ValueError):
     """Features or labels a linear probe cannot be fitted or scored on."""
+
+
+class RunError(ObjloaderError, RuntimeError):
+    """A run that had to stop: a worker process died, a rank stopped answering."""
+
+
+class DivergedError(RunError, FloatingPointError):
+    """Training produced a non-finite loss or model state; the last good checkpoint is kept."""

@@ -17,6 +17,7 @@ and content hash: the build pairs by key and refuses a hash mismatch.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import multiprocessing
@@ -38,6 +39,7 @@ from ..augment.reference import normalize
 from ..checkpoint import load_encoder
 from ..errors import ObjloaderError
 from ..fileio import file_sha256, write_json_atomic
+from ..procs import DieWithOwner, dist_failure, raise_if_worker_died
 from ..sources.decode import DecodeLimits, SkipRecord, decode_image
 from ..sources.resolve import source_fingerprint
 from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
@@ -198,17 +200,37 @@ class MaskStore:
         return out
 
 
-def _distributed():
+DEFAULT_DIST_TIMEOUT = 300.0  # seconds a rank waits in a collective for the others (--dist-timeout)
+
+
+def _distributed(timeout: float = DEFAULT_DIST_TIMEOUT):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise CamError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # gloo even on CUDA: the ranks only synchronise (barriers), they exchange no tensors.
+        try:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            if dist_failure(e) is None:
+                raise
+            raise CamError(f"rank {rank}: the {world} ranks did not all join within --dist-timeout {timeout:g} s "
+                           f"({str(e).splitlines()[0]})") from e
     return rank, world
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
+def _barrier(world: int, timeout: float = DEFAULT_DIST_TIMEOUT) -> None:
+    if world <= 1:
+        return
+    try:
         dist.barrier()
+    except RuntimeError as e:
+        if dist_failure(e) is None:
+            raise
+        raise CamError(f"rank {dist.get_rank()}: another rank did not reach the barrier within --dist-timeout "
+                       f"{timeout:g} s (stopped, killed or still computing); raise --dist-timeout if it is only "
+                       f"slow, then rerun: finished chunks are kept") from e
 
 
 def _pick_device(device: Optional[str]) -> torch.device:
@@ -228,11 +250,13 @@ def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: 
 
 def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamSettings(), *,
                   opts: DecodeLimits = DecodeLimits(), workers: Optional[int] = None, device: Optional[str] = None,
-                  overwrite: bool = False, progress: bool = True, log: Callable = print) -> dict:
+                  overwrite: bool = False, progress: bool = True, log: Callable = print,
+                  dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> dict:
     """ContraCAM masks of every sample of ``specs`` (see objloader.sources) into the store ``out``;
     returns its masks.json. Resumes an interrupted run with the same arguments; refuses to mix a
-    different run into an existing store unless ``overwrite``."""
-    rank, world = _distributed()
+    different run into an existing store unless ``overwrite``. Under torchrun a rank waits at
+    most ``dist_timeout`` seconds for the others at a barrier."""
+    rank, world = _distributed(dist_timeout)
     dev = _pick_device(device)
     workers = workers or os.cpu_count() or 1
     if not os.path.isfile(checkpoint):
@@ -260,7 +284,7 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         write_json_atomic(run_path, {"format": STORE_FORMAT, "fingerprint": fingerprint,
                                      "checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": ckpt_sha,
                                      "settings": settings.to_dict()})
-    _barrier(world)
+    _barrier(world, dist_timeout)
     if os.path.isfile(done_path):
         with open(done_path, encoding="utf-8") as f:
             return json.load(f)
@@ -276,7 +300,7 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         if pool is not None:
             pool.shutdown()
     seconds = time.time() - t0
-    _barrier(world)
+    _barrier(world, dist_timeout)
     if rank == 0:
         datasets = {}
         for spec in specs:
@@ -299,7 +323,7 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         write_json_atomic(done_path, info)
         for name, d in datasets.items():
             log(f"contracam {name or 'masks'}: {d['masked']} masked, {len(d['skipped'])} skipped")
-    _barrier(world)
+    _barrier(world, dist_timeout)
     with open(done_path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -328,13 +352,22 @@ def _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool
     reader = _SourceChunks(spec.samples, todo, settings.batch_size, size, opts)
     # Decoding runs ahead in worker processes while the model explains the previous batch.
     loader = DataLoader(reader, batch_size=1, collate_fn=_first, num_workers=decoders,
-                        multiprocessing_context=multiprocessing.get_context("forkserver"))
+                        multiprocessing_context=multiprocessing.get_context("forkserver"),
+                        worker_init_fn=DieWithOwner())  # workers end with this process, even killed
+    it = iter(loader)
     bounds = [chunk_bounds(len(spec.samples), settings.batch_size, c) for c in todo]
     n_todo = sum(hi - lo for lo, hi in bounds)
     label = f"contracam {spec.name}" if spec.name else "contracam"
     with tqdm(total=n_todo, desc=label + (f" rank {rank}" if world > 1 else ""), unit="img", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
-        for chunk in loader:
+        while True:
+            try:
+                chunk = next(it, None)
+            except RuntimeError as e:
+                raise_if_worker_died(it, f"contracam {spec.name or 'source'} decoding", e)
+                raise
+            if chunk is None:
+                break
             ok = np.array([r == "" for r in chunk["reasons"]])
             masks = np.zeros((len(ok), settings.mask_res, settings.mask_res), np.uint8)
             if ok.sum() >= 2:

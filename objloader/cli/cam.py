@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CRF processes; half as many (1 to 4) decode images (default: all cores)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others at a barrier before it stops")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("evaluation (--eval)")
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
 
         specs = open_source(args.src, args.coco_images)
         info = compute_masks(specs, args.out, args.checkpoint, settings, workers=args.workers, device=args.device,
-                             overwrite=args.overwrite, progress=not args.no_progress)
+                             overwrite=args.overwrite, progress=not args.no_progress,
+                             dist_timeout=args.dist_timeout)
         n = sum(d["masked"] for d in info["datasets"].values())
         skipped = sum(len(d["skipped"]) for d in info["datasets"].values())
         print(f"objloader-cam: {n} masks, {skipped} skipped in {args.out} (see {args.out}/masks.json); build with "

@@ -120,6 +120,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="momentum of the key encoder" if method == "moco"
                    else "base momentum of the target network (raised to 1 on a cosine)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--dist-timeout", type=float, default=D.dist_timeout, metavar="S",
+                   help="under torchrun: seconds a rank waits in a collective for the others before every rank "
+                        "stops with an error (a stopped or hung rank would otherwise stall the run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -17,15 +17,14 @@ leaves the training process's thread free.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 
 import numpy as np
 import torch
 
 from ..augment.params import mix_flags, sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
+from ..procs import exit_with_parent
 from ..store.reader import BuiltDataset, DatasetError, decode_npy, jpeg_shape, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 
@@ -60,8 +59,8 @@ class _EpochSource:
         if self._pid != os.getpid():  # first call in a DALI worker (forked or spawned)
             # DALI's workers do not watch their parent: a training process killed outright
             # would leave them waiting forever.
+            exit_with_parent(expected=self._pid)
             self._pid = os.getpid()
-            _exit_with_parent()
         cfg, b = self.cfg, self.cfg.batch_size
         epoch = self.first_epoch + info.epoch_idx
         if epoch != self._epoch:
@@ -103,18 +102,6 @@ class _EpochSource:
             out.update(zip(_PATCH, _patch_slices(bg, sizes)))
         # Dense arrays are batches (first axis: the sample); DALI needs them contiguous.
         return tuple(out[n] if isinstance(out[n], list) else np.ascontiguousarray(out[n]) for n in self.names)
-
-
-def _exit_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent exits (prctl PR_SET_PDEATHSIG);
-    elsewhere, nothing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent had already gone before the request
-        os._exit(1)
 
 
 def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..augment.params import mix_flags, sample_geometry_batch
+from ..procs import DieWithOwner, raise_if_worker_died
 from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .resample import crop_views_into, cut_patch_into, table_arrays, tables_fit
@@ -138,11 +139,12 @@ class TorchEngine:
         # Each worker runs torch ops on one thread: the workers are the parallelism. Workers come
         # from a forkserver, not fork: a training process has OpenMP, TBB, CUDA and logging threads,
         # and a child forked while one of them holds a lock deadlocks (seen with plain fork).
+        # A forkserver child outlives a run killed outright unless it watches the run (DieWithOwner).
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=_identity,
                                  num_workers=cfg.num_workers, pin_memory=cfg.device.startswith("cuda"),
                                  multiprocessing_context=_worker_context() if cfg.num_workers > 0 else None,
                                  persistent_workers=cfg.num_workers > 0,
-                                 worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+                                 worker_init_fn=DieWithOwner(_worker_init) if cfg.num_workers > 0 else None,
                                  prefetch_factor=4 if cfg.num_workers > 0 else None)
 
     def __len__(self) -> int:
@@ -152,7 +154,12 @@ class TorchEngine:
         self.sampler.epoch = epoch
 
     def __iter__(self):
-        return iter(self.loader)
+        it = iter(self.loader)
+        try:
+            yield from it
+        except RuntimeError as e:
+            raise_if_worker_died(it, "torch engine", e)
+            raise
 
 
 def _worker_context():

@@ -13,6 +13,7 @@ of a run). Checkpoints, metrics and the loss curve are written by
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -31,7 +32,8 @@ from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError
 from .byol import BYOL
 from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
 from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError, ObjloaderError, RunError
+from ..procs import dist_failure
 
 __all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "load_checkpoint"]
 
@@ -75,6 +77,7 @@ class TrainConfig:
     shuffle_bn: bool = True  # MoCo: Shuffle-BN (split BN + shuffle in one process, cross-rank shuffle under DDP)
     ema: Optional[float] = None  # momentum of the key / target network; None = 0.999 MoCo, 0.996 BYOL
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    dist_timeout: float = 300.0  # seconds a rank waits in a collective for the others (torchrun)
     progress: bool = True
 
     def __post_init__(self):
@@ -118,13 +121,38 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed(device: torch.device) -> _Dist:
+def _init_distributed(device: torch.device, timeout: float) -> _Dist:
+    """Join torchrun's process group. Every collective (and the rendezvous) waits at most
+    ``timeout`` seconds: a stopped or hung rank otherwise stalls all the others for ever."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ConfigError(f"TrainConfig: dist_timeout must be a positive number of seconds, got {timeout!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if d.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            _raise_if_dist_failed(d, timeout, e, "joining the process group")
+            raise
         d.owns_group = True
     return d
+
+
+def _raise_if_dist_failed(d: _Dist, timeout: float, e: BaseException, what: str = "a collective") -> None:
+    """One-line RunError when ``e`` is a collective of this run that timed out or lost a peer;
+    otherwise nothing (the caller re-raises ``e``)."""
+    if not d.enabled or isinstance(e, ObjloaderError):
+        return
+    kind = dist_failure(e)
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if kind == "timeout":
+        raise RunError(f"rank {d.rank} of {d.world_size}: {what} timed out after --dist-timeout {timeout:g} s "
+                       f"waiting for the other ranks: one stopped answering (stopped, hung, or much slower); "
+                       f"raise --dist-timeout if it is only slow [{detail}]") from e
+    if kind == "lost":
+        raise RunError(f"rank {d.rank} of {d.world_size}: {what} lost its connection to another rank "
+                       f"(it exited or was killed: see that rank's own error) [{detail}]") from e
 
 
 def _pick_device(cfg: TrainConfig) -> torch.device:
@@ -201,6 +229,7 @@ class _Run:
     peak_lr: float
     global_batch: int
     ckpt_path: str
+    saved_step: Optional[int] = None  # the step of the checkpoint at ckpt_path this run wrote or resumed
 
 
 def _setup(cfg: TrainConfig) -> _Run:
@@ -210,7 +239,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     device = _pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    d = _init_distributed(device)
+    d = _init_distributed(device, cfg.dist_timeout)
     log = print if d.main else (lambda *a, **k: None)
     if cfg.data is None:
         raise ConfigError("TrainConfig.data is required: a built dataset directory (the training commands "
@@ -277,15 +306,19 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
     check the shards).
     """
     run = _setup(cfg)
-    step = _resume(run) if run.cfg.resume is not None else 0
-    _wrap_ddp(run)
-    logger = RunLogger(run.cfg, run.stop, step, run.d.main)
-    _announce(run)
+    try:
+        step = _resume(run) if run.cfg.resume is not None else 0
+        _wrap_ddp(run)
+        logger = RunLogger(run.cfg, run.stop, step, run.d.main)
+        _announce(run)
 
-    t_start = time.perf_counter()
-    step, loss_val = _train_until_stop(run, step, logger, on_batch)
-    seconds = time.perf_counter() - t_start
-    _finish(run, logger, step, loss_val, seconds)
+        t_start = time.perf_counter()
+        step, loss_val = _train_until_stop(run, step, logger, on_batch)
+        seconds = time.perf_counter() - t_start
+        _finish(run, logger, step, loss_val, seconds)
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
+        _raise_if_dist_failed(run.d, cfg.dist_timeout, e)
+        raise
     return {"step": step, "epoch": step // run.steps_per_epoch, "loss": loss_val, "checkpoint": run.ckpt_path,
             "seconds": seconds, "model": run.model}
 
@@ -306,6 +339,8 @@ def _resume(run: _Run) -> int:
                               f"(another --queue-size, --batch-size or dataset?): {e}") from e
     set_rng_state(ckpt["rng"])
     step = int(ckpt["step"])
+    if os.path.abspath(src) == os.path.abspath(run.ckpt_path):
+        run.saved_step = step
     old = ckpt["config"]
     if old.get("batch_size") != cfg.batch_size or old.get("data") != cfg.data:
         warnings.warn(f"resuming {src!r} written with batch_size={old.get('batch_size')}, "
@@ -372,14 +407,53 @@ def _train_until_stop(run: _Run, step: int, logger: RunLogger, on_batch: Optiona
             step += 1
             window.add(loss_val, len(batch.views) * run.d.world_size)
             logger.step()
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {step}; lower --lr or disable --amp")
+            _check_finite(run, step, loss_val)
             _log_and_save(run, logger, window, step, epoch)
             if step >= run.stop:
                 break
             t_wait = time.perf_counter()
         del it  # closes the engine's epoch iterator when we stop mid-epoch
     return step, loss_val
+
+
+def _saves_at(run: _Run, step: int) -> bool:
+    """Whether a checkpoint is written after step ``step`` (every --save-every steps, and the end)."""
+    return step == run.stop or bool(run.cfg.save_every and step % run.cfg.save_every == 0)
+
+
+def _state_is_finite(run: _Run) -> bool:
+    tensors = list(run.model.state_dict().values())
+    tensors += [t for s in run.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def _check_finite(run: _Run, step: int, loss_val: float) -> None:
+    """Stop with DivergedError when the loss of step ``step`` on any rank, or (before a checkpoint)
+    the model or optimizer state, is not finite, so a diverged state never overwrites a good
+    checkpoint. Under DDP the ranks agree (one all-gather of two numbers), so all stop together
+    instead of one leaving the others waiting in their next all-reduce."""
+    bad_state = _saves_at(run, step) and not _state_is_finite(run)
+    mine = torch.tensor([loss_val, float(bad_state)], dtype=torch.float64, device=run.device)
+    if run.d.enabled:
+        every = [torch.empty_like(mine) for _ in range(run.d.world_size)]
+        dist.all_gather(every, mine)
+    else:
+        every = [mine]
+    every = [(float(t[0]), bool(t[1])) for t in every]
+    bad = [r for r, (loss, state) in enumerate(every) if state or not math.isfinite(loss)]
+    if not bad:
+        return
+    cfg = run.cfg
+    where = "" if not run.d.enabled else f" on rank {', '.join(map(str, bad))} of {run.d.world_size}"
+    loss, state = every[bad[0]]
+    what = f"loss {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} but the model/optimizer state is not finite"
+    settings = (f"lr {cfg.base_lr:g} per 256 images (peak {run.peak_lr:.3g}, {run.optimizer.param_groups[0]['lr']:.3g} "
+                f"at this step), batch_size {cfg.batch_size}" + (f", temperature {cfg.temperature:g}" if cfg.method == "moco" else "")
+                + (", amp" if cfg.amp else ""))
+    kept = (f"the last good checkpoint {run.ckpt_path} (step {run.saved_step}) is kept" if run.saved_step is not None
+            else "no checkpoint of this run had been written")
+    advice = "lower --lr" + (" or raise --temperature" if cfg.method == "moco" else "") + (" or drop --amp" if cfg.amp else "")
+    raise DivergedError(f"training diverged at step {step}{where}: {what}, with {settings}; {kept}; {advice}")
 
 
 def _log_and_save(run: _Run, logger: RunLogger, window: _Window, step: int, epoch: int) -> None:
@@ -393,8 +467,10 @@ def _log_and_save(run: _Run, logger: RunLogger, window: _Window, step: int, epoc
                     "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": window.imgs / span,
                     "data_wait": window.wait / span})
         window.reset(now)
-    if cfg.save_every and step % cfg.save_every == 0 and step < run.stop and run.d.main:
-        save_checkpoint(run.ckpt_path, cfg, run.model, run.optimizer, run.scaler, step, step // run.steps_per_epoch)
+    if cfg.save_every and step % cfg.save_every == 0 and step < run.stop:
+        if run.d.main:
+            save_checkpoint(run.ckpt_path, cfg, run.model, run.optimizer, run.scaler, step, step // run.steps_per_epoch)
+        run.saved_step = step
 
 
 def _finish(run: _Run, logger: RunLogger, step: int, loss_val: float, seconds: float) -> None:
@@ -402,6 +478,7 @@ def _finish(run: _Run, logger: RunLogger, step: int, loss_val: float, seconds: f
     cfg, d = run.cfg, run.d
     if d.main:
         save_checkpoint(run.ckpt_path, cfg, run.model, run.optimizer, run.scaler, step, step // run.steps_per_epoch)
+    run.saved_step = step
     logger.close()
     if d.main:
         try:
