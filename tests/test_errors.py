@@ -5,7 +5,7 @@ import pytest
 
 from objloader.cam.masks import CamError
 from objloader.cli import build as build_cli
-from objloader.errors import ConfigError, ObjloaderError, ProbeError
+from objloader.errors import ConfigError, DivergedError, ObjloaderError, ProbeError, RunError
 from objloader.optional import MissingDependency
 from objloader.sources import SourceError
 from objloader.sources.demo import DemoError
@@ -17,7 +17,8 @@ from objloader.store.process import MaskPairingError
 @pytest.mark.parametrize("cls, builtin", [
     (SourceError, ValueError), (DatasetError, ValueError), (BuildError, RuntimeError), (CamError, RuntimeError),
     (CheckpointError, ValueError), (MaskPairingError, RuntimeError), (DemoError, RuntimeError),
-    (MissingDependency, ImportError), (ConfigError, ValueError), (ProbeError, ValueError)])
+    (MissingDependency, ImportError), (ConfigError, ValueError), (ProbeError, ValueError),
+    (RunError, RuntimeError), (DivergedError, FloatingPointError)])
 def test_every_deliberate_error_has_the_base_and_its_old_type(cls, builtin):
     assert issubclass(cls, ObjloaderError) and issubclass(cls, builtin)
 
