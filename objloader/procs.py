@@ -23,7 +23,9 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .errors import RunError
+from multiprocessing.connection import wait
+
+from .errors import ObjloaderError, RunError
 
 __all__ = ["exit_with_parent", "DieWithOwner", "describe_exit", "raise_if_worker_died", "dist_failure"]
 
@@ -115,11 +117,16 @@ def describe_exit(exitcode: Optional[int]) -> str:
 
 def raise_if_worker_died(it, who: str, error: BaseException) -> None:
     """RunError naming the dead workers of DataLoader iterator ``it`` (pid, signal, likely cause)
-    when ``error`` is torch's "DataLoader worker ... exited unexpectedly"; otherwise nothing (the
-    caller re-raises ``error``)."""
+    when one has died, whatever ``error`` that left in the loading process (torch's "worker
+    exited unexpectedly", or a reset connection while fetching a batch it had shared); otherwise
+    nothing (the caller re-raises ``error``)."""
+    if isinstance(error, ObjloaderError):  # already says what happened (a worker's own DatasetError)
+        return
     workers = getattr(it, "_workers", None) or []  # the iterator's multiprocessing.Process objects
+    if workers and all(w.exitcode is None for w in workers):
+        wait([w.sentinel for w in workers], timeout=2.0)  # a death the forkserver has yet to report
     dead = [(k, w) for k, w in enumerate(workers) if w.exitcode is not None]
-    if not dead or "DataLoader worker" not in str(error):
+    if not dead:
         return
     lines = "; ".join(f"worker {k} (pid {w.pid}) {describe_exit(w.exitcode)}" for k, w in dead)
     raise RunError(f"{who}: DataLoader {lines}. The batches it was preparing are lost, so the run stops; "

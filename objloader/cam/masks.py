@@ -363,7 +363,7 @@ def _compute_spec(spec, out, model, size, settings, opts, dev, rank, world, pool
         while True:
             try:
                 chunk = next(it, None)
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 - a dead worker surfaces as several kinds of error
                 raise_if_worker_died(it, f"contracam {spec.name or 'source'} decoding", e)
                 raise
             if chunk is None:

@@ -157,7 +157,7 @@ class TorchEngine:
         it = iter(self.loader)
         try:
             yield from it
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - a dead worker surfaces as several kinds of error
             raise_if_worker_died(it, "torch engine", e)
             raise
 
