@@ -238,6 +238,7 @@ def test_stopped_rank_times_out_the_others_with_one_line(tiny, tmp_path):
         last = err.strip().splitlines()[-1]
         assert "Traceback" not in err, err[-3000:]
         assert last.startswith("train/moco.py: error: rank 0 of 2: ") and f"--dist-timeout {timeout} s" in last, last
+        assert "rank 1 did not answer" in last, last
         assert timeout - 1 <= waited <= timeout + 45, waited
     finally:
         for p in procs:

@@ -146,12 +146,14 @@ def _raise_if_dist_failed(d: _Dist, timeout: float, e: BaseException, what: str 
         return
     kind = dist_failure(e)
     detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    # gloo and nccl do not say which peer is missing; with two ranks it can only be the other one.
+    who = f"rank {1 - d.rank}" if d.world_size == 2 else "one of the other ranks"
     if kind == "timeout":
-        raise RunError(f"rank {d.rank} of {d.world_size}: {what} timed out after --dist-timeout {timeout:g} s "
-                       f"waiting for the other ranks: one stopped answering (stopped, hung, or much slower); "
-                       f"raise --dist-timeout if it is only slow [{detail}]") from e
+        raise RunError(f"rank {d.rank} of {d.world_size}: {what} timed out after --dist-timeout {timeout:g} s: "
+                       f"{who} did not answer (stopped, hung, or much slower); raise --dist-timeout if it is "
+                       f"only slow [{detail}]") from e
     if kind == "lost":
-        raise RunError(f"rank {d.rank} of {d.world_size}: {what} lost its connection to another rank "
+        raise RunError(f"rank {d.rank} of {d.world_size}: {what} lost its connection to {who} "
                        f"(it exited or was killed: see that rank's own error) [{detail}]") from e
 
 
