@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
                    help="bad inputs: skip and report them in the manifest, or stop")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
+    p.add_argument("--coco-allow-outside", action="store_true",
+                   help="read COCO file names that lead outside the images folder (absolute, or through '..'); "
+                        "without it such an image is skipped, named in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_cam_arguments(p, prefix="cam-")
     return p
@@ -97,13 +100,17 @@ def main(argv=None) -> int:
                                        settings=cam_settings(args, "cam-", args.mask_res) if args.checkpoint else None)
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite,
-                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam)
+                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam,
+                  coco_allow_outside=args.coco_allow_outside)
         if m["kind"] == "collection":
             n = sum(d["records"] for d in m["datasets"].values())
             skipped = sum(d["skipped"] for d in m["datasets"].values())
+            dropped = sum(d.get("boxes_dropped", 0) for d in m["datasets"].values())
         else:
             n, skipped = m["counts"]["records"], m["counts"]["skipped"]
-        print(f"built {args.out}: {n} records, {skipped} skipped, {m['build_seconds']:.1f} s "
+            dropped = m["counts"].get("boxes_dropped", 0)
+        boxes = f", {dropped} boxes beyond --max-boxes dropped" if dropped else ""
+        print(f"built {args.out}: {n} records, {skipped} skipped{boxes}, {m['build_seconds']:.1f} s "
               f"({n / max(m['build_seconds'], 1e-9):.0f} records/s); see {args.out}/manifest.json")
         return 0
     except ObjloaderError as e:

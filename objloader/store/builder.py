@@ -128,8 +128,20 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     _remove_leftover(stage_dir, log)
     shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
     write_json_atomic(os.path.join(ds_dir, MANIFEST), manifest)
-    log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped")
+    log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped{_dropped_note(manifest)}")
     return manifest
+
+
+def _dropped_note(manifest: dict) -> str:
+    """The summary line's word on boxes cut by --max-boxes; nothing when none were."""
+    c, k = manifest["counts"], manifest["options"]["max_boxes"]
+    note = ""
+    if c["boxes_dropped"]:
+        note += (f", {c['boxes_dropped']} boxes beyond --max-boxes {k} dropped (the smallest) in "
+                 f"{c['records_with_boxes_dropped']} records")
+    if c["gt_boxes_dropped"] != c["boxes_dropped"]:  # equal when the boxes are the ground truth's
+        note += f", {c['gt_boxes_dropped']} ground-truth boxes beyond --max-boxes {k} dropped"
+    return note
 
 
 def _masks_for(spec: SourceSpec, opts: BuildOptions, label: str, log: Callable):
@@ -154,6 +166,9 @@ class _Survey:
     keys: List[str] = dataclasses.field(default_factory=list)
     labels: List[int] = dataclasses.field(default_factory=list)
     n_boxes: List[int] = dataclasses.field(default_factory=list)
+    # Per record: boxes beyond --max-boxes left out (of its boxes, of its gt boxes).
+    boxes_dropped: List[int] = dataclasses.field(default_factory=list)
+    gt_boxes_dropped: List[int] = dataclasses.field(default_factory=list)
     # Both digests of every record: which one the manifest holds (with or without the gt fields)
     # depends on with_gt, known only once every record has been seen.
     digests_without_gt: List[str] = dataclasses.field(default_factory=list)
@@ -182,6 +197,8 @@ def _survey(spec: SourceSpec, stage_dir: str, n_chunks: int) -> _Survey:
                 sv.keys.append(item.key)
                 sv.labels.append(item.label)
                 sv.n_boxes.append(item.n_boxes)
+                sv.boxes_dropped.append(item.boxes_dropped)
+                sv.gt_boxes_dropped.append(item.gt_boxes_dropped)
                 without_gt, with_gt = digests_of(item)
                 sv.digests_without_gt.append(without_gt)
                 sv.digests_with_gt.append(with_gt)
@@ -237,7 +254,11 @@ def _manifest(spec: SourceSpec, opts: BuildOptions, formats: Sequence[str], mask
         "has_gt": survey.with_gt,
         "counts": {"inputs": len(spec.samples), "records": len(survey.index), "skipped": len(survey.skipped),
                    "records_without_boxes": sum(1 for n in survey.n_boxes if n == 0),
-                   "records_without_background": survey.without_bg},
+                   "records_without_background": survey.without_bg,
+                   # Boxes beyond --max-boxes, the smallest of their record (process._boxes_from).
+                   "boxes_dropped": sum(survey.boxes_dropped),
+                   "records_with_boxes_dropped": sum(1 for n in survey.boxes_dropped if n),
+                   "gt_boxes_dropped": sum(survey.gt_boxes_dropped)},
         "conversions": dict(survey.notes),
         "skipped": survey.skipped,
         "shards": [f"shards/{n}" for n in shards],
@@ -245,7 +266,7 @@ def _manifest(spec: SourceSpec, opts: BuildOptions, formats: Sequence[str], mask
         "sizes": sizes,
         "timing": {"records_seconds": round(stage_seconds, 3)},
         "records": {"keys": survey.keys, "digests": survey.digests(), "labels": survey.labels,
-                    "n_boxes": survey.n_boxes},
+                    "n_boxes": survey.n_boxes, "boxes_dropped": survey.boxes_dropped},
     }
 
 
@@ -353,9 +374,12 @@ def _publish(partial: str, out: str, log: Callable) -> None:
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
           coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
-          contracam: Optional[MaskProvider] = None, log: Callable = print) -> dict:
-    """Build src into out; returns the top-level manifest. ``coco_images`` and ``gt_masks`` (a
-    parallel tree of ground-truth masks) are passed to sources.open_source. ``--masks contracam``
+          contracam: Optional[MaskProvider] = None, log: Callable = print,
+          coco_allow_outside: bool = False) -> dict:
+    """Build src into out; returns the top-level manifest. ``coco_images``, ``gt_masks`` (a
+    parallel tree of ground-truth masks) and ``coco_allow_outside`` are passed to
+    sources.open_source (a refused COCO file is a skip whose path is the json, so the source's
+    fingerprint, which stats each sample's path, differs with the flag). ``--masks contracam``
     needs ``contracam``, a MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
     formats = tuple(formats)
     for f in formats:
@@ -375,7 +399,7 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     out = os.path.abspath(out.rstrip("/"))
     with _exclusive_output(out):
         _check_output(out, overwrite)  # under the lock: a build that just finished may have made OUT
-        specs = open_source(src, coco_images, gt_masks)
+        specs = open_source(src, coco_images, gt_masks, coco_allow_outside=coco_allow_outside)
         return _build_locked(specs, src, out, opts, formats, workers, on_error, contracam, log)
 
 
@@ -425,7 +449,8 @@ def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOption
             "schema_version": SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source": {"path": os.path.abspath(src), "kinds": sorted({s.kind for s in specs})},
-            "datasets": {name: {"records": m["counts"]["records"], "skipped": m["counts"]["skipped"]}
+            "datasets": {name: {"records": m["counts"]["records"], "skipped": m["counts"]["skipped"],
+                                "boxes_dropped": m["counts"].get("boxes_dropped", 0)}
                          for name, m in manifests.items()},
         }
     top["build_seconds"] = round(seconds, 3)

@@ -65,6 +65,8 @@ class Record:
     gt_boxes: Optional[np.ndarray] = None
     n_gt_boxes: int = 0
     notes: list = field(default_factory=list)  # conversions applied (grayscale, CMYK, alpha, resized)
+    boxes_dropped: int = 0     # boxes beyond max_boxes left out of `boxes` (the smallest)
+    gt_boxes_dropped: int = 0  # the same for `gt_boxes`
 
     def meta(self) -> dict:
         return {"key": self.key, "sha1": self.sha1, "height": self.height, "width": self.width,
