@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional, Protocol, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
+from ..ranges import MASK_RES, Range, check_ranges
 from ..sources.decode import DecodeLimits  # the decoding limits a build applies, defaults included
 
 SCHEMA_VERSION = 1
@@ -42,6 +43,24 @@ class BuildOptions:
     min_box_area: float = 0.01   # components smaller than this fraction of the image are dropped
     box_margin: float = 0.0      # boxes grow by this fraction of their size on each side
     shard_size: int = 1000       # records per WebDataset shard
+
+    # Every numeric option's range, which objloader-build's flags share.
+    RANGES: ClassVar[dict] = {
+        "max_res": Range(int, 8, 8192),
+        "mask_res": MASK_RES,
+        "max_boxes": Range(int, 1, 256),
+        "jpeg_quality": Range(int, 1, 100, why="JPEG quality"),
+        "min_size": Range(int, 1, 65_535),
+        "max_pixels": Range(int, 1, 2 ** 36),
+        "box_threshold": Range(float, 0, 1, why="a fraction of 255"),
+        "bg_threshold": Range(float, 0, 1, why="a fraction of 255"),
+        "min_box_area": Range(float, 0, 1, why="a fraction of the image"),
+        "box_margin": Range(float, 0, 1, why="a fraction of the box per side"),
+        "shard_size": Range(int, 1, 1_000_000),
+    }
+
+    def __post_init__(self):
+        check_ranges(self, self.RANGES, "BuildOptions")
 
     def to_dict(self) -> dict:
         return asdict(self)
