@@ -101,7 +101,7 @@ def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error:
             bar.update(1)
         try:
             write_chunk(stage_dir, c, _chunk_keys(spec, c), items)
-        except FileWriteError as e:
+        except (FileWriteError, StageError) as e:  # a full disk, or a malformed record
             raise BuildError(str(e)) from None
     bar.close()
     return n_chunks

@@ -38,6 +38,7 @@ def write_chunk(stage_dir: str, i: int, keys: Sequence[str], items: list) -> Non
     """items: per source sample (``keys`` in source order), a Record or a skip reason (str)."""
     records = [r for r in items if isinstance(r, Record)]
     with_gt = [r for r in records if r.gt_mask is not None]
+    _check_arrays(records)
     images = [r.image for r in records]
     meta = []
     for key, item in zip(keys, items):
@@ -64,6 +65,25 @@ def write_chunk(stage_dir: str, i: int, keys: Sequence[str], items: list) -> Non
         "gt_boxes": stack([r.gt_boxes for r in with_gt], np.float32, k),
     }
     write_atomic(chunk_path(stage_dir, i), lambda f: np.savez(f, **arrays))
+
+
+_SCHEMA_DTYPES = {"mask": np.uint8, "boxes": np.float32, "bg_rect": np.float32, "gt_mask": np.uint8,
+                  "gt_boxes": np.float32}
+
+
+def _check_arrays(records: List[Record]) -> None:
+    """Each record's arrays have the schema's dtype and the chunk's shapes: a chunk stacks them,
+    and a stack would silently convert a malformed value instead of refusing it."""
+    shapes = {}
+    for r in records:
+        for name, dtype in _SCHEMA_DTYPES.items():
+            a = getattr(r, name)
+            if a is None and name.startswith("gt_"):
+                continue
+            want = shapes.setdefault(name, a.shape if isinstance(a, np.ndarray) else None)
+            if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == want):
+                got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise StageError(f"record {r.key!r}: {name} is {got}, expected {np.dtype(dtype)} {want}")
 
 
 def read_chunk(stage_dir: str, i: int, keys: Optional[Sequence[str]] = None) -> list:
