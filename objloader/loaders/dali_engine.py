@@ -20,6 +20,7 @@ leaves the training process's thread free.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 
@@ -52,7 +53,9 @@ class _EpochSource:
     def __init__(self, ds: BuiltDataset, cfg: LoaderConfig, first_epoch: int, view_masks: bool):
         self.ds, self.cfg, self.first_epoch = ds, cfg, first_epoch
         self.view_masks = view_masks and cfg.needs_masks
-        self.members = ("jpg", "boxes.npy", "bg.npy") + (("mask.png",) if cfg.needs_masks else ())
+        # Labels and box counts from the records' own members (KEY.cls, KEY.json), never from the
+        # manifest's per-record lists, which only --verify checks against the records.
+        self.members = ("jpg", "cls", "boxes.npy", "bg.npy", "json") + (("mask.png",) if cfg.needs_masks else ())
         views = range(cfg.views)
         mask = ("view_masks",) if self.view_masks else ("mask",) if cfg.needs_masks else ()
         self.names = (("jpg",) + mask + tuple(f"{kind}{v}" for v in views for kind in ("start", "end", "flip"))
@@ -85,9 +88,11 @@ class _EpochSource:
                 i = int(index[k])
                 raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
                                    "run objloader-build --verify") from None
+        labels = np.array([int(raw["cls"]) for raw in raws], np.int64)
+        n_boxes = np.array([json.loads(raw["json"])["n_boxes"] for raw in raws], np.int64)
         boxes = np.stack([decode_npy(raw["boxes.npy"]) for raw in raws]).astype(np.float32)
         bg = np.stack([decode_npy(raw["bg.npy"]) for raw in raws]).astype(np.float32)
-        window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, self.ds.n_boxes[index],
+        window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, n_boxes,
                                                         boxes, views=cfg.views, oa_crop=cfg.oa_crop,
                                                         crop_scale=cfg.crop_scale)
         has_bg = has_background(bg)
@@ -95,8 +100,9 @@ class _EpochSource:
         # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
         mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
                       else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
-        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws], "index": index, "epoch": np.full(len(index), epoch, np.int64),
-               "label": self.ds.labels[index], "has_bg": has_bg.astype(np.uint8), "window": window,
+        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws], "index": index,
+               "epoch": np.full(len(index), epoch, np.int64),
+               "label": labels, "has_bg": has_bg.astype(np.uint8), "window": window,
                "box_index": box_index, "flip": flip.astype(np.uint8)}
         if self.view_masks:
             out["view_masks"] = self._cut_view_masks(index, raws, window, flip, mask_views)

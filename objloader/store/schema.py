@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ClassVar, Dict, Optional, Protocol, Tuple
 
@@ -150,3 +151,17 @@ class MaskProvider(Protocol):
         """For one source dataset: key -> (image sha1, uint8 mask [R, R] or None, skip reason), and
         what the manifest records of the masks. ``work_dir`` is the builder's scratch folder
         (kept until the dataset is built, so an interrupted build resumes there)."""
+
+
+def dataset_identity(options: dict, has_gt: bool, keys, digests) -> str:
+    """A build's identity: a digest of its options and of every record's key and digest (which
+    cover every stored field). Every format carries it (data.beton's key field descriptor, each
+    tar's pax global header, each .idx's first line) and the loaders compare it with the
+    manifest's "dataset_id" at open, so a file from another build is refused without reading a
+    record. A content digest, not a random id: a resumed build equals an uninterrupted one."""
+    h = hashlib.sha256(json.dumps([SCHEMA_VERSION, options, bool(has_gt), list(keys), list(digests)]).encode())
+    return h.hexdigest()[:32]
+
+
+# How each format spells the identity: "objloader-id=" + the 32 hex digits.
+IDENTITY_PREFIX = "objloader-id="
