@@ -18,9 +18,10 @@ no sampling, no Python workers. Stages (images/s of the pipeline, each 2 views a
   engine's CPU path)
 - +patch: the background patch slice + resize + channels-first (objloader's +both pipeline)
 
-plus the engine's +both pipeline itself (_build_pipeline) over the same source, and the CPU
-device stage (BG-Mixup blend, uint8 out) alone on the engine's own batches. Round-robin repeats,
-medians. Writes benchmarks/results/dali_stages.{json,md}.
+plus the engine's +both pipeline itself (_build_pipeline) over its own source's batches (on the
+CPU that source cuts the view masks, so the pipeline receives them; the cutting is timed alone,
+in one process, as the source's row), and the CPU device stage (BG-Mixup blend, uint8 out) alone
+on the engine's own batches. Round-robin repeats, medians. Writes benchmarks/results/dali_stages.{json,md}.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class _Replay:
 
 WINDOWS = ("vanilla", "oa")
 ENGINE, DEVICE = "engine +both pipeline", "device stage alone (BG-Mixup, uint8)"
+SOURCE_MASKS = "engine's source: view masks cut (one process)"
 STOCK = "stock-style: random_resized_crop + crop_mirror_normalize"
 STAGES = ("decode", "+views", "+layout", "+masks", "+masks, per view", "+patch")
 OLD_LAYOUT = "+layout as before (flip, stack, transpose)"
@@ -154,11 +156,39 @@ def _stock_pipeline(replay: _Replay, cfg: LoaderConfig):
 class _ReplayWithInfo:
     """The replay behind the batch_info signature the engine's pipeline calls its source with."""
 
-    def __init__(self, replay: _Replay):
-        self.replay, self.names, self.mask_flags = replay, replay.names, True
+    def __init__(self, replay: _Replay, view_masks: bool):
+        self.replay, self.names, self.view_masks = replay, replay.names, view_masks
 
     def __call__(self, info):
         return self.replay()
+
+
+def _with_mix_flags(batch: tuple, names: tuple, cfg: LoaderConfig) -> tuple:
+    """A PNG-mask source batch plus, per view, whether BG-Mixup mixes it, and whether any view of
+    the sample is mixed (what the DALI conditionals of the '+masks, per view' stage branch on)."""
+    from objloader.augment.params import mix_flags
+
+    index = batch[names.index("index")]
+    flags = mix_flags(cfg.seed, 0, index, views=cfg.views, p_mix=cfg.bg_mixup)
+    return batch + tuple(np.ascontiguousarray(flags[:, v]) for v in range(cfg.views)) + (flags.any(axis=1),)
+
+
+def _cut_masks_rate(source, replay: _Replay, cfg: LoaderConfig, ds: BuiltDataset, batches: int) -> float:
+    """Images/s of the engine source's view-mask cutting alone, on the replayed batches' own
+    windows and flips (the records' mask bytes read beforehand)."""
+    from objloader.augment.params import mix_flags
+
+    names, prepared = replay.names, []
+    for batch in replay.batches:
+        index = batch[names.index("index")]
+        raws = [ds.raw(int(i), ("mask.png",)) for i in index]
+        prepared.append((index, raws, batch[names.index("window")], batch[names.index("flip")].astype(bool),
+                         mix_flags(cfg.seed, 0, index, views=cfg.views, p_mix=cfg.bg_mixup)))
+    source._cut_view_masks(*prepared[0])
+    t = time.perf_counter()
+    for k in range(batches):
+        source._cut_view_masks(*prepared[k % len(prepared)])
+    return batches * cfg.batch_size / (time.perf_counter() - t)
 
 
 def time_pipeline(pipe, batches: int) -> float:
@@ -189,16 +219,23 @@ def main(argv=None) -> None:
         def __init__(self, k):
             self.iteration = k
 
-    pipes, stages, engine_batches = {}, {}, {}
+    pipes, stages, engine_batches, cut_masks = {}, {}, {}, {}
     for windows in WINDOWS:
         cfg = LoaderConfig(batch_size=args.batch_size, image_size=args.image_size, oa_crop=windows == "oa",
                            bg_mixup=P_MIX, crop_scale=(0.2, 1.0), color="none", normalize=False, dtype=torch.uint8,
                            num_workers=args.threads)
-        source = dali_engine._EpochSource(ds, cfg, first_epoch=0, mask_flags=True)
-        replay = _Replay([source(Info(k)) for k in range(n_batches)], source.names)
+        # The stages decode the mask PNGs in DALI (the engine's former CPU path, and still its GPU
+        # path), with the per-view mix flags the former source gave; the engine's source cuts
+        # the view masks itself (timed on its own below, SOURCE_MASKS).
+        png_source = dali_engine._EpochSource(ds, cfg, first_epoch=0, view_masks=False)
+        replay = _Replay([_with_mix_flags(png_source(Info(k)), png_source.names, cfg) for k in range(n_batches)],
+                         png_source.names + tuple(f"mask{v}" for v in range(cfg.views)) + ("any_mask",))
         for name in STAGES + (OLD_LAYOUT,):
             pipes[windows, name] = _stage_pipeline(name, replay, cfg)
-        pipes[windows, ENGINE] = dali_engine._build_pipeline(_ReplayWithInfo(replay), cfg, None)
+        source = dali_engine._EpochSource(ds, cfg, first_epoch=0, view_masks=True)
+        engine_replay = _Replay([source(Info(k)) for k in range(n_batches)], source.names)
+        pipes[windows, ENGINE] = dali_engine._build_pipeline(_ReplayWithInfo(engine_replay, True), cfg, None)
+        cut_masks[windows] = lambda s=source, r=engine_replay, c=cfg: _cut_masks_rate(s, r, c, ds, args.batches)
         if windows == "vanilla":
             pipes[windows, STOCK] = _stock_pipeline(replay, cfg)
         for pipe in (q for (w, _), q in pipes.items() if w == windows):
@@ -224,7 +261,8 @@ def main(argv=None) -> None:
         return args.batches * args.batch_size / (time.perf_counter() - t)
 
     runs = {**{key: (lambda pipe=pipe: time_pipeline(pipe, args.batches)) for key, pipe in pipes.items()},
-            **{(w, DEVICE): (lambda w=w: device_stage_rate(w)) for w in WINDOWS}}
+            **{(w, DEVICE): (lambda w=w: device_stage_rate(w)) for w in WINDOWS},
+            **{(w, SOURCE_MASKS): cut_masks[w] for w in WINDOWS}}
     rates = {key: [] for key in runs}
     keys = list(runs)
     for r in range(args.repeats):
@@ -237,7 +275,7 @@ def main(argv=None) -> None:
     added_to = {"+views": "decode", "+layout": "+views", "+masks": "+layout", "+masks, per view": "+layout",
                 "+patch": "+masks, per view", OLD_LAYOUT: "+views"}
     rows = []
-    for name in STAGES + (OLD_LAYOUT, ENGINE, DEVICE, STOCK):
+    for name in STAGES + (OLD_LAYOUT, ENGINE, SOURCE_MASKS, DEVICE, STOCK):
         row = {"stage": name}
         for w in WINDOWS:
             if (w, name) in med:
@@ -271,7 +309,9 @@ def main(argv=None) -> None:
     for row in rows:
         lines.append(f"| {row['stage']} | {cells(row, 'vanilla')} | {cells(row, 'oa')} |")
     lines += ["", "Added: against +views for +layout and the former layout, against +layout for both mask variants "
-              "(one without, one with DALI conditionals), against +masks, per view for +patch. The device stage runs "
+              "(one without, one with DALI conditionals), against +masks, per view for +patch. The engine's pipeline "
+              "receives view masks its source cut (the source's row: that work, in one Python worker, which DALI "
+              "runs in parallel with its own threads). The device stage runs "
               "on the training thread after DALI. The stock-style row is what benchmarks/peers.py's stock DALI "
               "pipeline does after its file reader, on the same replayed JPEGs."]
     with open(os.path.join(args.out, "dali_stages.md"), "w") as f:

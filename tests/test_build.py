@@ -135,7 +135,8 @@ def test_bad_inputs_are_converted_or_skipped_with_reasons(tmp_path):
     assert "truncated" in skipped["x/truncated.jpg"]
     assert "too small: 1x1" in skipped["x/one.png"]
     assert m["counts"] == {"inputs": 10, "records": 6, "skipped": 4, "records_without_boxes": 6,
-                           "records_without_background": 6}
+                           "records_without_background": 6, "boxes_dropped": 0,
+                           "records_with_boxes_dropped": 0, "gt_boxes_dropped": 0}
     assert m["conversions"]["CMYK converted to RGB"] == 1
     assert m["conversions"]["grayscale converted to RGB"] == 2
     assert m["conversions"]["alpha composited on grey"] == 1

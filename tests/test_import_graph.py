@@ -3,7 +3,8 @@ functions included) and each import of another objloader module is checked again
 below: a module may import its own layer and the layers before it, never a later one.
 
     neutral    errors, optional, checkpoint (trainer checkpoints: the encoders they hold, how to
-               read them), fileio (hashing, atomic writes), procs (worker lifetimes, failure lines)
+               read them), fileio (hashing, atomic writes), ranges (the allowed range of every
+               numeric setting), procs (worker lifetimes, failure lines)
     ops        augment (the semantics of every augmentation), kernels (their fast implementations):
                a leaf library the data-flow stages call
     sources -> cam -> store -> loaders -> ssl -> cli
@@ -21,7 +22,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = {"objloader": os.path.join(REPO, "objloader"), "objloader.kernels": os.path.join(REPO, "kernels")}
 LAYERS = [
-    {"errors", "optional", "checkpoint", "fileio", "procs"},
+    {"errors", "optional", "checkpoint", "fileio", "ranges", "procs"},
     {"augment", "kernels"},
     {"sources"},
     {"cam"},

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from objloader.augment import apply_device_ops, crop_views, cut_bg_patch, sample_params
+from objloader.errors import ConfigError
 from objloader.loaders import make_loader
 from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig, epoch_order
 from objloader.loaders.resample import crop_views_into, cut_patch_into, table_arrays
@@ -242,8 +243,9 @@ def test_epochs_differ_and_set_epoch_repeats(crafted):
 
 
 def test_no_boxes_no_background_dataset(tmp_path, crafted):
-    """--masks none: full masks, no boxes, no background anywhere: OA-Crop falls back to the whole
-    image and BG-Mixup finds no partner, so the views are the plain views."""
+    """--masks none: full masks, no boxes, no background anywhere. OA-Crop and BG-Mixup would
+    change nothing (the views would be the plain views), so make_loader refuses them rather than
+    train the plain method under their name; the plain loader reads it."""
     from objloader.store import read_manifest
 
     src = tmp_path / "src" / "a"
@@ -256,8 +258,9 @@ def test_no_boxes_no_background_dataset(tmp_path, crafted):
           log=lambda *a: None)
     assert read_manifest(str(out))["counts"]["records_without_background"] == 8
     plain = next(iter(_raw_loader(str(out), "torch")))
-    oa = next(iter(_raw_loader(str(out), "torch", oa_crop=True, bg_mixup=1.0)))
-    assert (oa.params.partner == -1).all() and torch.equal(plain.views, oa.views)
+    assert (plain.params.partner == -1).all()
+    with pytest.raises(ConfigError, match="built with masks 'none'"):
+        _raw_loader(str(out), "torch", oa_crop=True, bg_mixup=1.0)
 
 
 def _flat_batch(has_bg, value):

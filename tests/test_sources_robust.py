@@ -89,7 +89,7 @@ def test_coco_polygon_of_fewer_than_3_points_fills_its_box(tmp_path, segmentatio
                     "segmentation": [[20, 2, 26, 2, 26, 8, 20, 8], [1, 1, 2, 2]]}]
     (s,) = read_coco(str(_coco(tmp_path, [_image(1, "a.png")], anns)))
     m = s.load_gt_mask()
-    expected = _block(slice(6, 11), slice(4, 12)) | _block(slice(2, 9), slice(20, 27))
+    expected = _block(slice(6, 11), slice(4, 12)) | _block(slice(2, 8), slice(20, 26))
     np.testing.assert_array_equal(m == 255, expected)
     np.testing.assert_allclose(s.gt_boxes, [[4 / W, 6 / H, 12 / W, 11 / H], [20 / W, 2 / H, 26 / W, 8 / H]],
                                atol=1e-6)
@@ -98,8 +98,8 @@ def test_coco_polygon_of_fewer_than_3_points_fills_its_box(tmp_path, segmentatio
 
 OBJ = _block(slice(5, 11), slice(10, 16))  # rows 5..10, cols 10..15: an RLE object
 OBJ_BOX = [10 / W, 5 / H, 16 / W, 11 / H]
-POLY = [[10, 5, 16, 5, 16, 11, 10, 11]]  # the same box as a polygon, which fills its edges too
-POLY_OBJ = _block(slice(5, 12), slice(10, 17))
+POLY = [[10, 5, 16, 5, 16, 11, 10, 11]]  # the same box as a polygon: pycocotools covers [10, 16) x [5, 11)
+POLY_OBJ = OBJ
 NOTHING = np.zeros((H, W), bool)
 
 
@@ -209,10 +209,12 @@ def test_coco_malformed_field_fails_the_cli_in_one_line(tmp_path, capsys):
     assert "COCO image id 2" in line and "annotation 9" in line and "polygon 0" in line
 
 
-def test_coco_annotation_naming_no_image_is_a_source_error(tmp_path):
+def test_coco_annotation_naming_no_image_is_a_counted_skip(tmp_path):
     src = _coco(tmp_path, [_image(1, "a.png")], [{"id": 3, "bbox": [1, 1, 2, 2]}])
-    with pytest.raises(SourceError, match=r"annotations\[0\] names no image"):
-        open_source(str(src))
+    (spec,) = open_source(str(src))
+    assert [s.key for s in spec.samples] == ["a.png", "annotations[0]"]
+    with pytest.raises(SourceError, match=r"annotations\[0\] \(id 3\) names no image"):
+        spec.samples[1].read_bytes()
 
 
 def test_unreadable_demo_marker_is_a_source_error(tmp_path):

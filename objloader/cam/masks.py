@@ -37,14 +37,15 @@ from tqdm import tqdm
 
 from ..augment.reference import normalize
 from ..checkpoint import load_encoder
-from ..errors import ObjloaderError
+from ..errors import ConfigError, ObjloaderError
 from ..fileio import file_sha256, write_json_atomic
 from ..procs import DieWithOwner, dist_failure, raise_if_worker_died
+from ..ranges import DIST_TIMEOUT
 from ..sources.decode import DecodeLimits, SkipRecord, decode_image
 from ..sources.resolve import source_fingerprint
 from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
 from .crf import CRFConfig, crf_pool, crf_refine_batch
-from .settings import CamSettings
+from .settings import MIN_CAM_CELLS, CamSettings
 
 __all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
            "explain_batch", "refine_batch", "ContraCAMMasks"]
@@ -68,11 +69,38 @@ def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
                                "so every mask would be empty")
     cfg = ContraCAMConfig(temperature=settings.temperature, iterations=settings.iterations,
                           relu_weights=settings.relu_weights, mask_size=settings.mask_res)
-    model = ContraCAM(resnet_trunk(backbone, settings.stride_expansion), head, cfg).to(device).eval()
+    trunk = resnet_trunk(backbone, settings.stride_expansion)
+    size = settings.image_size or 2 * int(meta.get("image_size", 112))
+    _check_cam_size(size, _trunk_stride(trunk), settings, meta)
+    model = ContraCAM(trunk, head, cfg).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are taken with respect to activations only
-    size = settings.image_size or 2 * int(meta.get("image_size", 112))
     return model, size, meta
+
+
+def _trunk_stride(trunk: torch.nn.Module) -> int:
+    """Input pixels per feature-map cell, measured (stem, stride expansion and arch all change it)."""
+    probe = 128
+    with torch.no_grad():
+        side = trunk.eval()(torch.zeros(1, 3, probe, probe)).shape[-1]
+    return max(probe // max(side, 1), 1)
+
+
+def _check_cam_size(size: int, stride: int, settings: CamSettings, meta: dict) -> None:
+    """Refuse an input too small for a usable CAM (MIN_CAM_CELLS cells a side) or too large for
+    memory, whether it was asked for or derived from the checkpoint."""
+    origin = ("asked for" if settings.image_size else
+              f"2 x the checkpoint's training size {meta.get('image_size', 112)}")
+    allowed = CamSettings.RANGES["image_size"]
+    minimum = max(MIN_CAM_CELLS * stride, int(allowed.lo))
+    if size < minimum:
+        raise ConfigError(f"ContraCAM image size {size} px ({origin}) is too small: the trunk's stride is {stride}, so "
+                          f"its feature map would be {size // stride} x {size // stride} cells and a CAM needs >= "
+                          f"{MIN_CAM_CELLS} a side; pass an image size >= {minimum} (objloader-cam --image-size, "
+                          "objloader-build --cam-image-size)")
+    if size > allowed.hi:
+        raise ConfigError(f"ContraCAM image size {size} px ({origin}) {allowed.limits()}; pass a smaller image size "
+                          "(objloader-cam --image-size, objloader-build --cam-image-size)")
 
 
 def prepare_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -206,8 +234,7 @@ DEFAULT_DIST_TIMEOUT = 300.0  # seconds a rank waits in a collective for the oth
 def _distributed(timeout: float = DEFAULT_DIST_TIMEOUT):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
-        raise CamError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}")
+    DIST_TIMEOUT.check("dist_timeout", timeout, "compute_masks", CamError)
     if world > 1 and not dist.is_initialized():
         # gloo even on CUDA: the ranks only synchronise (barriers), they exchange no tensors.
         try:
@@ -261,6 +288,8 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
     workers = workers or os.cpu_count() or 1
     if not os.path.isfile(checkpoint):
         raise CamError(f"checkpoint {checkpoint!r} does not exist")
+    # before the store is touched: a checkpoint or image size it refuses leaves no run behind
+    model, size, meta = load_contracam(checkpoint, settings, dev)
     ckpt_sha = file_sha256(checkpoint)
     fingerprint = run_fingerprint(specs, ckpt_sha, settings, opts)
     run_path, done_path = os.path.join(out, RUN), os.path.join(out, COMPLETE)
@@ -289,7 +318,6 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         with open(done_path, encoding="utf-8") as f:
             return json.load(f)
 
-    model, size, meta = load_contracam(checkpoint, settings, dev)
     t0 = time.time()
     pool = crf_pool(workers) if settings.crf else None
     try:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
-from ..errors import ConfigError
+from ..ranges import IMAGE_SIZE, MASK_RES, Range, check_ranges
 
-__all__ = ["CamSettings"]
+__all__ = ["CamSettings", "MIN_CAM_CELLS"]
+
+# A CAM needs a feature map of at least 4 x 4 cells: a 1 x 1 map is constant, so its min-max
+# normalisation gives an all-empty mask, and 2 x 2 cannot place an object anywhere but a corner.
+# The smallest input is therefore 4 x the trunk's total stride (ResNet: 32, 16 with stride
+# expansion, 8 / 4 with the small stem); load_contracam checks it once the stride is known.
+MIN_CAM_CELLS = 4
 
 
 @dataclass(frozen=True)
@@ -25,14 +31,18 @@ class CamSettings:
     crf: bool = True               # dense-CRF refinement of the final mask
     batch_size: int = 128          # images per ContraCAM batch (each other's negatives)
 
+    # Every numeric field's range, shared by the flags of objloader-cam and objloader-build.
+    RANGES: ClassVar[dict] = {
+        "temperature": Range(float, 0, 10, lo_open=True),
+        "iterations": Range(int, 1, 100),
+        # the smallest trunk stride (small stem, stride expansion) is 4: see MIN_CAM_CELLS
+        "image_size": Range(int, 4 * MIN_CAM_CELLS, IMAGE_SIZE.hi, why="4 cells of the finest trunk; 1024: memory"),
+        "mask_res": MASK_RES,
+        "batch_size": Range(int, 2, 4096, why="the rest of the batch are the negatives"),
+    }
+
     def __post_init__(self):
-        for name in ("iterations", "mask_res", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ConfigError("batch_size must be >= 2: the rest of the batch are the negatives")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_ranges(self, self.RANGES, "ContraCAM settings")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

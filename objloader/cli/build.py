@@ -20,13 +20,17 @@ import sys
 
 from ..errors import ConfigError, ObjloaderError
 from ..store import BuildOptions, build
+from ..ranges import WORKERS, Range
+from .args import Parser, ranged
 from .cam import add_cam_arguments, cam_settings
 
 _D = BuildOptions()
+_R = {name: ranged(r) for name, r in BuildOptions.RANGES.items()}
+_WORKERS = Range(int, 1, WORKERS.hi, why=WORKERS.why)  # build processes: at least one
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="objloader-build",
         description="Build an object-aware dataset (data.beton + shards/*.tar + manifest.json) from an "
                     "ImageFolder tree or flat image folder, a COCO instances json, a list file, an objloader-demo "
@@ -52,22 +56,25 @@ def parser() -> argparse.ArgumentParser:
                         "in a JPEG mask when >= 128). An image with no such mask, two of them, or one that cannot "
                         "be read or differs in size from the image is skipped with its reason in the manifest; "
                         "masks beside the images are not used")
-    p.add_argument("--max-res", type=int, default=_D.max_res, help="long side of stored images")
-    p.add_argument("--mask-res", type=int, default=_D.mask_res, help="side M of the stored [M, M] masks")
-    p.add_argument("--max-boxes", type=int, default=_D.max_boxes, help="boxes per record (K)")
+    p.add_argument("--max-res", type=_R["max_res"], default=_D.max_res, help="long side of stored images")
+    p.add_argument("--mask-res", type=_R["mask_res"], default=_D.mask_res, help="side M of the stored [M, M] masks")
+    p.add_argument("--max-boxes", type=_R["max_boxes"], default=_D.max_boxes, help="boxes per record (K)")
     p.add_argument("--bg-patch", default=_D.bg_patch, choices=["maxrect", "strip"],
                    help="background rectangle: largest empty rectangle, or the reference code's strip")
-    p.add_argument("--jpeg-quality", type=int, default=_D.jpeg_quality)
-    p.add_argument("--min-size", type=int, default=_D.min_size, help="skip images with a side below this")
-    p.add_argument("--max-pixels", type=int, default=_D.max_pixels, help="skip images with more pixels")
-    p.add_argument("--box-margin", type=float, default=_D.box_margin, help="grow boxes by this fraction per side")
-    p.add_argument("--min-box-area", type=float, default=_D.min_box_area,
+    p.add_argument("--jpeg-quality", type=_R["jpeg_quality"], default=_D.jpeg_quality)
+    p.add_argument("--min-size", type=_R["min_size"], default=_D.min_size, help="skip images with a side below this")
+    p.add_argument("--max-pixels", type=_R["max_pixels"], default=_D.max_pixels, help="skip images with more pixels")
+    p.add_argument("--box-margin", type=_R["box_margin"], default=_D.box_margin, help="grow boxes by this fraction per side")
+    p.add_argument("--min-box-area", type=_R["min_box_area"], default=_D.min_box_area,
                    help="drop mask components below this fraction of the image")
-    p.add_argument("--shard-size", type=int, default=_D.shard_size, help="records per WebDataset shard")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--shard-size", type=_R["shard_size"], default=_D.shard_size, help="records per WebDataset shard")
+    p.add_argument("--workers", type=ranged(_WORKERS), default=None, help="processes (default: all cores)")
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
                    help="bad inputs: skip and report them in the manifest, or stop")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
+    p.add_argument("--coco-allow-outside", action="store_true",
+                   help="read COCO file names that lead outside the images folder (absolute, or through '..'); "
+                        "without it such an image is skipped, named in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_cam_arguments(p, prefix="cam-")
     return p
@@ -97,13 +104,17 @@ def main(argv=None) -> int:
                                        settings=cam_settings(args, "cam-", args.mask_res) if args.checkpoint else None)
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite,
-                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam)
+                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam,
+                  coco_allow_outside=args.coco_allow_outside)
         if m["kind"] == "collection":
             n = sum(d["records"] for d in m["datasets"].values())
             skipped = sum(d["skipped"] for d in m["datasets"].values())
+            dropped = sum(d.get("boxes_dropped", 0) for d in m["datasets"].values())
         else:
             n, skipped = m["counts"]["records"], m["counts"]["skipped"]
-        print(f"built {args.out}: {n} records, {skipped} skipped, {m['build_seconds']:.1f} s "
+            dropped = m["counts"].get("boxes_dropped", 0)
+        boxes = f", {dropped} boxes beyond --max-boxes dropped" if dropped else ""
+        print(f"built {args.out}: {n} records, {skipped} skipped{boxes}, {m['build_seconds']:.1f} s "
               f"({n / max(m['build_seconds'], 1e-9):.0f} records/s); see {args.out}/manifest.json")
         return 0
     except ObjloaderError as e:

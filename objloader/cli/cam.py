@@ -8,22 +8,30 @@ import sys
 
 from ..cam.settings import CamSettings
 from ..errors import ObjloaderError
+from ..ranges import DIST_TIMEOUT, WORKERS, Range
+from .args import Parser, device, ranged
+
+# objloader-cam's flags outside CamSettings
+RANGES = {"workers": Range(int, 1, WORKERS.hi, why=WORKERS.why), "limit": Range(int, 1, 10 ** 9),
+          "dist_timeout": DIST_TIMEOUT}
 
 def add_cam_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The flags of :class:`objloader.cam.masks.CamSettings`; objloader-build prefixes them with 'cam-'."""
     D = CamSettings()
+    R = {name: ranged(r) for name, r in CamSettings.RANGES.items()}
     g = p.add_argument_group("ContraCAM")
-    g.add_argument(f"--{prefix}iterations", type=int, default=D.iterations, metavar="T",
+    g.add_argument(f"--{prefix}iterations", type=R["iterations"], default=D.iterations, metavar="T",
                    help="iterative refinement steps (paper: 10 to find several objects, 1 for one object per image)")
-    g.add_argument(f"--{prefix}temperature", type=float, default=D.temperature, help="temperature of the contrastive score")
+    g.add_argument(f"--{prefix}temperature", type=R["temperature"], default=D.temperature, help="temperature of the contrastive score")
     g.add_argument(f"--{prefix}no-relu", action="store_true",
                    help="keep negative channel weights (the ablation of negative-signal removal)")
     g.add_argument(f"--{prefix}no-stride-expansion", action="store_true",
                    help="keep the last ResNet stage at stride 2 (default: stride 1, a feature map twice as fine)")
-    g.add_argument(f"--{prefix}image-size", type=int, default=None, metavar="PX",
-                   help="side of the square input (default: twice the checkpoint's training view size)")
+    g.add_argument(f"--{prefix}image-size", type=R["image_size"], default=None, metavar="PX",
+                   help="side of the square input (default: twice the checkpoint's training view size); at least 4 x the "
+                        "trunk's stride (64 px for a ResNet with stride expansion, 128 without), for a CAM of >= 4 x 4 cells")
     g.add_argument(f"--{prefix}no-crf", action="store_true", help="skip the dense-CRF refinement")
-    g.add_argument(f"--{prefix}batch-size", type=int, default=D.batch_size,
+    g.add_argument(f"--{prefix}batch-size", type=R["batch_size"], default=D.batch_size,
                    help="images per ContraCAM batch; they are each other's negatives")
 
 
@@ -36,7 +44,7 @@ def cam_settings(args, prefix: str = "", mask_res: int = 64) -> CamSettings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="objloader-cam", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ContraCAM (Mo et al. 2021): object masks from a MoCo v2 / BYOL checkpoint of this project, "
                     "without labels. Writes a mask store that objloader-build --masks contracam --cam-masks reads. "
@@ -44,22 +52,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("src", nargs="?", help="source: ImageFolder dir, COCO .json, list file, or objloader-demo dir")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train/moco.py or train/byol.py")
     p.add_argument("--out", required=True, help="mask store directory (with --eval: the results directory)")
-    p.add_argument("--mask-res", type=int, default=CamSettings().mask_res, help="side R of the stored [R, R] masks")
+    p.add_argument("--mask-res", type=ranged(CamSettings.RANGES["mask_res"]), default=CamSettings().mask_res, help="side R of the stored [R, R] masks")
     add_cam_arguments(p)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=ranged(RANGES["workers"]), default=None,
                    help="CRF processes; half as many (1 to 4) decode images (default: all cores)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
-    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--dist-timeout", type=ranged(RANGES["dist_timeout"]), default=300.0, metavar="S",
                    help="under torchrun: seconds a rank waits for the others at a barrier before it stops")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
+    p.add_argument("--coco-allow-outside", action="store_true",
+                   help="read COCO file names that lead outside the images folder (as objloader-build's flag)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("evaluation (--eval)")
     e.add_argument("--eval", action="store_true",
                    help="evaluate localisation on built datasets with ground truth instead of writing masks")
     e.add_argument("--data", default=None, help="a built collection (e.g. demo/built) or dataset directory")
     e.add_argument("--sets", default="val,multi", help="datasets of the collection to evaluate")
-    e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate N records of each set, evenly spaced through it")
+    e.add_argument("--limit", type=ranged(RANGES["limit"]), default=None, metavar="N", help="evaluate N records of each set, evenly spaced through it")
     return p
 
 
@@ -82,7 +92,7 @@ def main(argv=None) -> int:
             parser().error("SRC is required (or --eval --data BUILT)")
         from ..cam.masks import compute_masks
 
-        specs = open_source(args.src, args.coco_images)
+        specs = open_source(args.src, args.coco_images, coco_allow_outside=args.coco_allow_outside)
         info = compute_masks(specs, args.out, args.checkpoint, settings, workers=args.workers, device=args.device,
                              overwrite=args.overwrite, progress=not args.no_progress,
                              dist_timeout=args.dist_timeout)

@@ -8,37 +8,41 @@ import time
 from objloader.errors import ObjloaderError
 from objloader.sources import demo
 
+from .args import Parser, ranged
+
+_R = {name: ranged(r) for name, r in demo.RANGES.items()}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="objloader-demo",
         description="Generate the demo data: 9 shape classes on class-biased backgrounds with exact masks "
                     "(ImageFolder train/val), the Background Challenge variants of val, and multi-object "
                     "scenes in COCO format. Deterministic from --seed, whatever --workers.",
     )
     p.add_argument("out", help="output directory (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--per-class-train", type=int, default=demo.DEFAULT_PER_CLASS_TRAIN, metavar="N",
+    p.add_argument("--per-class-train", type=_R["per_class_train"], default=demo.DEFAULT_PER_CLASS_TRAIN, metavar="N",
                    help="training images per class (default %(default)s)")
-    p.add_argument("--per-class-val", type=int, default=demo.DEFAULT_PER_CLASS_VAL, metavar="N",
+    p.add_argument("--per-class-val", type=_R["per_class_val"], default=demo.DEFAULT_PER_CLASS_VAL, metavar="N",
                    help="validation images per class; each also yields one image per Background "
                         "Challenge variant (default %(default)s)")
-    p.add_argument("--multi", type=int, default=demo.DEFAULT_N_MULTI, metavar="N",
+    p.add_argument("--multi", type=_R["n_multi"], default=demo.DEFAULT_N_MULTI, metavar="N",
                    help="multi-object scenes (default %(default)s)")
-    p.add_argument("--resolution", type=int, default=demo.DEFAULT_RESOLUTION, metavar="PX",
+    p.add_argument("--resolution", type=_R["resolution"], default=demo.DEFAULT_RESOLUTION, metavar="PX",
                    help="side of the square images in pixels (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    p.add_argument("--bg-bias", type=float, default=demo.DEFAULT_BG_BIAS, metavar="P",
+    p.add_argument("--seed", type=_R["seed"], default=0, help="random seed (default %(default)s)")
+    p.add_argument("--bg-bias", type=_R["bg_bias"], default=demo.DEFAULT_BG_BIAS, metavar="P",
                    help="probability that an image's background comes from its class's own pool "
                         "(1 = the background always tells the class; default %(default)s)")
-    p.add_argument("--variation", type=float, default=demo.DEFAULT_VARIATION, metavar="S",
+    p.add_argument("--variation", type=_R["variation"], default=demo.DEFAULT_VARIATION, metavar="S",
                    help="strength of each object's own deformation and markings, 0-2 "
                         "(0 = only pose, scale, hue and pattern vary; default %(default)s)")
-    p.add_argument("--object-area", type=float, nargs=2, default=list(demo.DEFAULT_OBJECT_AREA), metavar=("MIN", "MAX"),
+    p.add_argument("--object-area", type=_R["object_area"], nargs=2, default=list(demo.DEFAULT_OBJECT_AREA), metavar=("MIN", "MAX"),
                    help="range of the fraction of the image a single object covers (default %(default)s)")
-    p.add_argument("--bg-scenes", type=int, default=demo.DEFAULT_BG_SCENES, metavar="N",
+    p.add_argument("--bg-scenes", type=_R["bg_scenes"], default=demo.DEFAULT_BG_SCENES, metavar="N",
                    help="fixed background scenes per class pool, reused like a camera trap's sites "
                         "(0 = a fresh background for every image; default %(default)s)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_R["workers"], default=None,
                    help="worker processes (default: all available cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")

@@ -16,25 +16,36 @@ import json
 import os
 import sys
 
+from objloader.ranges import IMAGE_SIZE, SEED, WORKERS, Range
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="objloader-linear", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+from .args import Parser, device, ranged
+
+# objloader-linear's numeric flags
+RANGES = {"image_size": IMAGE_SIZE, "batch_size": Range(int, 1, 65_536), "workers": WORKERS, "seed": SEED}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="objloader-linear", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, default=None, metavar="CKPT",
                    help="checkpoint written by train/moco.py or train/byol.py")
     p.add_argument("--data", default=os.path.join("demo", "built"),
                    help="built demo folder or built Background-Challenge root (objloader-build ROOT OUT) holding "
                         "train, val and bgchallenge/<variant> (relative to the current directory)")
     p.add_argument("--out", default=None, help="folder for report.json and report.md; None: the checkpoint's folder")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=ranged(RANGES["image_size"]), default=None,
                    help="eval resolution; None: the checkpoint's training image_size")
-    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for decoding")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device of the encoder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the 80/20 split the weight decay is chosen on")
+    p.add_argument("--batch-size", type=ranged(RANGES["batch_size"]), default=256, help="feature-extraction batch size")
+    p.add_argument("--workers", type=ranged(RANGES["workers"]), default=2, help="DataLoader workers for decoding")
+    p.add_argument("--device", type=device, default="cuda" if _cuda() else "cpu", help="device of the encoder")
+    p.add_argument("--seed", type=ranged(RANGES["seed"]), default=0, help="seed of the 80/20 split the weight decay is chosen on")
     p.add_argument("--compare", default=None, metavar="REPORT_JSON",
                    help="report.json of another run (e.g. the vanilla baseline): also write comparison.md")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def _cuda() -> bool:

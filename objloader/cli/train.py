@@ -16,6 +16,7 @@ from ..loaders import ENGINES
 from ..sources.demo import generate_demo
 from ..ssl.trainer import DEFAULT_BASE_LR, TrainConfig, train
 from ..store import BuildOptions, build
+from .args import Parser, device, ranged
 
 __all__ = ["build_parser", "main", "moco", "byol", "demo_train_path"]
 
@@ -63,6 +64,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     """The flags of train/{method}.py, mapped 1:1 onto :class:`TrainConfig`."""
 
     D = TrainConfig(method=method)
+    R = {name: ranged(r) for name, r in TrainConfig.RANGES.items()}  # each numeric flag's type
     desc = {
         "moco": "MoCo v2 (momentum encoder, queue of negatives, MLP head, InfoNCE at temperature 0.2) on an "
                 "object-aware loader. SGD momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay.",
@@ -70,7 +72,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                 "Uses plain SGD (momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay) instead "
                 "of the paper's LARS, to keep it simple; base lr 0.05.",
     }[method]
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"train/{method}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=desc + " Multi-process: torchrun --nproc_per_node N train/" + method + ".py ... "
                     "(gloo on CPU, nccl on CUDA; each rank reads its own shard; --batch-size is per rank).")
@@ -79,16 +81,16 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="a built dataset directory; None: demo/built/train under the current directory, "
                         "generated and built on first use")
     p.add_argument("--oa-crop", action="store_true", help="OA-Crop: crop each sample's views inside one of its boxes")
-    p.add_argument("--bg-mixup", type=float, default=D.bg_mixup, metavar="P",
+    p.add_argument("--bg-mixup", type=R["bg_mixup"], default=D.bg_mixup, metavar="P",
                    help="per-view BG-Mixup probability (the paper uses 0.4 with MoCo v2)")
     p.add_argument("--bg-mode", default=D.bg_mode, choices=["soft", "hard"], help="soft BG-Mixup or BG-HardMix")
     p.add_argument("--arch", default=D.arch, choices=list(ARCHS), help="torchvision ResNet backbone")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (low resolutions)")
-    p.add_argument("--width", type=int, default=D.width, help="base channels of the ResNet (64 = torchvision)")
-    p.add_argument("--image-size", type=int, default=D.image_size, help="side of the views in pixels")
-    p.add_argument("--epochs", type=int, default=D.epochs, help="epochs (the cosine schedule spans them)")
-    p.add_argument("--batch-size", type=int, default=D.batch_size, help="images per rank per step")
-    p.add_argument("--lr", type=float, default=DEFAULT_BASE_LR[method],
+    p.add_argument("--width", type=R["width"], default=D.width, help="base channels of the ResNet (64 = torchvision)")
+    p.add_argument("--image-size", type=R["image_size"], default=D.image_size, help="side of the views in pixels")
+    p.add_argument("--epochs", type=R["epochs"], default=D.epochs, help="epochs (the cosine schedule spans them)")
+    p.add_argument("--batch-size", type=R["batch_size"], default=D.batch_size, help="images per rank per step")
+    p.add_argument("--lr", type=R["lr"], default=DEFAULT_BASE_LR[method],
                    help="base learning rate per 256 images (peak lr = LR x global batch / 256)")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
@@ -98,29 +100,29 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="output directory: checkpoint.pt, metrics.jsonl, loss.png, tb/")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (no value: DIR/checkpoint.pt) at the same step")
-    p.add_argument("--seed", type=int, default=D.seed, help="seed of the weights and of every augmentation")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--seed", type=R["seed"], default=D.seed, help="seed of the weights and of every augmentation")
+    p.add_argument("--workers", type=R["workers"], default=None,
                    help="loader CPU workers/threads per process (None: the CPUs available to this process "
                         "divided by torchrun's processes on this machine, LOCAL_WORLD_SIZE, at least 1)")
-    p.add_argument("--save-every", type=int, default=D.save_every, metavar="N",
+    p.add_argument("--save-every", type=R["save_every"], default=D.save_every, metavar="N",
                    help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+    p.add_argument("--log-every", type=R["log_every"], default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
+    p.add_argument("--max-steps", type=R["max_steps"], default=None, metavar="N",
                    help="stop after N steps (the schedule still spans --epochs)")
     if method == "moco":
-        p.add_argument("--queue-size", type=int, default=D.queue_size,
+        p.add_argument("--queue-size", type=R["queue_size"], default=D.queue_size,
                        help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
-        p.add_argument("--temperature", type=float, default=D.temperature, help="InfoNCE temperature")
+        p.add_argument("--temperature", type=R["temperature"], default=D.temperature, help="InfoNCE temperature")
         p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
                        help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
                             "grouping of the batch than their queries: in one process BatchNorm is split into up "
                             "to 8 groups and the keys are shuffled among them; with several ranks the keys are "
                             "shuffled across ranks (shuffle_bn=%(default)s without this flag)")
-    p.add_argument("--ema", type=float, default=0.999 if method == "moco" else 0.996,
+    p.add_argument("--ema", type=R["ema"], default=0.999 if method == "moco" else 0.996,
                    help="momentum of the key encoder" if method == "moco"
                    else "base momentum of the target network (raised to 1 on a cosine)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
-    p.add_argument("--dist-timeout", type=float, default=D.dist_timeout, metavar="S",
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--dist-timeout", type=R["dist_timeout"], default=D.dist_timeout, metavar="S",
                    help="under torchrun: seconds a rank waits in a collective for the others before every rank "
                         "stops with an error (a stopped or hung rank would otherwise stall the run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,7 +10,12 @@ import cv2
 import numpy as np
 
 from ..errors import ObjloaderError
+from ..ranges import SEED, Range
 from ..store import open_dataset, read_manifest
+from .args import Parser, ranged
+
+# objloader-viz's numeric flags: a grid of at most 1024 tiles of at most 1024 px a side
+RANGES = {"n": Range(int, 1, 1024), "cols": Range(int, 1, 64), "size": Range(int, 16, 1024), "seed": SEED}
 
 
 def draw_record(rec: dict, size: int = 160) -> np.ndarray:
@@ -42,17 +47,20 @@ def grid(path: str, n: int = 16, cols: int = 4, size: int = 160, seed: int = 0) 
     return np.concatenate(rows, axis=0)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="objloader-viz", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="objloader-viz", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", help="built dataset (or a collection: its 'train' dataset is shown, see --split)")
     p.add_argument("--out", default="grid.png", help="PNG to write")
     p.add_argument("--split", default=None, help="dataset inside a collection, e.g. train, multi, bgchallenge/mixed_rand")
-    p.add_argument("-n", type=int, default=16, help="records to draw")
-    p.add_argument("--cols", type=int, default=4)
-    p.add_argument("--size", type=int, default=160, help="tile side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="which records are drawn")
-    args = p.parse_args(argv)
+    p.add_argument("-n", type=ranged(RANGES["n"]), default=16, help="records to draw")
+    p.add_argument("--cols", type=ranged(RANGES["cols"]), default=4)
+    p.add_argument("--size", type=ranged(RANGES["size"]), default=160, help="tile side in pixels")
+    p.add_argument("--seed", type=ranged(RANGES["seed"]), default=0, help="which records are drawn")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         path = args.dataset
         if args.split:

@@ -123,8 +123,9 @@ def make_loader(
         require("ffcv", "make_loader(engine='ffcv')")
     elif engine == "dali":
         require("nvidia.dali", "make_loader(engine='dali')")
-    check_integrity(path, manifest, engine)  # sizes and record counts: milliseconds, no record read
+    check_integrity(path, manifest, engine)  # sizes, record counts, build identity: milliseconds, no record read
     _check_batches(path, manifest, cfg)
+    _check_object_knowledge(path, manifest, cfg)
     if engine == "torch":
         from .torch_engine import TorchEngine
 
@@ -138,6 +139,21 @@ def make_loader(
 
         stage = DALIEngine(path, cfg, manifest)
     return ObjectAwareLoader(stage, cfg, engine)
+
+
+def _check_object_knowledge(path: str, manifest: dict, cfg: LoaderConfig) -> None:
+    """Refuse OA-Crop or BG-Mixup on a dataset built without object masks: its masks are all
+    object and its boxes the whole image, so both ops would silently do nothing and the run
+    would train the plain method. The manifest's options say what the build used (after
+    objloader-build replaced --masks gt by none for a source without masks); "masks" says why."""
+    options = manifest.get("options")
+    if not isinstance(options, dict) or options.get("masks") != "none":
+        return
+    wanted = [op for op, on in (("oa_crop=True", cfg.oa_crop), (f"bg_mixup={cfg.bg_mixup}", cfg.bg_mixup > 0)) if on]
+    if wanted:
+        raise ConfigError(f"make_loader: {path!r} was built with masks {manifest.get('masks', 'none')!r}: it has no "
+                          f"object masks or boxes, so {' and '.join(wanted)} would change nothing; rebuild it with "
+                          "objloader-build --masks gt or --masks contracam, or pass oa_crop=False, bg_mixup=0")
 
 
 def _check_batches(path: str, manifest: dict, cfg: LoaderConfig) -> None:

@@ -18,12 +18,12 @@ import torch
 from ..augment import AugParams
 from ..augment.params import DEFAULT_CROP_SCALE, check_crop_scale, resolve_color, sample_appearance
 from ..errors import ConfigError
+from ..ranges import IMAGE_SIZE, SEED, WORKERS
 
 __all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch",
            "has_background"]
 
 ENGINES = ("torch", "ffcv", "dali")
-MAX_SEED = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class LoaderConfig:
                 bad(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             bad(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.image_size < 16:
-            bad(f"image_size must be >= 16 (blur needs room for its reflect padding), got {self.image_size}")
+        if not IMAGE_SIZE.contains(self.image_size):  # the range the trainers' --image-size shares
+            bad(f"image_size {IMAGE_SIZE.limits()}, got {self.image_size}")
         if self.views < 1:
             bad(f"views must be >= 1, got {self.views}")
         if not 0.0 <= self.bg_mixup <= 1.0:
@@ -78,12 +78,12 @@ class LoaderConfig:
         object.__setattr__(self, "crop_scale", check_crop_scale(self.crop_scale))  # a plain pair of floats
         if not 0 <= self.rank < self.world_size:
             bad(f"rank {self.rank} outside world_size {self.world_size}")
-        if self.num_workers < 0:
-            bad(f"num_workers must be >= 0, got {self.num_workers}")
+        if not WORKERS.contains(self.num_workers):
+            bad(f"num_workers {WORKERS.limits()}, got {self.num_workers}")
         if self.dtype == torch.uint8 and self.normalize:
             bad("uint8 views cannot be normalised; pass normalize=False")
-        if not 0 <= self.seed <= MAX_SEED:
-            bad(f"seed must be in [0, 2**63 - 1] (it keys 64-bit hashes in compiled code), got {self.seed}")
+        if not SEED.contains(self.seed):  # one range with the trainers, which seed numpy with it
+            bad(f"seed {SEED.limits()}, got {self.seed}")
         if self.world_size < 1:
             bad(f"world_size must be >= 1, got {self.world_size}")
         if self.patch_size is not None and (isinstance(self.patch_size, bool) or not isinstance(self.patch_size, (int, np.integer))

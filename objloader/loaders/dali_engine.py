@@ -1,8 +1,10 @@
 """dali engine: an external source that reads this rank's share of the epoch order (the same
 records, in the same order, as the torch and FFCV engines) -> decoders.image (mixed on GPU, cpu
 otherwise) -> one resize-with-roi per view for the image and, with the same roi and flip, for
-the mask (on the CPU only for the views the device stage mixes) -> the background patch cut
-from the same decoded image.
+the mask -> the background patch cut from the same decoded image. On the CPU the view masks
+are cut in the external source instead, by the compiled resampler the other engines use, and
+only for the views the device stage mixes: a 64-px mask is tiny work, and DALI's operators and
+per-sample conditionals for it cost more than the work itself (benchmarks/results/dali_stages.md).
 
 The external source is a Python callback: DALI asks it for batch k of epoch e (``batch_info``)
 and it returns the JPEG (and mask) bytes of records ``epoch_order(...)[k*B:(k+1)*B]``, read
@@ -17,6 +19,7 @@ leaves the training process's thread free.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -25,8 +28,9 @@ import torch
 from ..augment.params import mix_flags, sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
 from ..procs import exit_with_parent
-from ..store.reader import BuiltDataset, DatasetError, decode_npy, jpeg_shape, read_manifest
+from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, jpeg_shape, read_manifest
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from .resample import resample_hwc_to_chw, table_arrays, tables_fit
 
 # What the pipeline passes through from the source to the EngineBatch.
 _PASSED = ("index", "epoch", "label", "has_bg", "window", "box_index", "flip")
@@ -35,24 +39,28 @@ _PATCH = ("bg_anchor", "bg_shape", "bg_start", "bg_end")  # the patch's slice an
 
 class _EpochSource:
     """The external source: batch ``iteration`` of epoch ``first_epoch + epoch_idx`` is that
-    slice of this rank's epoch order. Outputs, per batch, named by ``names``: JPEG bytes, mask
-    PNG bytes (when masks are needed), per view v its roi start and end (y, x) and flip, with
-    ``mask_flags`` whether each view's mask is needed and whether any is, the background patch's
+    slice of this rank's epoch order. Outputs, per batch, named by ``names``: JPEG bytes, the
+    masks (when needed: with ``view_masks``, the view masks themselves, uint8 [V, 1, S, S] a
+    sample, cut here for the views the device stage mixes and zero for the others; otherwise the
+    mask PNG bytes), per view v its roi start and end (y, x) and flip, the background patch's
     slice and roi (when patches are needed), then ``_PASSED``. The pipeline is given only what it
     uses (DALI warns of unused outputs).
 
-    Stateless but for a cache of the current epoch's order, as a parallel source must be: any
-    worker can produce any batch."""
+    Stateless but for a cache of the current epoch's order and the resampler's scratch, as a
+    parallel source must be: any worker can produce any batch."""
 
-    def __init__(self, ds: BuiltDataset, cfg: LoaderConfig, first_epoch: int, mask_flags: bool):
-        self.ds, self.cfg, self.first_epoch, self.mask_flags = ds, cfg, first_epoch, mask_flags
-        self.members = ("jpg", "boxes.npy", "bg.npy") + (("mask.png",) if cfg.needs_masks else ())
+    def __init__(self, ds: BuiltDataset, cfg: LoaderConfig, first_epoch: int, view_masks: bool):
+        self.ds, self.cfg, self.first_epoch = ds, cfg, first_epoch
+        self.view_masks = view_masks and cfg.needs_masks
+        # Labels and box counts from the records' own members (KEY.cls, KEY.json), never from the
+        # manifest's per-record lists, which only --verify checks against the records.
+        self.members = ("jpg", "cls", "boxes.npy", "bg.npy", "json") + (("mask.png",) if cfg.needs_masks else ())
         views = range(cfg.views)
-        self.names = (("jpg",) + (("mask",) if cfg.needs_masks else ())
-                      + tuple(f"{kind}{v}" for v in views for kind in ("start", "end", "flip"))
-                      + (tuple(f"mask{v}" for v in views) + ("any_mask",) if mask_flags else ())
+        mask = ("view_masks",) if self.view_masks else ("mask",) if cfg.needs_masks else ()
+        self.names = (("jpg",) + mask + tuple(f"{kind}{v}" for v in views for kind in ("start", "end", "flip"))
                       + (_PATCH if cfg.needs_patches else ()) + _PASSED)
         self._epoch, self._order = None, None
+        self._tables = None  # the resampler's scratch for the view masks (made in the worker that uses it)
         self._pid = os.getpid()  # the process that made the source (the loader's)
 
     def __call__(self, info):
@@ -79,9 +87,11 @@ class _EpochSource:
                 i = int(index[k])
                 raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
                                    "run objloader-build --verify") from None
+        labels = np.array([int(raw["cls"]) for raw in raws], np.int64)
+        n_boxes = np.array([json.loads(raw["json"])["n_boxes"] for raw in raws], np.int64)
         boxes = np.stack([decode_npy(raw["boxes.npy"]) for raw in raws]).astype(np.float32)
         bg = np.stack([decode_npy(raw["bg.npy"]) for raw in raws]).astype(np.float32)
-        window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, self.ds.n_boxes[index],
+        window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, n_boxes,
                                                         boxes, views=cfg.views, oa_crop=cfg.oa_crop,
                                                         crop_scale=cfg.crop_scale)
         has_bg = has_background(bg)
@@ -89,19 +99,41 @@ class _EpochSource:
         # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
         mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
                       else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
-        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws],
-               "any_mask": mask_views.any(axis=1), "index": index, "epoch": np.full(len(index), epoch, np.int64),
-               "label": self.ds.labels[index], "has_bg": has_bg.astype(np.uint8), "window": window,
+        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws], "index": index,
+               "epoch": np.full(len(index), epoch, np.int64),
+               "label": labels, "has_bg": has_bg.astype(np.uint8), "window": window,
                "box_index": box_index, "flip": flip.astype(np.uint8)}
-        if cfg.needs_masks:
+        if self.view_masks:
+            out["view_masks"] = self._cut_view_masks(index, raws, window, flip, mask_views)
+        elif cfg.needs_masks:
             out["mask"] = [np.frombuffer(raw["mask.png"], np.uint8) for raw in raws]
         for v in range(cfg.views):
             out.update({f"start{v}": window[:, v, [1, 0]], f"end{v}": window[:, v, [3, 2]],
-                        f"flip{v}": flip[:, v].astype(np.int32), f"mask{v}": mask_views[:, v]})
+                        f"flip{v}": flip[:, v].astype(np.int32)})
         if cfg.needs_patches:
             out.update(zip(_PATCH, _patch_slices(bg, sizes)))
         # Dense arrays are batches (first axis: the sample); DALI needs them contiguous.
         return tuple(out[n] if isinstance(out[n], list) else np.ascontiguousarray(out[n]) for n in self.names)
+
+    def _cut_view_masks(self, index, raws, window, flip, mask_views) -> np.ndarray:
+        """uint8 [B, V, 1, S, S]: each record's mask cut with each view's window and flip where
+        ``mask_views`` (the torch engine's crop_views_into, masks only), zeros elsewhere."""
+        s = self.cfg.image_size
+        out = np.zeros((len(index), self.cfg.views, 1, s, s), np.uint8)
+        for k in np.flatnonzero(mask_views.any(axis=1)):
+            try:
+                mask = decode_png(raws[k]["mask.png"])
+            except DatasetError as e:
+                i = int(index[k])
+                raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
+                                   "run objloader-build --verify") from None
+            mask = np.ascontiguousarray(mask.reshape(mask.shape[0], mask.shape[1], 1))
+            if self._tables is None or not tables_fit(self._tables, s, 1, max(mask.shape[:2]), s):
+                self._tables = table_arrays(s, 1, max(max(mask.shape[:2]), 256), s)
+            for v in np.flatnonzero(mask_views[k]):
+                x0, y0, x1, y1 = window[k, v]
+                resample_hwc_to_chw(mask, x0, y0, x1, y1, bool(flip[k, v]), False, out[k, v], *self._tables)
+        return out
 
 
 def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
@@ -118,13 +150,12 @@ def _patch_slices(bg: np.ndarray, sizes: np.ndarray) -> list:
 
 
 def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
-    """The pipeline over ``source``; with ``source.mask_flags`` it decodes and resamples masks
-    only for the views that need them (per-sample conditionals)."""
+    """The pipeline over ``source``; with ``source.view_masks`` the source gives the view masks
+    themselves, otherwise the pipeline decodes and resamples every view's mask."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     s, p = cfg.image_size, cfg.patch
-    skip_masks = source.mask_flags
     parallel = cfg.num_workers > 0
 
     def resize(image, start, end, size):
@@ -141,17 +172,13 @@ def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
         """View v of ``x``: its roi resized to S, flipped as the view is, channels first."""
         return chw(resize(x, parts[f"start{v}"], parts[f"end{v}"], s), parts[f"flip{v}"])
 
-    def zeros(size, layout):  # stands in for a skipped mask: same type, shape and layout as a real one
-        shape = [1, size, size] if layout == "CHW" else [size, size, 1]
-        return fn.constant(idata=0, shape=shape, dtype=types.UINT8, layout=layout)
-
     # Python workers are forked (quick, and a script needs no main guard) unless this process
     # already holds a CUDA context, which a forked child would inherit broken: then they are
     # spawned, and each re-imports the main script (which needs `if __name__ == "__main__":`).
     start = "spawn" if torch.cuda.is_initialized() else "fork"
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(cfg.num_workers, 1), device_id=device_id,
-                  prefetch_queue_depth=2, enable_conditionals=skip_masks,  # no random numbers: no seed
+                  prefetch_queue_depth=2,  # no random numbers: no seed
                   py_num_workers=max(cfg.num_workers, 1), py_start_method=start)
     def object_aware_views():
         queue = {"prefetch_queue_depth": 2} if parallel else {}  # batches each worker prepares ahead
@@ -160,23 +187,11 @@ def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
         image = fn.decoders.image(parts["jpg"], device="mixed" if gpu else "cpu", output_type=types.RGB)
         result = [fn.stack(*(view_crop(image, parts, v) for v in range(cfg.views)))]  # [V, 3, S, S]
         # OA masks: the same roi and flip as each view.
-        if skip_masks:  # per-sample branches: decode and resample a mask only where a view needs it
-            if parts["any_mask"]:
-                mask = fn.decoders.image(parts["mask"], device="cpu", output_type=types.GRAY)
-            else:
-                mask = zeros(1, "HWC")  # never resampled
-            masks = []
-            for v in range(cfg.views):
-                if parts[f"mask{v}"]:
-                    view_mask = view_crop(mask, parts, v)
-                else:
-                    view_mask = zeros(s, "CHW")
-                masks.append(view_mask)
+        if source.view_masks:  # cut by the source (the CPU): [V, 1, S, S]
+            result.append(parts["view_masks"])
         elif cfg.needs_masks:
             mask = fn.decoders.image(parts["mask"], device="mixed" if gpu else "cpu", output_type=types.GRAY)
-            masks = [view_crop(mask, parts, v) for v in range(cfg.views)]
-        if cfg.needs_masks:
-            result.append(fn.stack(*masks))  # [V, 1, S, S]
+            result.append(fn.stack(*(view_crop(mask, parts, v) for v in range(cfg.views))))  # [V, 1, S, S]
         if cfg.needs_patches:  # background patch from the same decoded image, from its own pixels only
             region = fn.slice(image, parts["bg_anchor"], parts["bg_shape"], axes=[0, 1])
             patch = fn.resize(region, roi_start=parts["bg_start"], roi_end=parts["bg_end"], roi_relative=False,
@@ -215,9 +230,10 @@ class DALIEngine:
         if cfg.device.startswith("cuda"):
             device_id = torch.device(cfg.device).index or 0
         self._pipe = None  # a previous pipeline's Python workers go before new ones start
-        # On the CPU, masks are decoded and resampled only for the views the device stage mixes;
-        # on the GPU the work is too small to be worth a per-sample branch.
-        source = _EpochSource(self.ds, cfg, first_epoch, mask_flags=cfg.needs_masks and device_id is None)
+        # On the CPU the source cuts the view masks, only for the views the device stage mixes; on
+        # the GPU the pipeline resamples every view's mask there (too little work to be worth a
+        # per-sample branch, and it would cost the source's time and a transfer).
+        source = _EpochSource(self.ds, cfg, first_epoch, view_masks=device_id is None)
         self._pipe = _build_pipeline(source, cfg, device_id)
         self._pipe.build()
         names = ["views"] + (["masks"] if cfg.needs_masks else []) + (["patches"] if cfg.needs_patches else [])

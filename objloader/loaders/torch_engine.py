@@ -6,6 +6,7 @@ is mixed."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 
 import cv2
@@ -24,7 +25,9 @@ try:  # libjpeg-turbo straight from numba: the same pixels as OpenCV's decode, ~
 except ImportError:  # no libturbojpeg on this machine: OpenCV's decode
     _decode_jpeg = None
 
-_MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
+# Every field comes from the record's own members, never from the manifest's per-record lists
+# (which --verify checks, but a loader must not trust): the label from KEY.cls, n_boxes from KEY.json.
+_MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy", "json")
 _NO_MASK = np.zeros((1, 1, 1), np.uint8)  # stands in for the mask of a record none of whose views mixes
 
 
@@ -44,7 +47,7 @@ def decode_record(ds: BuiltDataset, i: int, with_mask: bool = True) -> dict:
         "label": int(raw["cls"]),
         "mask": mask,
         "boxes": decode_npy(raw["boxes.npy"]),
-        "n_boxes": int(ds.n_boxes[i]),
+        "n_boxes": int(json.loads(raw["json"])["n_boxes"]),
         "bg_rect": decode_npy(raw["bg.npy"]),
     }
 

@@ -26,14 +26,24 @@ does not cover the image) is an error of its record alone: the message names the
 file name, the annotation id and the field. `objloader-build --on-error skip` counts the record as
 skipped with that message, `--on-error fail` stops with it. The structure is checked when the json
 is read; compressed RLE strings are decoded in the build workers and their errors named the same
-way. Only a json that cannot be parsed, has no `images` list, or holds an annotation naming no
-image fails as a whole (SourceError).
+way. Only a json that cannot be parsed, has no `images` list, or gives one category id to two
+categories fails as a whole (SourceError).
+
+Identifiers and paths (DESIGN.md, "COCO: identifiers, paths, boxes"). An image id, an image file
+(its path under `image_root` after normalisation: 'a/./b.jpg' is 'a/b.jpg', which is also the
+record's key) and an annotation id are each given once; where one is given twice, every image
+involved is skipped with a reason naming all of them (a json merged from two may be mostly
+sound, and `--on-error fail` stops at the first instead). An annotation whose `image_id` no image
+has, or several have, or that names none, is skipped as the input `annotations[i]`. A file name
+that leads outside `image_root` (absolute, or up through '..') is not read, a skip naming the
+image id and the name, unless `allow_outside` (objloader-build --coco-allow-outside).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import posixpath
 import re
 from typing import List, Optional, Tuple
 
@@ -107,10 +117,53 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return flat.reshape(w, h).T
 
 
-def _paint(mask: np.ndarray, seg) -> None:
-    """Set the pixels of one segmentation (polygons or RLE dict) to 255 in mask."""
-    import cv2
+def polygon_to_mask(poly, height: int, width: int) -> np.ndarray:
+    """bool [height, width] of one polygon (flat [x0, y0, x1, y1, ...]) as the COCO API rasterises
+    it (pycocotools' rleFrPoly), so masks and areas agree with every COCO-trained model's: a
+    32x32 square covers 1024 pixels, not the 33x33 of a fill that includes the far edges.
 
+    The outline is traced on a grid 5 times finer (coordinates rounded half up there); wherever
+    it crosses a pixel-column centre, the first pixel centre at or below the crossing toggles
+    inside/outside in column-major order, so a pixel is inside when its centre lies below an odd
+    number of crossings of its column (even-odd rule, exact per column)."""
+    scale = 5
+    xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+    # C's (int)(v + .5): truncation toward zero, which differs from floor for negative coordinates.
+    x = np.trunc(scale * xy[:, 0] + 0.5).astype(np.int64)
+    y = np.trunc(scale * xy[:, 1] + 0.5).astype(np.int64)
+    x, y = np.append(x, x[0]), np.append(y, y[0])  # closed
+    us, vs = [], []
+    for j in range(len(xy)):
+        xs, xe, ys, ye = x[j], x[j + 1], y[j], y[j + 1]
+        dx, dy = abs(xe - xs), abs(ye - ys)
+        # Each edge is traced from its lower end, so the two polygons sharing an edge round it alike.
+        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
+        if flip:
+            xs, xe, ys, ye = xe, xs, ye, ys
+        d = np.arange(max(dx, dy) + 1)
+        t = max(dx, dy) - d if flip else d
+        if dx >= dy:
+            s = (ye - ys) / dx if dx else 0.0
+            us.append(t + xs)
+            vs.append(np.trunc(ys + s * t + 0.5).astype(np.int64))
+        else:
+            s = (xe - xs) / dy
+            vs.append(t + ys)
+            us.append(np.trunc(xs + s * t + 0.5).astype(np.int64))
+    u, v = np.concatenate(us), np.concatenate(vs)
+    step = np.flatnonzero(u[1:] != u[:-1]) + 1  # the trace moves to another fine column
+    xd = (np.minimum(u[step], u[step - 1]) + 0.5) / scale - 0.5
+    yd = (np.minimum(v[step], v[step - 1]) + 0.5) / scale - 0.5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= width - 1)  # a pixel-column centre in the image
+    rows = np.ceil(np.clip(yd[keep], 0, height)).astype(np.int64)
+    toggles = np.bincount(xd[keep].astype(np.int64) * height + rows, minlength=height * width + 1)
+    inside = (np.cumsum(toggles[:height * width]) % 2).astype(bool)
+    return inside.reshape(width, height).T
+
+
+def _paint(mask: np.ndarray, seg) -> None:
+    """Set the pixels of one segmentation (polygons or RLE dict) to 255 in mask; an instance's
+    polygons are united, as the COCO API merges them."""
     if isinstance(seg, dict):
         m = rle_to_mask(seg)
         if m.shape != mask.shape:
@@ -118,9 +171,8 @@ def _paint(mask: np.ndarray, seg) -> None:
         mask[m] = 255
         return
     for poly in seg:  # polygons: list of flat [x0, y0, x1, y1, ...] lists
-        pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        if len(pts) >= 3:
-            cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255)
+        if len(poly) >= 6:
+            mask[polygon_to_mask(poly, *mask.shape)] = 255
 
 
 def segments_to_mask(segments: list, height: int, width: int) -> np.ndarray:
@@ -260,12 +312,12 @@ def _segmentation_box(seg, height: int, width: int) -> Optional[List[float]]:
 
 
 def _box_polygon(box: List[float], height: int, width: int) -> List[List[int]]:
-    """A polygon that fillPoly (which includes its edges) turns into exactly the pixels the
-    normalised box overlaps."""
+    """A polygon that polygon_to_mask (which covers [x0, x1) x [y0, y1) of integer corners) turns
+    into exactly the pixels the normalised box overlaps."""
     eps = 1e-6  # back from normalised coordinates, 12 may come out as 12.000000000000002
     c0, r0 = math.floor(box[0] * width + eps), math.floor(box[1] * height + eps)
-    c1 = max(c0, math.ceil(box[2] * width - eps) - 1)
-    r1 = max(r0, math.ceil(box[3] * height - eps) - 1)
+    c1 = max(c0 + 1, math.ceil(box[2] * width - eps))
+    r1 = max(r0 + 1, math.ceil(box[3] * height - eps))
     return [[c0, r0, c1, r0, c1, r1, c0, r1]]
 
 
@@ -323,50 +375,155 @@ def _load(json_path: str) -> dict:
     return data
 
 
-def _annotations_by_image(data: dict, json_path: str) -> dict:
+def _check_categories(data: dict, json_path: str) -> None:
+    """Category ids name the classes of every annotation: two categories under one id make the
+    whole table ambiguous (no record to count it against), so the json is refused."""
+    cats = data.get("categories")
+    if not isinstance(cats, list):
+        return
+    seen: dict = {}
+    for i, c in enumerate(cats):
+        if isinstance(c, dict) and _is_id(c.get("id")):
+            seen.setdefault(c["id"], []).append(f"categories[{i}] ({c.get('name')!r})")
+    for cat_id, parties in seen.items():
+        if len(parties) > 1:
+            raise SourceError(f"COCO json {json_path!r}: category id {cat_id!r} is given to {_and(parties)}; "
+                              "category ids must be unique")
+
+
+def _and(items: list) -> str:
+    items = [str(v) for v in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _is_outside(file_name: str) -> bool:
+    """The file name leads out of the images folder (absolute, or up through '..'); judged on the
+    text, so nothing outside is touched to find out."""
+    norm = posixpath.normpath(file_name)
+    return os.path.isabs(file_name) or norm == ".." or norm.startswith("../")
+
+
+def _entry_problems(images: list, image_root: str, allow_outside: bool) -> Tuple[dict, dict]:
+    """(image index -> why it cannot be a record, image id -> indices of its entries), for the
+    rules between entries: an image id or a file (after normalisation) may be named once only,
+    and a file name may not lead out of image_root unless allow_outside."""
+    problems: dict = {}
+    by_id: dict = {}
+    by_file: dict = {}
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict):
+            continue
+        if _is_id(entry.get("id")):
+            by_id.setdefault(entry["id"], []).append(i)
+        name = entry.get("file_name")
+        if isinstance(name, str) and name:
+            by_file.setdefault(os.path.normpath(os.path.join(image_root, name)), []).append(i)
+            if not allow_outside and _is_outside(name):
+                problems.setdefault(i, []).append(
+                    f"file name {printable(name)!r} leads outside the images folder {image_root!r}: not read "
+                    "(pass --coco-allow-outside to read it)")
+
+    def parties(indices):
+        return _and([f"images[{i}] ({printable(str(images[i].get('file_name')))!r})" for i in indices])
+
+    for image_id, indices in by_id.items():
+        if len(indices) > 1:
+            for i in indices:
+                problems.setdefault(i, []).append(
+                    f"image id {image_id!r} is given to {len(indices)} images, {parties(indices)}: "
+                    "skipped, as their annotations cannot be told apart")
+    for path, indices in by_file.items():
+        if len(indices) > 1:
+            ids = _and([repr(images[i].get("id")) for i in indices])
+            name = printable(os.path.relpath(path, image_root))
+            for i in indices:
+                problems.setdefault(i, []).append(
+                    f"images {ids} {'both' if len(indices) == 2 else 'all'} name the file {name!r}: skipped, as one file cannot be "
+                    f"{len(indices)} records (each without the others' objects)")
+    return problems, by_id
+
+
+def _annotations_by_image(data: dict, json_path: str, by_id: dict, problems: dict):
+    """(image id -> its annotations, the Samples that count the annotations given to no single
+    image as skipped). An annotation id given twice makes the images holding it ambiguous: their
+    entries get a problem."""
     anns = data.get("annotations", [])
     if not isinstance(anns, list):
         raise SourceError(f"COCO json {json_path!r}: 'annotations' is not a list")
     by_image: dict = {}
+    orphans: List[Sample] = []
+    ann_ids: dict = {}
     for i, ann in enumerate(anns):
+        where = f"COCO json annotations[{i}]"
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        if not _is_id(image_id):
-            # No record to count it against: a json this broken is refused as a whole.
-            raise SourceError(f"COCO json {json_path!r}: annotations[{i}] names no image "
-                              f"('image_id' {image_id!r}): {ann!r:.80}")
-        by_image.setdefault(image_id, []).append(ann)
-    return by_image
+        if not isinstance(ann, dict):
+            reason = f"is not an object: {ann!r:.60}"
+        elif not _is_id(image_id):
+            reason = f"names no image ('image_id' {image_id!r})"
+        elif image_id not in by_id:
+            reason = f"names image id {image_id!r}, which no image has"
+        elif len(by_id[image_id]) > 1:
+            reason = f"names image id {image_id!r}, which {len(by_id[image_id])} images have"
+        else:
+            reason = None
+            by_image.setdefault(image_id, []).append(ann)
+        if isinstance(ann, dict) and _is_id(ann.get("id")):
+            where += f" (id {ann['id']!r})"
+            ann_ids.setdefault(ann["id"], []).append((i, image_id if reason is None else None))
+        if reason is not None:
+            orphans.append(Sample(key=f"annotations[{i}]", path=json_path, invalid=f"{where} {reason}: skipped"))
+    for ann_id, holders in ann_ids.items():
+        if len(holders) > 1:
+            named = _and([f"annotations[{i}]" + (f" (image {img!r})" if img is not None else "") for i, img in holders])
+            for img in dict.fromkeys(img for _, img in holders if img is not None):  # each image once
+                problems.setdefault(by_id[img][0], []).append(
+                    f"annotation id {ann_id!r} is given to {named}: skipped, as the instance is ambiguous")
+    return by_image, orphans
 
 
-def _sample(index: int, entry, by_image: dict, image_root: str, json_path: str) -> Sample:
-    """The Sample of images[index]; one that is skipped with the reason when the entry is malformed."""
+def _sample(index: int, entry, by_image: dict, image_root: str, json_path: str, problems: list,
+            allow_outside: bool) -> Sample:
+    """The Sample of images[index]; one that is skipped with the reason when the entry is malformed
+    or has problems (see _entry_problems)."""
     file_name = entry.get("file_name") if isinstance(entry, dict) else None
     if not isinstance(file_name, str) or not file_name:
         what = f"image id {entry.get('id')!r}" if isinstance(entry, dict) else f"{entry!r:.60}"
         return Sample(key=f"images[{index}]", path=json_path,
                       invalid=f"COCO json images[{index}] ({what}) has no 'file_name'")
     image_id = entry.get("id")
-    path = os.path.join(image_root, file_name)
+    key = posixpath.normpath(file_name)  # the key names the file, so 'a/./b.jpg' and 'a/b.jpg' are one
+    path = os.path.join(image_root, key)  # the file the key names, read as such (no trip through "sub/..")
     origin = f"COCO image id {image_id!r} ({printable(file_name)!r})"
+    if problems:
+        # A refused path stays unread, even by the build's fingerprint (which stats every sample's file).
+        where = json_path if not allow_outside and _is_outside(file_name) else path
+        return Sample(key=printable(key), path=where, origin=origin, invalid=f"{origin}: {'; '.join(problems)}")
     try:
         if not _is_id(image_id):
             raise _Malformed(f"image 'id' must be a number or a string, got {image_id!r}")
         h, w = _dimension(entry, "height"), _dimension(entry, "width")
         instances, boxes, notes = _ground_truth(by_image.get(image_id, []), h, w)
     except _Malformed as e:
-        return Sample(key=printable(file_name), path=path, origin=origin, invalid=f"{origin}: {e}")
-    return file_sample(file_name, path, label=-1, gt_segments=instances, gt_size=(h, w), gt_boxes=boxes,
+        return Sample(key=printable(key), path=path, origin=origin, invalid=f"{origin}: {e}")
+    return file_sample(key, path, label=-1, gt_segments=instances, gt_size=(h, w), gt_boxes=boxes,
                        origin=origin, notes=notes)
 
 
-def read_coco(json_path: str, image_root: Optional[str] = None) -> List[Sample]:
+def read_coco(json_path: str, image_root: Optional[str] = None, allow_outside: bool = False) -> List[Sample]:
+    """The Samples of a COCO instances json: one per image entry, and one skipped Sample per
+    annotation that belongs to no single image. ``allow_outside``: read file names that lead
+    outside image_root (absolute, or through '..'); refused by default."""
     data = _load(json_path)
     if image_root is None:
         here = os.path.dirname(os.path.abspath(json_path))
         image_root = os.path.join(here, "images") if os.path.isdir(os.path.join(here, "images")) else here
-    by_image = _annotations_by_image(data, json_path)
-    samples = [_sample(i, entry, by_image, image_root, json_path) for i, entry in enumerate(data["images"])]
+    _check_categories(data, json_path)
+    images = data["images"]
+    problems, by_id = _entry_problems(images, image_root, allow_outside)
+    by_image, orphans = _annotations_by_image(data, json_path, by_id, problems)
+    samples = [_sample(i, entry, by_image, image_root, json_path, problems.get(i, []), allow_outside)
+               for i, entry in enumerate(images)]
     if not samples:
         raise SourceError(f"COCO json {json_path!r} lists no images")
     samples.sort(key=lambda s: s.key)
-    return samples
+    return samples + orphans

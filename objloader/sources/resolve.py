@@ -39,11 +39,13 @@ def read_demo_marker(root: str) -> Optional[dict]:
     return marker if isinstance(marker, dict) and marker.get("kind") == "objloader-demo" else None
 
 
-def open_source(path: str, coco_images: Optional[str] = None, gt_masks: Optional[str] = None) -> List[SourceSpec]:
+def open_source(path: str, coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
+                coco_allow_outside: bool = False) -> List[SourceSpec]:
     """The datasets a source path holds: one for an ImageFolder, a COCO json or a list file;
     one per split (train, val, multi, bgchallenge/<variant>) for a folder written by objloader-demo;
     train, val and bgchallenge/<variant> for a Background-Challenge root.
-    ``gt_masks``: parallel mask tree of an ImageFolder or flat folder (objloader-build --gt-masks)."""
+    ``gt_masks``: parallel mask tree of an ImageFolder or flat folder (objloader-build --gt-masks).
+    ``coco_allow_outside``: a COCO json may name images outside its images folder (sources/coco.py)."""
     if not os.path.exists(path):
         raise SourceError(f"source {path!r} does not exist")
     if gt_masks is not None and not os.path.isdir(gt_masks):
@@ -75,7 +77,7 @@ def open_source(path: str, coco_images: Optional[str] = None, gt_masks: Optional
         what = "a COCO json (its masks are in the json)" if path.lower().endswith(".json") else "a list file (give masks as its third column)"
         raise SourceError(f"--gt-masks applies to an image folder; {path!r} is {what}")
     if path.lower().endswith(".json"):
-        return [SourceSpec("", "coco", path, read_coco(path, coco_images))]
+        return [SourceSpec("", "coco", path, read_coco(path, coco_images, allow_outside=coco_allow_outside))]
     return [SourceSpec("", "listfile", path, read_listfile(path))]
 
 

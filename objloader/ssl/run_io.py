@@ -10,6 +10,7 @@ itself. Checkpoint (``OUT/checkpoint.pt``, written atomically): the backbone con
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CHECKPOINT_FORMAT, CheckpointError, checkpoint_width
+from ..fileio import FileWriteError, write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "set_rng_state", "RunLogger", "plot_loss"]
 
@@ -39,9 +41,15 @@ def save_checkpoint(path: str, cfg, model, optimizer, scaler, step: int, epoch: 
         "step": int(step), "epoch": int(epoch), "config": dataclasses.asdict(cfg), "rng": _rng_state(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half
+    # Serialised in memory, then written as plain bytes: torch's own file writer reports a full
+    # disk as RuntimeError "unexpected pos", without the path or errno. write_atomic names both,
+    # removes its partial file and leaves the previous checkpoint in place.
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    try:
+        write_atomic(path, lambda f: f.write(buf.getbuffer()))
+    except FileWriteError as e:
+        raise CheckpointError(f"checkpoint not saved: {e}") from None
 
 
 def load_checkpoint(path: str, cfg=None) -> dict:

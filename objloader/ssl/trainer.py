@@ -20,7 +20,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
 from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
 from ..errors import ConfigError, DivergedError, ObjloaderError, RunError
 from ..procs import dist_failure
+from ..ranges import DIST_TIMEOUT, IMAGE_SIZE, SEED, WORKERS, Range, check_device, check_ranges
 
 __all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "load_checkpoint"]
 
@@ -80,6 +81,27 @@ class TrainConfig:
     dist_timeout: float = 300.0  # seconds a rank waits in a collective for the others (torchrun)
     progress: bool = True
 
+    # The allowed value of every numeric field, which its flag shares (objloader/ranges.py).
+    RANGES: ClassVar[dict] = {
+        "bg_mixup": Range(float, 0, 1, why="a probability"),
+        "width": Range(int, 1, 1024, why="base channels; 64 = torchvision"),
+        "image_size": IMAGE_SIZE,
+        "epochs": Range(int, 1, 100_000),
+        "batch_size": Range(int, 1, 65_536),
+        "lr": Range(float, 0, 10, lo_open=True, why="base lr per 256 images"),
+        "momentum": Range(float, 0, 1, hi_open=True),
+        "weight_decay": Range(float, 0, 1),
+        "seed": SEED,
+        "workers": WORKERS,
+        "save_every": Range(int, 0, 10 ** 9, why="0: only at the end"),
+        "log_every": Range(int, 1, 10 ** 9),
+        "max_steps": Range(int, 1, 10 ** 12),
+        "queue_size": Range(int, 1, 2 ** 20, why="keys of 128 floats: 2**20 is 512 MiB"),
+        "temperature": Range(float, 0, 10, lo_open=True),
+        "ema": Range(float, 0, 1, why="momentum of an average"),
+        "dist_timeout": DIST_TIMEOUT,
+    }
+
     def __post_init__(self):
         def bad(msg):
             raise ConfigError(f"TrainConfig: {msg}")
@@ -88,13 +110,11 @@ class TrainConfig:
             bad(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.arch not in ARCHS:
             bad(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        for name in ("epochs", "batch_size", "log_every", "width"):
-            if getattr(self, name) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.save_every < 0:
-            bad(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad(f"max_steps must be >= 1, got {self.max_steps}")
+        check_ranges(self, self.RANGES, "TrainConfig")
+        try:
+            check_device(self.device)
+        except ConfigError as e:
+            bad(str(e))
 
     @property
     def base_lr(self) -> float:
@@ -124,8 +144,6 @@ class _Dist:
 def _init_distributed(device: torch.device, timeout: float) -> _Dist:
     """Join torchrun's process group. Every collective (and the rendezvous) waits at most
     ``timeout`` seconds: a stopped or hung rank otherwise stalls all the others for ever."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ConfigError(f"TrainConfig: dist_timeout must be a positive number of seconds, got {timeout!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if d.enabled and not dist.is_initialized():

@@ -23,12 +23,12 @@ from typing import Callable, List, Optional, Sequence
 from tqdm import tqdm
 
 from ..errors import ObjloaderError
-from ..fileio import file_sha256, write_json_atomic
+from ..fileio import FileWriteError, file_sha256, write_failure, write_json_atomic
 from ..sources import SourceError, SourceSpec, open_source
 from ..sources.resolve import source_fingerprint
 from .process import MaskPairingError, SkipRecord, build_record
-from .schema import SCHEMA_VERSION, BuildOptions, MaskProvider, Record, digests_of
-from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
+from .schema import SCHEMA_VERSION, BuildOptions, MaskProvider, Record, dataset_identity, digests_of
+from .staging import CHUNK, StagedRecords, StageError, chunk_path, read_chunk, write_chunk
 
 FORMATS = ("ffcv", "wds")
 MANIFEST = "manifest.json"
@@ -57,15 +57,31 @@ def _process(task):
         return str(e)
 
 
+def _chunk_keys(spec: SourceSpec, c: int) -> List[str]:
+    return [s.key for s in spec.samples[c * CHUNK:(c + 1) * CHUNK]]
+
+
 def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error: str, label: str,
-           cam_entries: Optional[dict] = None) -> int:
-    """Process every sample of spec into chunk files; chunks already on disk are kept.
+           cam_entries: Optional[dict] = None, log: Callable = print) -> int:
+    """Process every sample of spec into chunk files; chunks already on disk are kept when they
+    read back whole and hold this chunk's inputs, else discarded (with a warning) and redone.
     ``cam_entries``: key -> ContraCAM mask store entry, with --masks contracam."""
     os.makedirs(stage_dir, exist_ok=True)
     n_chunks = (len(spec.samples) + CHUNK - 1) // CHUNK
-    todo = [c for c in range(n_chunks) if not os.path.exists(chunk_path(stage_dir, c))]
-    done = (n_chunks - len(todo)) * CHUNK
-    bar = tqdm(total=len(spec.samples), initial=min(done, len(spec.samples)), desc=f"records {label}",
+    todo = []
+    for c in range(n_chunks):
+        if not os.path.exists(chunk_path(stage_dir, c)):
+            todo.append(c)
+            continue
+        try:
+            read_chunk(stage_dir, c, _chunk_keys(spec, c))
+        except StageError as e:
+            log(f"warning: {label}: {e}; discarding it and redoing its inputs")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(chunk_path(stage_dir, c))
+            todo.append(c)
+    done = len(spec.samples) - sum(len(_chunk_keys(spec, c)) for c in todo)
+    bar = tqdm(total=len(spec.samples), initial=done, desc=f"records {label}",
                unit="img", file=sys.stderr, dynamic_ncols=True)
     cam = cam_entries or {}
     pending = ((s, opts, cam.get(s.key)) for c in todo for s in spec.samples[c * CHUNK:(c + 1) * CHUNK])
@@ -83,7 +99,10 @@ def _stage(spec: SourceSpec, opts: BuildOptions, stage_dir: str, pool, on_error:
                 raise BuildError(f"record {s.key!r} ({s.path}): {item}. Use --on-error skip to skip such inputs.")
             items.append(item)
             bar.update(1)
-        write_chunk(stage_dir, c, items)
+        try:
+            write_chunk(stage_dir, c, _chunk_keys(spec, c), items)
+        except (FileWriteError, StageError) as e:  # a full disk, or a malformed record
+            raise BuildError(str(e)) from None
     bar.close()
     return n_chunks
 
@@ -104,7 +123,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
         cam_entries, cam_info = cam.entries(spec, os.path.join(ds_dir, CAM_DIR), opts, workers, log)
     stage_dir = os.path.join(ds_dir, ".stage")
     t0 = time.time()
-    n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label, cam_entries)
+    n_chunks = _stage(spec, opts, stage_dir, pool, on_error, label, cam_entries, log)
     stage_seconds = time.time() - t0
 
     survey = _survey(spec, stage_dir, n_chunks)
@@ -118,18 +137,33 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     for s in survey.skipped:
         log(f"{label}: skipped {s['key']!r}: {s['reason']}")
 
+    # Known before any format is written, so that every file can carry it (DESIGN.md).
+    identity = dataset_identity(opts.to_dict(), with_gt, survey.keys, survey.digests())
     checksums, shards = {}, []
     if "ffcv" in formats:
-        checksums.update(_write_ffcv(ds_dir, staged, opts, with_gt, workers))
+        checksums.update(_write_ffcv(ds_dir, staged, opts, with_gt, workers, identity))
     if "wds" in formats:
-        shards, shard_checksums = _write_wds(ds_dir, staged, opts, with_gt, label)
+        shards, shard_checksums = _write_wds(ds_dir, staged, opts, with_gt, label, identity)
         checksums.update(shard_checksums)
-    manifest = _manifest(spec, opts, formats, masks_note, cam_info, survey, shards, checksums, stage_seconds, ds_dir)
+    manifest = _manifest(spec, opts, formats, masks_note, cam_info, survey, shards, checksums, stage_seconds, ds_dir,
+                         identity)
     _remove_leftover(stage_dir, log)
     shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
     write_json_atomic(os.path.join(ds_dir, MANIFEST), manifest)
-    log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped")
+    log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped{_dropped_note(manifest)}")
     return manifest
+
+
+def _dropped_note(manifest: dict) -> str:
+    """The summary line's word on boxes cut by --max-boxes; nothing when none were."""
+    c, k = manifest["counts"], manifest["options"]["max_boxes"]
+    note = ""
+    if c["boxes_dropped"]:
+        note += (f", {c['boxes_dropped']} boxes beyond --max-boxes {k} dropped (the smallest) in "
+                 f"{c['records_with_boxes_dropped']} records")
+    if c["gt_boxes_dropped"] != c["boxes_dropped"]:  # equal when the boxes are the ground truth's
+        note += f", {c['gt_boxes_dropped']} ground-truth boxes beyond --max-boxes {k} dropped"
+    return note
 
 
 def _masks_for(spec: SourceSpec, opts: BuildOptions, label: str, log: Callable):
@@ -154,6 +188,9 @@ class _Survey:
     keys: List[str] = dataclasses.field(default_factory=list)
     labels: List[int] = dataclasses.field(default_factory=list)
     n_boxes: List[int] = dataclasses.field(default_factory=list)
+    # Per record: boxes beyond --max-boxes left out (of its boxes, of its gt boxes).
+    boxes_dropped: List[int] = dataclasses.field(default_factory=list)
+    gt_boxes_dropped: List[int] = dataclasses.field(default_factory=list)
     # Both digests of every record: which one the manifest holds (with or without the gt fields)
     # depends on with_gt, known only once every record has been seen.
     digests_without_gt: List[str] = dataclasses.field(default_factory=list)
@@ -173,7 +210,11 @@ def _survey(spec: SourceSpec, stage_dir: str, n_chunks: int) -> _Survey:
     """One pass over the staged chunks (items in source order: a Record, or a skip reason)."""
     sv = _Survey()
     for c in range(n_chunks):
-        for k, item in enumerate(read_chunk(stage_dir, c)):
+        try:
+            items = read_chunk(stage_dir, c, _chunk_keys(spec, c))
+        except StageError as e:  # _stage has just checked or written it: changed since, by someone else
+            raise BuildError(f"{e}; rerun the build to redo it") from None
+        for k, item in enumerate(items):
             if isinstance(item, Record):
                 sv.index.append((c, k))
                 sv.notes.update(item.notes)
@@ -182,6 +223,8 @@ def _survey(spec: SourceSpec, stage_dir: str, n_chunks: int) -> _Survey:
                 sv.keys.append(item.key)
                 sv.labels.append(item.label)
                 sv.n_boxes.append(item.n_boxes)
+                sv.boxes_dropped.append(item.boxes_dropped)
+                sv.gt_boxes_dropped.append(item.gt_boxes_dropped)
                 without_gt, with_gt = digests_of(item)
                 sv.digests_without_gt.append(without_gt)
                 sv.digests_with_gt.append(with_gt)
@@ -191,27 +234,45 @@ def _survey(spec: SourceSpec, stage_dir: str, n_chunks: int) -> _Survey:
     return sv
 
 
-def _write_ffcv(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, workers: int) -> dict:
-    """data.beton, written beside and renamed into place; returns its checksum."""
+def _write_ffcv(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, workers: int,
+                identity: str) -> dict:
+    """data.beton, written beside and renamed into place; returns its checksum. A failed write
+    (a full disk) leaves no data.beton.tmp behind."""
     from .ffcv_writer import write_beton
 
     tmp = os.path.join(ds_dir, "data.beton.tmp")
-    write_beton(tmp, staged, opts, with_gt, workers)
-    os.replace(tmp, os.path.join(ds_dir, "data.beton"))
+    try:
+        write_beton(tmp, staged, opts, with_gt, workers, identity)
+        os.replace(tmp, os.path.join(ds_dir, "data.beton"))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise BuildError(write_failure(tmp, e)) from None
     return {"data.beton": file_sha256(os.path.join(ds_dir, "data.beton"))}
 
 
-def _write_wds(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, label: str):
+def _write_wds(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, label: str, identity: str):
     """shards/ (tars and their .idx), written beside and renamed into place; returns the tar
-    names and the checksums of every file."""
+    names and the checksums of every file. A failed write (a full disk) names the file and
+    leaves no shards.tmp behind."""
     from .wds_writer import write_shards
 
     tmp = os.path.join(ds_dir, "shards.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with tqdm(total=len(staged), desc=f"shards {label}", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
-        shards = write_shards(tmp, staged, opts.shard_size, with_gt, progress=bar)
-    shutil.rmtree(os.path.join(ds_dir, "shards"), ignore_errors=True)
-    os.replace(tmp, os.path.join(ds_dir, "shards"))
+    try:
+        with tqdm(total=len(staged), desc=f"shards {label}", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+            shards = write_shards(tmp, staged, opts.shard_size, with_gt, progress=bar, identity=identity)
+        shutil.rmtree(os.path.join(ds_dir, "shards"), ignore_errors=True)
+        os.replace(tmp, os.path.join(ds_dir, "shards"))
+    except FileWriteError as e:  # names the shard or .idx that could not be written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BuildError(str(e)) from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BuildError(write_failure(tmp, e)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     checksums = {}
     for name in shards:
         for f in (name, name[:-4] + ".idx"):
@@ -220,13 +281,16 @@ def _write_wds(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: 
 
 
 def _manifest(spec: SourceSpec, opts: BuildOptions, formats: Sequence[str], masks_note: str, cam_info,
-              survey: _Survey, shards: List[str], checksums: dict, stage_seconds: float, ds_dir: str) -> dict:
+              survey: _Survey, shards: List[str], checksums: dict, stage_seconds: float, ds_dir: str,
+              identity: str) -> dict:
     """The dataset's manifest.json (README "Building datasets")."""
     # Loaders compare these with the files before reading (cheaper than the checksums).
     sizes = {f: os.path.getsize(os.path.join(ds_dir, f)) for f in checksums}
     return {
         "kind": "dataset",
         "schema_version": SCHEMA_VERSION,
+        # Carried by data.beton, every tar and every .idx; the loaders compare them at open.
+        "dataset_id": identity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {"path": os.path.abspath(spec.path), "kind": spec.kind, "gt_masks": spec.gt_mask_root},
         "options": opts.to_dict(),
@@ -237,7 +301,11 @@ def _manifest(spec: SourceSpec, opts: BuildOptions, formats: Sequence[str], mask
         "has_gt": survey.with_gt,
         "counts": {"inputs": len(spec.samples), "records": len(survey.index), "skipped": len(survey.skipped),
                    "records_without_boxes": sum(1 for n in survey.n_boxes if n == 0),
-                   "records_without_background": survey.without_bg},
+                   "records_without_background": survey.without_bg,
+                   # Boxes beyond --max-boxes, the smallest of their record (process._boxes_from).
+                   "boxes_dropped": sum(survey.boxes_dropped),
+                   "records_with_boxes_dropped": sum(1 for n in survey.boxes_dropped if n),
+                   "gt_boxes_dropped": sum(survey.gt_boxes_dropped)},
         "conversions": dict(survey.notes),
         "skipped": survey.skipped,
         "shards": [f"shards/{n}" for n in shards],
@@ -245,7 +313,7 @@ def _manifest(spec: SourceSpec, opts: BuildOptions, formats: Sequence[str], mask
         "sizes": sizes,
         "timing": {"records_seconds": round(stage_seconds, 3)},
         "records": {"keys": survey.keys, "digests": survey.digests(), "labels": survey.labels,
-                    "n_boxes": survey.n_boxes},
+                    "n_boxes": survey.n_boxes, "boxes_dropped": survey.boxes_dropped},
     }
 
 
@@ -353,11 +421,16 @@ def _publish(partial: str, out: str, log: Callable) -> None:
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
           coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
-          contracam: Optional[MaskProvider] = None, log: Callable = print) -> dict:
-    """Build src into out; returns the top-level manifest. ``coco_images`` and ``gt_masks`` (a
-    parallel tree of ground-truth masks) are passed to sources.open_source. ``--masks contracam``
+          contracam: Optional[MaskProvider] = None, log: Callable = print,
+          coco_allow_outside: bool = False) -> dict:
+    """Build src into out; returns the top-level manifest. ``coco_images``, ``gt_masks`` (a
+    parallel tree of ground-truth masks) and ``coco_allow_outside`` are passed to
+    sources.open_source (a refused COCO file is a skip whose path is the json, so the source's
+    fingerprint, which stats each sample's path, differs with the flag). ``--masks contracam``
     needs ``contracam``, a MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
     formats = tuple(formats)
+    if not formats:
+        raise BuildError(f"no output format given; choose one or more of {', '.join(FORMATS)} (--formats ffcv,wds)")
     for f in formats:
         if f not in FORMATS:
             raise BuildError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
@@ -375,7 +448,7 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     out = os.path.abspath(out.rstrip("/"))
     with _exclusive_output(out):
         _check_output(out, overwrite)  # under the lock: a build that just finished may have made OUT
-        specs = open_source(src, coco_images, gt_masks)
+        specs = open_source(src, coco_images, gt_masks, coco_allow_outside=coco_allow_outside)
         return _build_locked(specs, src, out, opts, formats, workers, on_error, contracam, log)
 
 
@@ -425,7 +498,8 @@ def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOption
             "schema_version": SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source": {"path": os.path.abspath(src), "kinds": sorted({s.kind for s in specs})},
-            "datasets": {name: {"records": m["counts"]["records"], "skipped": m["counts"]["skipped"]}
+            "datasets": {name: {"records": m["counts"]["records"], "skipped": m["counts"]["skipped"],
+                                "boxes_dropped": m["counts"].get("boxes_dropped", 0)}
                          for name, m in manifests.items()},
         }
     top["build_seconds"] = round(seconds, 3)

@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ObjloaderError
+from ..fileio import write_failure
 from ..optional import require
 from .builder import BuildError
-from .schema import BuildOptions, Record
+from .schema import IDENTITY_PREFIX, BuildOptions, Record
 from .staging import StagedRecords
 
 
@@ -98,12 +99,23 @@ class _RecordTuples:
         return t
 
 
-def write_beton(path: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, workers: int) -> None:
+def identity_arguments(identity: str) -> bytes:
+    """What the key field's descriptor holds in its (otherwise unused) arguments: the build's
+    identity, so a beton from another build is refused by reading its header. ffcv's JSONField
+    ignores its arguments (BytesField.from_binary), so stock readers are unaffected."""
+    return (IDENTITY_PREFIX + identity).encode("ascii")
+
+
+def write_beton(path: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, workers: int,
+                identity: str) -> None:
     from ffcv.types import FieldDescType, HeaderType
     from ffcv.writer import DatasetWriter
 
     fields = _fields(opts, with_gt)
     image_slot = list(fields).index("image")
+    key_slot = list(fields).index("key")
+    # Offset of the arguments inside a field descriptor (type_id, name, arguments).
+    args_at = FieldDescType.fields["arguments"][1]
 
     class _Writer(DatasetWriter):
         def prepare(self):
@@ -113,6 +125,8 @@ def write_beton(path: str, staged: StagedRecords, opts: BuildOptions, with_gt: b
             with open(self.fname, "r+b") as f:
                 f.seek(HeaderType.itemsize + image_slot * FieldDescType.itemsize)
                 f.write(np.uint8(2).tobytes())
+                f.seek(HeaderType.itemsize + key_slot * FieldDescType.itemsize + args_at)
+                f.write(identity_arguments(identity))
 
     try:
         _write_records(_Writer(path, fields, num_workers=max(1, workers)), _RecordTuples(staged, fields),
@@ -224,6 +238,8 @@ def _worker(work, metadata_sm, metadata_type, fields, allocator, done, allocatio
     except BaseException as e:
         if isinstance(e, ObjloaderError):
             message = str(e)
+        elif isinstance(e, OSError):  # a page that could not be written (a full disk): one line
+            message = write_failure(allocator.fname, e)
         else:  # a bug rather than bad data: keep where it happened
             traceback.print_exc()
             message = f"{type(e).__name__}: {e} (traceback above)"

@@ -38,16 +38,21 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def _boxes_from(mask_hw: np.ndarray, given: Optional[np.ndarray], opts: BuildOptions):
-    """Padded [K, 4] boxes and their count: the source's own boxes when it has them (COCO
-    instances stay separate even when they touch), otherwise the mask's components."""
+    """(padded [K, 4] boxes, their count, how many boxes beyond K were dropped): the source's own
+    boxes when it has them (COCO instances stay separate even when they touch), otherwise the
+    mask's components. Both are ordered largest first (a box's area, a component's pixel count)
+    and cut to --max-boxes here alone, so every source keeps its largest objects and the build
+    counts what it drops."""
     if given is not None and len(given):
         b = np.asarray(given, dtype=np.float32).reshape(-1, 4)
         b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]  # degenerate boxes cannot hold a crop
         b = b[np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")]
     else:
-        b = mask_to_boxes(mask_hw, threshold=opts.box_threshold, max_boxes=opts.max_boxes,
+        # Every component (a mask has no more than pixels), so the cut below is the only one.
+        b = mask_to_boxes(mask_hw, threshold=opts.box_threshold, max_boxes=mask_hw.size,
                           min_area_frac=opts.min_box_area, margin=opts.box_margin)
-    return pad_boxes(b, opts.max_boxes)
+    boxes, n = pad_boxes(b, opts.max_boxes)
+    return boxes, n, len(b) - n
 
 
 def _contracam_mask(sample: Sample, sha1: str, cam_entry: Optional[tuple], size) -> np.ndarray:
@@ -110,16 +115,17 @@ def build_record(sample: Sample, opts: BuildOptions, cam_entry: Optional[tuple] 
         # No object knowledge: the whole image is the object, there is no background.
         mask = np.full((M, M), 255, np.uint8)
         boxes, n_boxes = pad_boxes(np.zeros((0, 4), np.float32), opts.max_boxes)
+        boxes_dropped = 0
         bg = np.zeros(4, np.float32)
     else:
         mask = cv2.resize(mask_hw, (M, M), interpolation=cv2.INTER_AREA)
-        boxes, n_boxes = _boxes_from(mask_hw, given_boxes, opts)
+        boxes, n_boxes, boxes_dropped = _boxes_from(mask_hw, given_boxes, opts)
         bg = bg_rect(mask_hw, method=opts.bg_patch, threshold=opts.bg_threshold).astype(np.float32)
 
     rec = Record(key=sample.key, sha1=sha1, image=jpeg, height=h, width=w,
                  label=int(sample.label), mask=mask, boxes=boxes, n_boxes=int(n_boxes), bg_rect=bg,
-                 notes=notes)
+                 notes=notes, boxes_dropped=int(boxes_dropped))
     if gt is not None:
         rec.gt_mask = cv2.resize(gt, (M, M), interpolation=cv2.INTER_AREA)
-        rec.gt_boxes, rec.n_gt_boxes = _boxes_from(gt, sample.gt_boxes, opts)
+        rec.gt_boxes, rec.n_gt_boxes, rec.gt_boxes_dropped = _boxes_from(gt, sample.gt_boxes, opts)
     return rec

@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 from numba import njit
 
-from .schema import record_digest
-from .wds_writer import TAR_BLOCK
+from .schema import IDENTITY_PREFIX, record_digest
+from .wds_writer import PAX_IDENTITY, TAR_BLOCK
 from ..errors import ObjloaderError
 
 class DatasetError(ObjloaderError, ValueError):
@@ -60,11 +60,56 @@ def dataset_dirs(path: str) -> List[str]:
 
 
 def _index_header(line: bytes) -> int:
-    """The sample count of a DALI webdataset index's first line ("v1.2 N")."""
+    """The sample count of a DALI webdataset index's first line ("v1.2 N", then the build's
+    identity as objloader-build writes it, which DALI ignores: it reads two words)."""
     parts = line.split()
-    if len(parts) != 2 or parts[0] != b"v1.2" or not parts[1].isdigit():
+    if (len(parts) not in (2, 3) or parts[0] != b"v1.2" or not parts[1].isdigit()
+            or (len(parts) == 3 and not parts[2].startswith(IDENTITY_PREFIX.encode()))):
         raise DatasetError(f"not a v1.2 webdataset index (first line {line[:40]!r})")
     return int(parts[1])
+
+
+def _index_identity(line: bytes) -> Optional[str]:
+    """The build identity on an index's first line, or None when it carries none."""
+    parts = line.split()
+    return parts[2][len(IDENTITY_PREFIX):].decode("ascii", "replace") if len(parts) == 3 else None
+
+
+def _tar_identity(tar_path: str) -> Optional[str]:
+    """The build identity in a tar's leading pax global header (the first blocks of the file),
+    or None when it has none. Reads one header block and its (one-block) records."""
+    with open(tar_path, "rb") as f:
+        head = f.read(2 * TAR_BLOCK)
+    if len(head) < TAR_BLOCK or head[156:157] != b"g":  # typeflag 'g': a pax global header
+        return None
+    try:
+        size = int(head[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    records = head[TAR_BLOCK:TAR_BLOCK + min(size, TAR_BLOCK)].decode("utf-8", "replace")
+    for record in records.split("\n"):  # "LENGTH keyword=value"
+        keyword, _, value = record.partition(" ")[2].partition("=")
+        if keyword == PAX_IDENTITY:
+            return value
+    return None
+
+
+def beton_identity(descs: np.ndarray, n_fields: int) -> Optional[str]:
+    """The build identity in data.beton's key field descriptor arguments (the writer's
+    ffcv_writer.identity_arguments), or None when there is none; ``descs``: the descriptors'
+    bytes, as FFCV_FIELD_DESC."""
+    for desc in descs.view(FFCV_FIELD_DESC)[:n_fields]:
+        if bytes(desc["name"]).rstrip(b"\0") == b"key":
+            args = bytes(desc["arguments"]).rstrip(b"\0").decode("ascii", "replace")
+            return args[len(IDENTITY_PREFIX):] if args.startswith(IDENTITY_PREFIX) else None
+    return None
+
+
+def _identity_problem(found: Optional[str], want: str) -> List[str]:
+    if found == want:
+        return []
+    what = "carries no build identity" if found is None else f"belongs to another build (identity {found})"
+    return [f"{what}, not this dataset's ({want}): copied from another dataset? copy the dataset whole, or rebuild it"]
 
 
 def _index_entry(line: bytes) -> dict:
@@ -201,6 +246,9 @@ def _manifest_problems(manifest: dict) -> List[str]:
     for key, kind in (("formats", list), ("has_gt", bool), ("shards", list), ("counts", dict), ("records", dict)):
         if not isinstance(manifest.get(key), kind):
             problems.append(f"{key!r} is missing or not a {kind.__name__}")
+    if not isinstance(manifest.get("dataset_id"), str):
+        # Without it a data file of another build would be read unnoticed (built before identities).
+        problems.append("'dataset_id' is missing or not a text (built by an older objloader-build)")
     if problems:
         return problems
     n = manifest["counts"].get("records")
@@ -567,9 +615,10 @@ def stat_problems(path: str, rel: str, sizes: dict) -> Tuple[Optional[int], List
     return size, []
 
 
-def _index_ends(idx_path: str) -> Tuple[int, Optional[Tuple[int, int]], Optional[dict]]:
-    """(sample count of the header, (first record, last record) listed, last entry) of an .idx,
-    reading only its ends; raises DatasetError saying what is wrong with it.
+def _index_ends(idx_path: str) -> Tuple[int, Optional[Tuple[int, int]], Optional[dict], Optional[str]]:
+    """(sample count of the header, (first record, last record) listed, last entry, build
+    identity of the header) of an .idx, reading only its ends; raises DatasetError saying what
+    is wrong with it.
 
     The writer lists records in order and each record's members in file order, so the first
     and last entries give the shard's record range and how far into its tar the data reaches."""
@@ -585,24 +634,26 @@ def _index_ends(idx_path: str) -> Tuple[int, Optional[Tuple[int, int]], Optional
     except OSError as e:
         raise DatasetError(f"cannot be read: {e.strerror or e}") from None
     lines = head.split(b"\n", 2)
-    count = _index_header(lines[0])
+    count, identity = _index_header(lines[0]), _index_identity(lines[0])
     if not tail.endswith(b"\n"):
         raise DatasetError("ends in the middle of a line (truncated)")
     if count == 0:
-        return 0, None, None
+        return 0, None, None, identity
     if len(lines) < 3 or not lines[1].strip():
         raise DatasetError(f"header says {count} samples, the file lists none (truncated)")
     try:
         first = _index_entry(lines[1])
         last = _index_entry(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])
-        return count, (_entry_record(first), _entry_record(last)), last
+        return count, (_entry_record(first), _entry_record(last)), last, identity
     except ValueError as e:
         raise DatasetError(f"a sample line cannot be parsed ({e}); the index is damaged") from None
 
 
-def _check_shards(path: str, manifest: dict, n: Optional[int], sizes: dict, problems) -> None:
-    """Every shard and .idx is there, has its recorded size, and the .idx files cover records
-    0 .. n-1 in order within their tars; reads 2 x 64 KiB per .idx at most, no record data."""
+def _check_shards(path: str, manifest: dict, n: Optional[int], sizes: dict, identity: Optional[str],
+                  problems) -> None:
+    """Every shard and .idx is there, has its recorded size, carries this build's identity, and
+    the .idx files cover records 0 .. n-1 in order within their tars; reads 2 x 64 KiB per .idx
+    and 1 KiB per tar at most, no record data."""
     total, expect_first = 0, 0  # None once a shard's records are unknown (its .idx unreadable)
     for tar in manifest["shards"]:
         idx = tar[:-4] + ".idx"
@@ -610,14 +661,22 @@ def _check_shards(path: str, manifest: dict, n: Optional[int], sizes: dict, prob
         problems[tar] += facts
         if tar_size is not None and tar_size % TAR_BLOCK:
             problems[tar].append(f"{tar_size} bytes is not a whole number of {TAR_BLOCK}-byte tar blocks (truncated)")
+        if tar_size is not None and identity is not None:
+            try:
+                problems[tar] += _identity_problem(_tar_identity(os.path.join(path, tar)), identity)
+            except OSError as e:
+                problems[tar].append(f"cannot be read: {e.strerror or e}")
         idx_size, facts = stat_problems(path, idx, sizes)
         problems[idx] += facts
         if idx_size is not None:
             try:
-                count, span, last = _index_ends(os.path.join(path, idx))
+                count, span, last, idx_identity = _index_ends(os.path.join(path, idx))
             except DatasetError as e:
                 problems[idx].append(str(e))
                 idx_size = None
+            else:
+                if identity is not None:
+                    problems[idx] += _identity_problem(idx_identity, identity)
         if idx_size is None:  # where this shard's records end, and so the next one's begin, is unknown
             total = expect_first = None
             continue
@@ -636,9 +695,10 @@ def _check_shards(path: str, manifest: dict, n: Optional[int], sizes: dict, prob
         problems[MANIFEST_FILE].append(f"counts.records says {n} records, the shards' .idx files hold {total}")
 
 
-def _check_beton(path: str, n: Optional[int], sizes: dict, problems) -> None:
-    """data.beton is there, has its recorded size, its header counts n records, and its
-    allocation table is whole; reads the header and field descriptors (about 1 KiB per field)."""
+def _check_beton(path: str, n: Optional[int], sizes: dict, identity: Optional[str], problems) -> None:
+    """data.beton is there, has its recorded size, carries this build's identity, its header
+    counts n records, and its allocation table is whole; reads the header and field descriptors
+    (about 1 KiB per field)."""
     rel = "data.beton"
     size, facts = stat_problems(path, rel, sizes)
     problems[rel] += facts
@@ -662,6 +722,8 @@ def _check_beton(path: str, n: Optional[int], sizes: dict, problems) -> None:
     if descs.size < n_fields * FFCV_FIELD_DESC.itemsize:
         problems[rel].append(f"{size} bytes end inside the field descriptors (truncated)")
         return
+    if identity is not None:
+        problems[rel] += _identity_problem(beton_identity(descs, n_fields), identity)
     table = int(header["alloc_table_ptr"])
     if table < descs_end:
         problems[rel].append(f"header points the allocation table at byte {table}, inside the header "
@@ -698,6 +760,10 @@ def integrity_problems(path: str, manifest: dict, engine: Optional[str] = None) 
     n = counts.get("records") if isinstance(counts, dict) else None
     n = n if isinstance(n, int) else None
     formats = [f for f in ("ffcv", "wds") if f in manifest["formats"]]
+    if not formats:
+        problems[MANIFEST_FILE].append(f"lists no data files (formats {manifest['formats']}): nothing to read; "
+                                       "rebuild with objloader-build --formats ffcv,wds")
+        return dict(problems)
     if engine is not None:
         fmt = ENGINE_FORMATS[engine]
         if fmt not in formats:
@@ -707,10 +773,12 @@ def integrity_problems(path: str, manifest: dict, engine: Optional[str] = None) 
             return dict(problems)
         formats = [fmt]
     sizes = manifest.get("sizes") if isinstance(manifest.get("sizes"), dict) else {}
+    identity = manifest.get("dataset_id")
+    identity = identity if isinstance(identity, str) else None  # missing: _manifest_problems says so
     if "wds" in formats and isinstance(manifest.get("shards"), list):
-        _check_shards(path, manifest, n, sizes, problems)
+        _check_shards(path, manifest, n, sizes, identity, problems)
     if "ffcv" in formats:
-        _check_beton(path, n, sizes, problems)
+        _check_beton(path, n, sizes, identity, problems)
     return {rel: facts for rel, facts in problems.items() if facts}
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional, Protocol, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
+from ..ranges import MASK_RES, Range, check_ranges
 from ..sources.decode import DecodeLimits  # the decoding limits a build applies, defaults included
 
 SCHEMA_VERSION = 1
@@ -43,6 +45,24 @@ class BuildOptions:
     box_margin: float = 0.0      # boxes grow by this fraction of their size on each side
     shard_size: int = 1000       # records per WebDataset shard
 
+    # Every numeric option's range, which objloader-build's flags share.
+    RANGES: ClassVar[dict] = {
+        "max_res": Range(int, 8, 8192),
+        "mask_res": MASK_RES,
+        "max_boxes": Range(int, 1, 256),
+        "jpeg_quality": Range(int, 1, 100, why="JPEG quality"),
+        "min_size": Range(int, 1, 65_535),
+        "max_pixels": Range(int, 1, 2 ** 36),
+        "box_threshold": Range(float, 0, 1, why="a fraction of 255"),
+        "bg_threshold": Range(float, 0, 1, why="a fraction of 255"),
+        "min_box_area": Range(float, 0, 1, why="a fraction of the image"),
+        "box_margin": Range(float, 0, 1, why="a fraction of the box per side"),
+        "shard_size": Range(int, 1, 1_000_000),
+    }
+
+    def __post_init__(self):
+        check_ranges(self, self.RANGES, "BuildOptions")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -65,6 +85,8 @@ class Record:
     gt_boxes: Optional[np.ndarray] = None
     n_gt_boxes: int = 0
     notes: list = field(default_factory=list)  # conversions applied (grayscale, CMYK, alpha, resized)
+    boxes_dropped: int = 0     # boxes beyond max_boxes left out of `boxes` (the smallest)
+    gt_boxes_dropped: int = 0  # the same for `gt_boxes`
 
     def meta(self) -> dict:
         return {"key": self.key, "sha1": self.sha1, "height": self.height, "width": self.width,
@@ -129,3 +151,17 @@ class MaskProvider(Protocol):
         """For one source dataset: key -> (image sha1, uint8 mask [R, R] or None, skip reason), and
         what the manifest records of the masks. ``work_dir`` is the builder's scratch folder
         (kept until the dataset is built, so an interrupted build resumes there)."""
+
+
+def dataset_identity(options: dict, has_gt: bool, keys, digests) -> str:
+    """A build's identity: a digest of its options and of every record's key and digest (which
+    cover every stored field). Every format carries it (data.beton's key field descriptor, each
+    tar's pax global header, each .idx's first line) and the loaders compare it with the
+    manifest's "dataset_id" at open, so a file from another build is refused without reading a
+    record. A content digest, not a random id: a resumed build equals an uninterrupted one."""
+    h = hashlib.sha256(json.dumps([SCHEMA_VERSION, options, bool(has_gt), list(keys), list(digests)]).encode())
+    return h.hexdigest()[:32]
+
+
+# How each format spells the identity: "objloader-id=" + the 32 hex digits.
+IDENTITY_PREFIX = "objloader-id="

@@ -24,15 +24,26 @@ BATCH = 64
 _LOADERS = []
 
 
-def _check(name: str, manifest: dict, got_keys: List[str], got_digests: List[str]) -> None:
-    want_keys, want = manifest["records"]["keys"], manifest["records"]["digests"]
-    if len(got_digests) != len(want):
-        raise DatasetError(f"{name}: read {len(got_digests)} records, manifest lists {len(want)}")
-    for i, (k, d) in enumerate(zip(got_keys, got_digests)):
-        if k != want_keys[i]:
-            raise DatasetError(f"{name}: record {i} has key {k!r}, manifest says {want_keys[i]!r}")
-        if d != want[i]:
-            raise DatasetError(f"{name}: record {i} ({k!r}) differs from the manifest (digest {d} != {want[i]})")
+def _check(name: str, manifest: dict, got: dict) -> None:
+    """Every per-record list of the manifest (reader.RECORD_LISTS: keys, digests, labels, box
+    counts) equals what the records hold, record by record; ``got``: list name -> the values read
+    back. The digests cover the stored fields, but the loaders and users also read the manifest's
+    own copies (a label edited there alone must not pass)."""
+    want = manifest["records"]
+    n = len(want["digests"])
+    if len(got["digests"]) != n:
+        raise DatasetError(f"{name}: read {len(got['digests'])} records, manifest lists {n}")
+    keys = got["keys"]
+    for i in range(n):
+        if keys[i] != want["keys"][i]:
+            raise DatasetError(f"{name}: record {i} has key {keys[i]!r}, manifest says {want['keys'][i]!r}")
+        if got["digests"][i] != want["digests"][i]:
+            raise DatasetError(f"{name}: record {i} ({keys[i]!r}) differs from the manifest "
+                               f"(digest {got['digests'][i]} != {want['digests'][i]})")
+        for field, what in (("labels", "label"), ("n_boxes", "box count")):
+            if got[field][i] != want[field][i]:
+                raise DatasetError(f"{name}: record {i} ({keys[i]!r}) has {what} {got[field][i]}, the manifest's "
+                                   f"records.{field} says {want[field][i]!r} (manifest edited?); rebuild the dataset")
 
 
 def _beton_storage(path: str):
@@ -113,18 +124,21 @@ def verify_ffcv(ds_dir: str, manifest: dict) -> int:
     _LOADERS.append(loader)
     names = list(pipelines)
     jpegs = _beton_jpegs(path)
-    keys, digests = [], []
+    got = {"keys": [], "digests": [], "labels": [], "n_boxes": []}
     for batch in loader:
         f = dict(zip(names, batch))
         metas = JSONField.unpack(f["key"])
         for j in range(len(metas)):
-            i = len(keys)
+            i = len(got["keys"])
             gt = (f["gt_mask"][j], f["gt_boxes"][j], int(f["n_gt_boxes"][j].item())) if has_gt else (None, None, 0)
-            digests.append(record_digest(jpegs[i], int(f["label"][j].item()), f["mask"][j], f["boxes"][j],
-                                         int(f["n_boxes"][j].item()), f["bg_rect"][j], *gt))
-            keys.append(metas[j]["key"])
-    _check(f"{path} (FFCV)", manifest, keys, digests)
-    return len(keys)
+            label, n_boxes = int(f["label"][j].item()), int(f["n_boxes"][j].item())
+            got["digests"].append(record_digest(jpegs[i], label, f["mask"][j], f["boxes"][j], n_boxes,
+                                                f["bg_rect"][j], *gt))
+            got["keys"].append(metas[j]["key"])
+            got["labels"].append(label)
+            got["n_boxes"].append(n_boxes)
+    _check(f"{path} (FFCV)", manifest, got)
+    return len(got["keys"])
 
 
 def verify_dali(ds_dir: str, manifest: dict) -> int:
@@ -152,7 +166,8 @@ def verify_dali(ds_dir: str, manifest: dict) -> int:
 
     pipe = read_all()
     pipe.build()
-    keys, digests = [], []
+    got = {"keys": [], "digests": [], "labels": [], "n_boxes": []}
+    keys = got["keys"]
     while len(keys) < n:
         out = [o.as_array() if o.is_dense_tensor() else [np.array(o[k]) for k in range(len(o))] for o in pipe.run()]
         for j in range(BATCH):
@@ -164,10 +179,13 @@ def verify_dali(ds_dir: str, manifest: dict) -> int:
                 raise DatasetError(f"{ds_dir} (DALI): record {len(keys)} decodes to {h}x{w}, stored as "
                                    f"{meta['height']}x{meta['width']}")
             gt = (out[7][j][..., 0], out[8][j], meta["n_gt_boxes"]) if has_gt else (None, None, 0)
-            digests.append(record_digest(bytes(out[0][j]), int(bytes(out[2][j]).decode()), out[3][j][..., 0],
-                                         out[4][j], meta["n_boxes"], out[5][j], *gt))
+            label = int(bytes(out[2][j]).decode())
+            got["digests"].append(record_digest(bytes(out[0][j]), label, out[3][j][..., 0],
+                                                out[4][j], meta["n_boxes"], out[5][j], *gt))
             keys.append(meta["key"])
-    _check(f"{ds_dir} (DALI)", manifest, keys, digests)
+            got["labels"].append(label)
+            got["n_boxes"].append(meta["n_boxes"])
+    _check(f"{ds_dir} (DALI)", manifest, got)
     return len(keys)
 
 

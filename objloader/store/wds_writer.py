@@ -4,6 +4,10 @@ Members per record (DESIGN.md): KEY.jpg, KEY.cls, KEY.mask.png (lossless), KEY.b
 KEY.bg.npy, KEY.json, and KEY.gt_mask.png / KEY.gt_boxes.npy when there is ground truth.
 KEY is the record's zero-padded index: source keys may hold dots and slashes, which WebDataset
 would split on; the source key travels in KEY.json.
+
+Each tar starts with a pax global header (archive-wide metadata that tar readers apply, not a
+member) holding the build's identity, and each .idx carries it after its sample count (DALI
+reads the first two words of that line); the loaders compare both with the manifest at open.
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ from typing import Iterable, List
 import cv2
 import numpy as np
 
-from .schema import WDS_MEMBERS, Record
+from ..fileio import FileWriteError, write_failure
+from .schema import IDENTITY_PREFIX, WDS_MEMBERS, Record
 
 TAR_BLOCK = 512
+PAX_IDENTITY = "objloader.dataset_id"  # the pax keyword of the tar's global header
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -54,29 +60,37 @@ def record_name(index: int) -> str:
     return f"{index:09d}"
 
 
-def write_shard(tar_path: str, idx_path: str, records: Iterable[tuple], with_gt: bool) -> int:
-    """Write (index, Record) pairs to one tar and its DALI index ("v1.2 N", then per sample
-    'ext offset size name' for each member, offsets pointing at the member's data)."""
+def write_shard(tar_path: str, idx_path: str, records: Iterable[tuple], with_gt: bool, identity: str) -> int:
+    """Write (index, Record) pairs to one tar and its DALI index ("v1.2 N objloader-id=ID", then
+    per sample 'ext offset size name' for each member, offsets pointing at the member's data).
+    A failed write raises FileWriteError naming the file."""
     lines = []
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for index, rec in records:
-            name = record_name(index)
-            parts = []
-            for suffix, data in record_members(rec, with_gt):
-                info = tarfile.TarInfo(f"{name}.{suffix}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
-                data_offset = tar.offset + TAR_BLOCK  # a USTAR header is one block (names are short)
-                tar.addfile(info, io.BytesIO(data))
-                parts.append(f"{suffix} {data_offset} {len(data)} {info.name}")
-            lines.append(" ".join(parts))
-    with open(idx_path, "w") as f:
-        f.write(f"v1.2 {len(lines)}\n")
-        f.write("\n".join(lines) + "\n")
+    try:
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT, pax_headers={PAX_IDENTITY: identity}) as tar:
+            for index, rec in records:
+                name = record_name(index)
+                parts = []
+                for suffix, data in record_members(rec, with_gt):
+                    info = tarfile.TarInfo(f"{name}.{suffix}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
+                    tar.addfile(info, io.BytesIO(data))
+                    # The data ends, padded to whole blocks, where the archive now stands.
+                    data_offset = tar.offset - -(-len(data) // TAR_BLOCK) * TAR_BLOCK
+                    parts.append(f"{suffix} {data_offset} {len(data)} {info.name}")
+                lines.append(" ".join(parts))
+    except OSError as e:
+        raise FileWriteError(write_failure(tar_path, e)) from None
+    try:
+        with open(idx_path, "w") as f:
+            f.write(f"v1.2 {len(lines)} {IDENTITY_PREFIX}{identity}\n")
+            f.write("\n".join(lines) + "\n")
+    except OSError as e:
+        raise FileWriteError(write_failure(idx_path, e)) from None
     return len(lines)
 
 
 def write_shards(shard_dir: str, records: Iterable[Record], shard_size: int, with_gt: bool,
-                 progress=None) -> List[str]:
+                 progress=None, *, identity: str) -> List[str]:
     """Write all records into shards of shard_size; returns the tar file names (relative)."""
     os.makedirs(shard_dir, exist_ok=True)
     names, batch = [], []
@@ -84,7 +98,7 @@ def write_shards(shard_dir: str, records: Iterable[Record], shard_size: int, wit
     def flush():
         nonlocal batch
         name = f"shard-{len(names):05d}.tar"
-        write_shard(os.path.join(shard_dir, name), os.path.join(shard_dir, name[:-4] + ".idx"), batch, with_gt)
+        write_shard(os.path.join(shard_dir, name), os.path.join(shard_dir, name[:-4] + ".idx"), batch, with_gt, identity)
         names.append(name)
         if progress is not None:
             progress.update(len(batch))

@@ -33,14 +33,14 @@ generate_demo).
 # generate_demo), the trainer and benchmarks (generate_demo), tests (DemoError, Style, rle_*,
 # BGCHALLENGE_VARIANTS, and the internals _single, _SHAPES, _deform, _fill of tests/test_demo.py).
 from .files import rle_decode, rle_encode
-from .generate import DemoError, default_workers, generate_demo
+from .generate import RANGES, DemoError, default_workers, generate_demo
 from .render import _single  # noqa: F401  (tests)
 from .shapes import _SHAPES, _deform, _fill  # noqa: F401  (tests)
 from .style import (BGCHALLENGE_VARIANTS, DEFAULT_BG_BIAS, DEFAULT_BG_SCENES, DEFAULT_N_MULTI, DEFAULT_OBJECT_AREA, DEFAULT_PER_CLASS_TRAIN,
                     DEFAULT_PER_CLASS_VAL, DEFAULT_RESOLUTION, DEFAULT_VARIATION, Style)
 
 __all__ = [
-    "generate_demo", "default_workers", "DemoError", "Style", "rle_encode", "rle_decode",
+    "generate_demo", "default_workers", "DemoError", "RANGES", "Style", "rle_encode", "rle_decode",
     "DEFAULT_PER_CLASS_TRAIN", "DEFAULT_PER_CLASS_VAL", "DEFAULT_N_MULTI", "DEFAULT_RESOLUTION",
     "DEFAULT_BG_BIAS", "DEFAULT_VARIATION", "DEFAULT_OBJECT_AREA", "DEFAULT_BG_SCENES", "BGCHALLENGE_VARIANTS",
 ]

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import cv2
-import numpy as np
 
 from ...errors import ObjloaderError
+from ...ranges import SEED, WORKERS, Range, check_ranges
 from .backgrounds import preload_photos
 from .files import _assemble, _jpeg, _png, _write, rle_encode, tight_box
 from .render import _multi_scene, _single
@@ -73,6 +73,21 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one image per process; avoid oversubscribing the cores
 
 
+# The range of every numeric argument of generate_demo, which objloader-demo's flags share.
+RANGES = {
+    "per_class_train": Range(int, 0, 100_000),
+    "per_class_val": Range(int, 0, 100_000),
+    "n_multi": Range(int, 0, 1_000_000),
+    "resolution": Range(int, 16, 1024),
+    "seed": SEED,
+    "bg_bias": Range(float, 0, 1, why="a probability"),
+    "variation": Range(float, 0, 2),
+    "object_area": Range(float, 0, 0.9, lo_open=True, why="a fraction of the image, each of min and max"),
+    "bg_scenes": Range(int, 0, 100_000, why="0: a fresh background for every image"),
+    "workers": Range(int, 1, WORKERS.hi, why=WORKERS.why),
+}
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -109,27 +124,21 @@ def generate_demo(
     progress: bool = False,
 ) -> dict:
     """Write the demo data set to `out_dir` (atomically) and return the contents of demo.json."""
-    for name, value, minimum in (("per_class_train", per_class_train, 0), ("per_class_val", per_class_val, 0),
-                                 ("n_multi", n_multi, 0), ("resolution", resolution, 16), ("seed", seed, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-            raise DemoError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if not 0.0 <= float(bg_bias) <= 1.0:
-        raise DemoError(f"bg_bias is a probability in [0, 1], got {bg_bias!r}")
-    if not 0.0 <= float(variation) <= 2.0:
-        raise DemoError(f"variation must be in [0, 2], got {variation!r}")
+    check_ranges(dict(per_class_train=per_class_train, per_class_val=per_class_val, n_multi=n_multi,
+                      resolution=resolution, seed=seed, bg_bias=bg_bias, variation=variation, bg_scenes=bg_scenes,
+                      workers=workers), {k: r for k, r in RANGES.items() if k != "object_area"}, "generate_demo",
+                 DemoError)  # object_area is a pair: each bound is checked below
     bg_bias, variation = float(bg_bias), float(variation)
     try:
         area = (float(object_area[0]), float(object_area[1]))
     except (TypeError, ValueError, IndexError):
         raise DemoError(f"object_area must be two numbers (min, max), got {object_area!r}") from None
-    if not 0.0 < area[0] <= area[1] <= 0.9:
-        raise DemoError(f"object_area must satisfy 0 < min <= max <= 0.9, got {object_area!r}")
-    if not isinstance(bg_scenes, (int, np.integer)) or isinstance(bg_scenes, bool) or bg_scenes < 0:
-        raise DemoError(f"bg_scenes must be an integer >= 0, got {bg_scenes!r}")
+    for bound in area:
+        RANGES["object_area"].check("object_area", bound, "generate_demo", DemoError)
+    if area[0] > area[1]:
+        raise DemoError(f"object_area must be (min, max) with min <= max, got {object_area!r}")
     style = Style(bg_bias, variation, area, int(bg_scenes))
     workers = default_workers() if workers is None else int(workers)
-    if workers < 1:
-        raise DemoError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir)
     _check_out(out, overwrite)
 
