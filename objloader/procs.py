@@ -11,7 +11,7 @@ Two rules (DESIGN.md, "Runs: failures, hangs and leaks"):
 * A dead worker or a collective that failed is reported in one line that says what happened and
   what to do, not as a traceback from deep inside torch.
 
-Standard library only, so every layer can use it.
+Standard library and objloader.errors only, so every layer can use it.
 """
 from __future__ import annotations
 
