@@ -67,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
                    help="bad inputs: skip and report them in the manifest, or stop")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read files outside SRC that links in an image folder, or a list file's '../' and absolute "
+                        "paths, lead to (by default each is skipped and listed in the manifest); a file reached by "
+                        "two paths still makes one record")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_cam_arguments(p, prefix="cam-")
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
                                        settings=cam_settings(args, "cam-", args.mask_res) if args.checkpoint else None)
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite,
-                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam)
+                  coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam,
+                  follow_links=args.follow_links)
         if m["kind"] == "collection":
             n = sum(d["records"] for d in m["datasets"].values())
             skipped = sum(d["skipped"] for d in m["datasets"].values())

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="as objloader-build --follow-links (give both or neither): read files outside SRC that links "
+                        "or list-file paths lead to")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("evaluation (--eval)")
     e.add_argument("--eval", action="store_true",
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
             parser().error("SRC is required (or --eval --data BUILT)")
         from ..cam.masks import compute_masks
 
-        specs = open_source(args.src, args.coco_images)
+        specs = open_source(args.src, args.coco_images, follow_links=args.follow_links)
         info = compute_masks(specs, args.out, args.checkpoint, settings, workers=args.workers, device=args.device,
                              overwrite=args.overwrite, progress=not args.no_progress)
         n = sum(d["masked"] for d in info["datasets"].values())
