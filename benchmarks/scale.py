@@ -244,6 +244,7 @@ def build(args, name: str, n: int, src: tuple, partial: Partial) -> dict:
     shutil.rmtree(out + ".partial", ignore_errors=True)  # a resumed build would time only its rest
     print(f"objloader-build {src[0]} {out} ({n} records)", flush=True)
     r = run_tracked([BUILD, src[0], out, "--gt-masks", src[1], "--formats", "ffcv,wds", "--overwrite",
+                     "--follow-links",  # the small set links its files from the large one
                      "--workers", str(args.workers)])
     if r.pop("rc"):
         sys.exit(f"scale: objloader-build of the {name} set failed")

@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=ranged(_WORKERS), default=None, help="processes (default: all cores)")
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
                    help="bad inputs: skip and report them in the manifest, or stop")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read files outside SRC that links in an image folder, or a list file's '../' and absolute "
+                        "paths, lead to (by default each is skipped and listed in the manifest); a file reached by "
+                        "two paths still makes one record")
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
     p.add_argument("--coco-allow-outside", action="store_true",
                    help="read COCO file names that lead outside the images folder (absolute, or through '..'); "
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
         m = build(args.src, args.out, opts, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                   workers=args.workers, on_error=args.on_error, overwrite=args.overwrite,
                   coco_images=args.coco_images, gt_masks=args.gt_masks, contracam=contracam,
-                  coco_allow_outside=args.coco_allow_outside)
+                  coco_allow_outside=args.coco_allow_outside, follow_links=args.follow_links)
         if m["kind"] == "collection":
             n = sum(d["records"] for d in m["datasets"].values())
             skipped = sum(d["skipped"] for d in m["datasets"].values())

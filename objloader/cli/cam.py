@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-images", default=None, help="image folder of a COCO json (default: images/ beside it)")
     p.add_argument("--coco-allow-outside", action="store_true",
                    help="read COCO file names that lead outside the images folder (as objloader-build's flag)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="as objloader-build --follow-links (give both or neither): read files outside SRC that links "
+                        "or list-file paths lead to")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("evaluation (--eval)")
     e.add_argument("--eval", action="store_true",
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
             parser().error("SRC is required (or --eval --data BUILT)")
         from ..cam.masks import compute_masks
 
-        specs = open_source(args.src, args.coco_images, coco_allow_outside=args.coco_allow_outside)
+        specs = open_source(args.src, args.coco_images, coco_allow_outside=args.coco_allow_outside,
+                            follow_links=args.follow_links)
         info = compute_masks(specs, args.out, args.checkpoint, settings, workers=args.workers, device=args.device,
                              overwrite=args.overwrite, progress=not args.no_progress,
                              dist_timeout=args.dist_timeout)

@@ -73,7 +73,9 @@ class Sample:
     def load_gt_mask(self) -> Optional[np.ndarray]:
         """uint8 [H, W] with 0 = background, 255 = object, or None when there is no ground truth.
 
-        A mask file's pixels are used as stored (any EXIF orientation of the mask file itself is
+        A palette image (PNG mode "P", as Pascal VOC stores masks) is read by palette index, not by
+        displayed colour: 0 = background, 255 = void (not object: stored masks are binary), any
+        other index = object. Any other mask file's pixels are used as stored (any EXIF orientation of the mask file itself is
         not applied): a mask is drawn on the image as displayed, see imagefolder.py. A pixel is
         object when its value (the largest channel's) is above 0, or, in a JPEG mask, at least
         half the range (128 of 255): JPEG's ringing leaves small non-zero values in the background
@@ -90,6 +92,11 @@ class Sample:
                     data = f.read()
             except OSError as e:
                 raise SourceError(f"cannot read mask {self.gt_mask_path!r} (record {self.key!r}): {e}") from e
+            index = _palette_indices(data, self.gt_mask_path, self.key)
+            if index is not None:
+                # A palette mask (Pascal VOC's format) means its indices, whatever colours its
+                # palette shows them in: 0 background, 255 void (kept out of the object), else object.
+                return np.where((index != 0) & (index != PALETTE_VOID), 255, 0).astype(np.uint8)
             m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
             if m is None:
                 raise SourceError(f"cannot read mask {self.gt_mask_path!r} (record {self.key!r})")
@@ -103,6 +110,28 @@ class Sample:
 
             return instances_to_mask(self.gt_segments, *self.gt_size, origin=self.origin or repr(self.key))
         return None
+
+
+# Pascal VOC's "void" index: object borders and pixels not to be scored.
+PALETTE_VOID = 255
+
+
+def _palette_indices(data: bytes, path: str, key: str) -> Optional[np.ndarray]:
+    """The palette indices [H, W] of a palette-image mask, None for any other kind of file."""
+    import io
+
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))  # the header only
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None  # not something PIL reads as a palette image: OpenCV's decoder says what it is
+    if im.mode != "P":
+        return None
+    try:
+        return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SourceError(f"cannot read mask {path!r} (record {key!r}): {e}") from None
 
 
 @dataclass
@@ -119,6 +148,14 @@ class SourceSpec:
     samples: List[Sample]
     classes: List[str] = field(default_factory=list)
     gt_mask_root: Optional[str] = None
+
+    def __post_init__(self):
+        # The build writes this dataset to OUT/<name> (and ContraCAM to its store/<name>): a
+        # name read from a file (a demo marker's variants) must not lead out of OUT.
+        parts = self.name.split("/") if self.name else []
+        if self.name.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            raise SourceError(f"dataset name {self.name!r} of {self.path!r} is not a plain relative folder name "
+                              "(no '..', '.', empty or absolute parts): it would be written outside OUT")
 
 
 def printable(name: str) -> str:

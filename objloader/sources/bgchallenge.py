@@ -44,8 +44,8 @@ def is_bgchallenge_root(root: str) -> bool:
             and any(os.path.isdir(os.path.join(root, v, "val")) for v in VARIANTS[1:]))
 
 
-def _spec(name: str, path: str, reference: Optional[List[str]] = None) -> SourceSpec:
-    samples, classes = read_imagefolder(path)
+def _spec(name: str, path: str, reference: Optional[List[str]] = None, follow_links: bool = False) -> SourceSpec:
+    samples, classes = read_imagefolder(path, follow_links=follow_links)
     loose = [s.key for s in samples if s.label < 0]
     if loose:
         raise SourceError(f"{path!r}: {len(loose)} image(s) outside the class folders (e.g. {loose[0]!r}); "
@@ -59,8 +59,9 @@ def _spec(name: str, path: str, reference: Optional[List[str]] = None) -> Source
     return SourceSpec(name, "imagefolder", path, samples, classes)
 
 
-def read_bgchallenge(root: str) -> List[SourceSpec]:
-    """One dataset per split and variant (module docstring), with identical class lists."""
+def read_bgchallenge(root: str, follow_links: bool = False) -> List[SourceSpec]:
+    """One dataset per split and variant (module docstring), with identical class lists.
+    ``follow_links``: as read_imagefolder's, for every split and variant."""
     val_dir = os.path.join(root, "original", "val")
     if not os.path.isdir(val_dir):
         raise SourceError(f"{root!r} looks like a Background-Challenge root but has no original/val folder")
@@ -68,11 +69,11 @@ def read_bgchallenge(root: str) -> List[SourceSpec]:
         if os.path.isdir(os.path.join(root, v)) and not os.path.isdir(os.path.join(root, v, "val")):
             raise SourceError(f"{os.path.join(root, v)!r} has no val/ folder: the Background Challenge's "
                               "variants are <variant>/val/<class>/; move it away to build the others")
-    val = _spec("val", val_dir)
+    val = _spec("val", val_dir, follow_links=follow_links)
     specs = []
     train_dir = os.path.join(root, "original", "train")
     if os.path.isdir(train_dir):
-        specs.append(_spec("train", train_dir, val.classes))
+        specs.append(_spec("train", train_dir, val.classes, follow_links))
     specs.append(val)
     # The original variant is original/val again (Xiao et al. report it beside the others); its
     # samples are reused rather than read twice.
@@ -80,5 +81,5 @@ def read_bgchallenge(root: str) -> List[SourceSpec]:
     for v in VARIANTS[1:]:
         sub = os.path.join(root, v, "val")
         if os.path.isdir(sub):
-            specs.append(_spec(f"bgchallenge/{v}", sub, val.classes))
+            specs.append(_spec(f"bgchallenge/{v}", sub, val.classes, follow_links))
     return specs

@@ -4,6 +4,7 @@ bit-depth images made RGB, and unusable input refused with a reason (SkipRecord)
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Tuple
@@ -31,6 +32,19 @@ ALPHA_FILL = (128, 128, 128)
 EXIF_ORIENTATION = 0x0112
 
 
+_PIL_LIMIT = threading.Lock()
+
+
+def _let_pil_open(max_pixels: int) -> None:
+    """PIL refuses images above its own limit (Image.MAX_IMAGE_PIXELS, ~89 MP) while opening
+    them, before --max-pixels is looked at. The limit is process-wide, so it is only ever raised
+    (another caller in the process may allow more), under a lock; decode_image then applies its
+    caller's own max_pixels exactly, and --max-pixels alone decides."""
+    with _PIL_LIMIT:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 class SkipRecord(Exception):
     """An input that cannot become a record; the message is the reason kept in the manifest."""
 
@@ -40,6 +54,7 @@ def decode_image(data: bytes, opts: DecodeLimits) -> Tuple[np.ndarray, Tuple[int
     (height, width) and the conversions applied. Raises SkipRecord for unusable input.
     ``opts``: any object with the fields of DecodeLimits (objloader-build's BuildOptions has them)."""
     notes = []
+    _let_pil_open(opts.max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -58,7 +73,10 @@ def decode_image(data: bytes, opts: DecodeLimits) -> Tuple[np.ndarray, Tuple[int
         raise
     except Image.UnidentifiedImageError:
         raise SkipRecord("not an image file (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL's limit is at least max_pixels here, so PIL refusing means above --max-pixels too.
+        raise SkipRecord(f"too large: exceeds --max-pixels {opts.max_pixels} ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise SkipRecord(f"cannot decode image: {e}") from None
     orientation = _exif_orientation(im)
     if orientation in range(2, 9):

@@ -21,6 +21,14 @@ anything else (sizes, checks, resizing, the stored pixels), and a mask is taken 
 displayed image: its own pixels are used as stored. A photo whose EXIF says "rotate 90 degrees"
 is therefore stored upright, and its mask must be upright too.
 
+Links: every image file reachable from ROOT makes at most one record (sources/survey.py). The
+walk lists each folder once; a file reached by its real path and through a link (or a hard link)
+keeps its real path and the link is a counted skip naming both; a link to a folder walked
+already (inside ROOT, or an ancestor) is one counted skip. A link leading outside ROOT is a
+counted skip unless `follow_links` (objloader-build --follow-links). Two images that would pair
+with one mask (`a.jpg` and `a.png` beside `a.mask.png`, or beside one mask-tree `a.png`) are
+both skipped with every party named.
+
 A file whose path below ROOT is not valid UTF-8 (a name Python can only keep with surrogate
 escapes) cannot be keyed, hashed or written to the manifest as text: it is skipped with a reason
 naming the path with its undecodable bytes written as \\xNN, and the rest is built.
@@ -31,6 +39,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from .base import Sample, SourceError, file_sample, printable
+from .survey import inside, one_record_per_file, outside_reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 MASK_SUFFIX = ".mask.png"
@@ -49,12 +58,76 @@ def mask_path_for(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + MASK_SUFFIX
 
 
-def _images_under(folder: str) -> List[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()  # deterministic walk order
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
-    return found
+class _Walk:
+    """Every image path reachable from an ImageFolder root, each folder listed once.
+
+    Real entries come first (sorted), links after them, so a file reached both by its real path
+    and through a link keeps its real path (sources/survey.py skips the other). A link leading
+    outside the root is followed only with ``follow_links``; a link to a folder already walked
+    (any folder inside the root, or an ancestor: a loop) is one counted skip naming both, never
+    walked again. Skips are Samples marked invalid (``self.skips``)."""
+
+    def __init__(self, root: str, labels: Dict[str, int], follow_links: bool):
+        self.root, self.labels, self.follow_links = root, labels, follow_links
+        self.real_root = os.path.realpath(root)
+        self.images: List[Tuple[str, int]] = []  # (path, label), real paths first
+        self.skips: List[Sample] = []
+        self._walked: Dict[tuple, str] = {}  # folder identity -> the path it was walked by
+        self._links: List[Tuple[str, int]] = []
+
+    def run(self) -> "_Walk":
+        self._folder(self.root, -1, top=True)
+        while self._links:  # links found in folders reached through links join the queue
+            self._link(*self._links.pop(0))
+        return self
+
+    def _skip(self, path: str, label: int, reason: str) -> None:
+        s = file_sample(os.path.relpath(path, self.root).replace(os.sep, "/"), path, label=label)
+        s.invalid = s.invalid or reason
+        self.skips.append(s)
+
+    def _folder(self, folder: str, label: int, top: bool = False) -> None:
+        st = os.stat(folder)
+        seen = self._walked.setdefault((st.st_dev, st.st_ino), folder)
+        if seen != folder:  # a second path to a folder (a link to it, an ancestor, a bind mount)
+            self._skip(folder, label, f"folder {printable(folder)!r} is {printable(seen)!r}, walked already: its "
+                                      "images are recorded once, there (walking it again could loop)")
+            return
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # os.walk would drop an unreadable folder without a word
+            self._skip(folder, label, f"cannot list folder {printable(folder)!r}: {e.strerror or e}")
+            return
+        subfolders = []
+        for e in entries:
+            # In the root, a folder (or a link to one) is a class; files there are unlabelled.
+            sub = self.labels.get(e.name, -1) if top else label
+            if e.is_symlink():
+                self._links.append((e.path, sub))
+            elif e.is_dir(follow_symlinks=False):
+                subfolders.append((e.path, sub))
+            elif is_image_file(e.name):
+                self.images.append((e.path, label))
+        for path, sub in subfolders:
+            self._folder(path, sub)
+
+    def _link(self, path: str, label: int) -> None:
+        name = os.path.basename(path)
+        if not os.path.exists(path):
+            if is_image_file(name):
+                self._skip(path, label, f"broken link {printable(path)!r} -> {printable(os.readlink(path))!r}: "
+                                        "its target does not exist")
+            return  # a dangling link not named as an image is no more an input than any other file
+        is_dir = os.path.isdir(path)
+        if not is_dir and not is_image_file(name):
+            return
+        if not self.follow_links and not inside(path, self.real_root):
+            self._skip(path, label, outside_reason("link to a folder" if is_dir else "link", path, self.root))
+        elif not is_dir:
+            self.images.append((path, label))  # a second path to a file: survey.one_record_per_file
+        else:
+            self._folder(path, label)
 
 
 class MaskTree:
@@ -105,9 +178,11 @@ def _check_mask_root(root: str, mask_root: str) -> None:
                           "read as images; give the image folder itself (e.g. CUB's images/) as SRC")
 
 
-def read_imagefolder(root: str, gt_masks: Optional[str] = None) -> tuple[List[Sample], List[str]]:
+def read_imagefolder(root: str, gt_masks: Optional[str] = None,
+                     follow_links: bool = False) -> tuple[List[Sample], List[str]]:
     """Samples of an ImageFolder tree (sorted by key) and the class names in label order.
-    ``gt_masks``: a parallel mask tree to take the ground-truth masks from (module docstring)."""
+    ``gt_masks``: a parallel mask tree to take the ground-truth masks from (module docstring).
+    ``follow_links``: follow links that lead outside ``root`` (objloader-build --follow-links)."""
     if not os.path.isdir(root):
         raise SourceError(f"ImageFolder root {root!r} is not a directory")
     tree = None
@@ -116,23 +191,19 @@ def read_imagefolder(root: str, gt_masks: Optional[str] = None) -> tuple[List[Sa
         tree = MaskTree(gt_masks)
     folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     classes = [printable(d) for d in folders]  # the names only label; the folders are walked as they are
+    walk = _Walk(root, {name: label for label, name in enumerate(folders)}, follow_links).run()
     samples: List[Sample] = []
-
-    def add(path: str, label: int) -> None:
+    for path, label in walk.images:
         rel = os.path.relpath(path, root)
         key = rel.replace(os.sep, "/")
         if tree is None:
             mask = mask_path_for(path)
             samples.append(file_sample(key, path, label=label, gt_mask_path=mask if os.path.exists(mask) else None))
-            return
-        mask, why = tree.find(rel)
-        samples.append(file_sample(key, path, label=label, gt_mask_path=mask, gt_mask_error=why))
-
-    for path in sorted(os.path.join(root, f) for f in os.listdir(root) if is_image_file(f)):
-        add(path, -1)
-    for label, name in enumerate(folders):
-        for path in _images_under(os.path.join(root, name)):
-            add(path, label)
+        else:
+            mask, why = tree.find(rel)
+            samples.append(file_sample(key, path, label=label, gt_mask_path=mask, gt_mask_error=why))
+    one_record_per_file(samples)  # in walk order: a file's real path is kept over a link to it
+    samples += walk.skips
     if not samples:
         raise SourceError(f"no images found under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if tree is not None and not any(s.gt_mask_path for s in samples):

@@ -4,6 +4,13 @@ Fields are separated by tabs when the line has one (so paths may contain spaces)
 whitespace. Relative paths are relative to the list file's folder. Blank lines and lines
 starting with '#' are ignored. A path whose bytes are not valid UTF-8 is skipped with a reason
 naming it (bytes written as \\xNN), as in an ImageFolder; the other lines are built.
+
+Each line is a reference to a file and stays inside the list file's folder: a path (image or
+mask) that leads outside it (`../`, an absolute path, a link) is a counted skip naming the line
+unless `follow_links` (objloader-build --follow-links). Lines naming one file, however spelled
+(`./x/a.jpg`, `x//a.jpg`, a link to it), make one record (sources/survey.py): the first line
+keeps it and each later one is a counted skip naming both; lines that give that file different
+labels or masks are all skipped.
 """
 from __future__ import annotations
 
@@ -11,14 +18,15 @@ import os
 from typing import List
 
 from .base import Sample, SourceError, file_sample
+from .survey import inside, one_record_per_file, outside_reason
 
 
-def read_listfile(list_path: str) -> List[Sample]:
+def read_listfile(list_path: str, follow_links: bool = False) -> List[Sample]:
     if not os.path.isfile(list_path):
         raise SourceError(f"list file {list_path!r} does not exist")
     base = os.path.dirname(os.path.abspath(list_path))
+    real_base = os.path.realpath(base)
     samples: List[Sample] = []
-    seen = set()
     with open(list_path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             # Decoded as file names are, so one undecodable path skips its line, not the whole list.
@@ -39,10 +47,12 @@ def read_listfile(list_path: str) -> List[Sample]:
                 mask = fields[2] if os.path.isabs(fields[2]) else os.path.join(base, fields[2])
                 if not os.path.isfile(mask):
                     raise SourceError(f"{list_path}:{lineno}: mask {mask!r} does not exist")
-            if rel in seen:
-                raise SourceError(f"{list_path}:{lineno}: {rel!r} is listed twice")
-            seen.add(rel)
-            samples.append(file_sample(rel, path, label=label, gt_mask_path=mask))
+            s = file_sample(rel, path, label=label, gt_mask_path=mask, origin=f"{list_path}:{lineno}")
+            if not follow_links and s.invalid is None:
+                out = [(w, p) for w, p in (("image", path), ("mask", mask)) if p is not None and not inside(p, real_base)]
+                if out:
+                    s.invalid = f"{list_path}:{lineno}: " + outside_reason(out[0][0], out[0][1], base)
+            samples.append(s)
     if not samples:
         raise SourceError(f"list file {list_path!r} lists no images")
-    return samples
+    return one_record_per_file(samples)

@@ -40,12 +40,14 @@ def read_demo_marker(root: str) -> Optional[dict]:
 
 
 def open_source(path: str, coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
-                coco_allow_outside: bool = False) -> List[SourceSpec]:
+                coco_allow_outside: bool = False, follow_links: bool = False) -> List[SourceSpec]:
     """The datasets a source path holds: one for an ImageFolder, a COCO json or a list file;
     one per split (train, val, multi, bgchallenge/<variant>) for a folder written by objloader-demo;
     train, val and bgchallenge/<variant> for a Background-Challenge root.
     ``gt_masks``: parallel mask tree of an ImageFolder or flat folder (objloader-build --gt-masks).
-    ``coco_allow_outside``: a COCO json may name images outside its images folder (sources/coco.py)."""
+    ``coco_allow_outside``: a COCO json may name images outside its images folder (sources/coco.py).
+    ``follow_links`` (objloader-build --follow-links): read image folders' links and list files'
+    paths that lead outside their folder (sources/survey.py); COCO sources are read as before."""
     if not os.path.exists(path):
         raise SourceError(f"source {path!r} does not exist")
     if gt_masks is not None and not os.path.isdir(gt_masks):
@@ -55,22 +57,22 @@ def open_source(path: str, coco_images: Optional[str] = None, gt_masks: Optional
         kind = "an objloader-demo folder" if marker is not None else (
             "a Background-Challenge root" if is_bgchallenge_root(path) else None)
         if kind is None:
-            samples, classes = read_imagefolder(path, gt_masks=gt_masks)
+            samples, classes = read_imagefolder(path, gt_masks=gt_masks, follow_links=follow_links)
             return [SourceSpec("", "imagefolder", path, samples, classes,
                                gt_mask_root=os.path.abspath(gt_masks) if gt_masks is not None else None)]
         if gt_masks is not None:
             raise SourceError(f"--gt-masks applies to an image folder; {path!r} is {kind}")
         if marker is None:
-            return read_bgchallenge(path)
+            return read_bgchallenge(path, follow_links=follow_links)
         specs = []
         for split in ("train", "val"):
-            samples, classes = read_imagefolder(os.path.join(path, split))
+            samples, classes = read_imagefolder(os.path.join(path, split), follow_links=follow_links)
             specs.append(SourceSpec(split, "imagefolder", os.path.join(path, split), samples, classes))
         multi = os.path.join(path, "multi", "instances.json")
         specs.append(SourceSpec("multi", "coco", multi, read_coco(multi, os.path.join(path, "multi", "images"))))
         for variant in marker.get("bgchallenge_variants", []):
             sub = os.path.join(path, "bgchallenge", variant)
-            samples, classes = read_imagefolder(sub)
+            samples, classes = read_imagefolder(sub, follow_links=follow_links)
             specs.append(SourceSpec(f"bgchallenge/{variant}", "imagefolder", sub, samples, classes))
         return specs
     if gt_masks is not None:
@@ -78,7 +80,7 @@ def open_source(path: str, coco_images: Optional[str] = None, gt_masks: Optional
         raise SourceError(f"--gt-masks applies to an image folder; {path!r} is {what}")
     if path.lower().endswith(".json"):
         return [SourceSpec("", "coco", path, read_coco(path, coco_images, allow_outside=coco_allow_outside))]
-    return [SourceSpec("", "listfile", path, read_listfile(path))]
+    return [SourceSpec("", "listfile", path, read_listfile(path, follow_links=follow_links))]
 
 
 def source_fingerprint(specs: List[SourceSpec]) -> str:

@@ -418,16 +418,30 @@ def _publish(partial: str, out: str, log: Callable) -> None:
         _remove_leftover(old, log)
 
 
+def _check_apart(src: str, out: str) -> None:
+    """Refuse an OUT inside a source folder (a rebuild would read the output as input: a new
+    class folder, shifting every label after it) and a SRC inside OUT (--overwrite would delete
+    it). Links are resolved: a link cannot hide either."""
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if os.path.isdir(src) and os.path.commonpath([real_src, real_out]) == real_src:
+        raise BuildError(f"OUT {out} lies inside the source folder {src}: the next build would read the output as "
+                         "input (a new class folder, shifting the labels after it); choose an OUT outside SRC")
+    if os.path.commonpath([real_src, real_out]) == real_out:
+        raise BuildError(f"SRC {src} lies inside OUT {out}: replacing OUT would delete the source; "
+                         "choose an OUT outside SRC")
+
+
 def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: Sequence[str] = FORMATS,
           workers: Optional[int] = None, on_error: str = "skip", overwrite: bool = False,
           coco_images: Optional[str] = None, gt_masks: Optional[str] = None,
-          contracam: Optional[MaskProvider] = None, log: Callable = print,
+          contracam: Optional[MaskProvider] = None, follow_links: bool = False, log: Callable = print,
           coco_allow_outside: bool = False) -> dict:
     """Build src into out; returns the top-level manifest. ``coco_images``, ``gt_masks`` (a
-    parallel tree of ground-truth masks) and ``coco_allow_outside`` are passed to
-    sources.open_source (a refused COCO file is a skip whose path is the json, so the source's
-    fingerprint, which stats each sample's path, differs with the flag). ``--masks contracam``
-    needs ``contracam``, a MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
+    parallel tree of ground-truth masks), ``follow_links`` (read links and list-file paths
+    leading outside SRC) and ``coco_allow_outside`` are passed to sources.open_source (a refused
+    COCO file is a skip whose path is the json, so the source's fingerprint, which stats each
+    sample's path, differs with the flag). ``--masks contracam`` needs ``contracam``, a
+    MaskProvider (objloader.cam.masks.ContraCAMMasks)."""
     formats = tuple(formats)
     if not formats:
         raise BuildError(f"no output format given; choose one or more of {', '.join(FORMATS)} (--formats ffcv,wds)")
@@ -446,18 +460,26 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     elif contracam is not None:
         raise BuildError(f"--checkpoint / --cam-masks only apply to --masks contracam, not --masks {opts.masks}")
     out = os.path.abspath(out.rstrip("/"))
+    if os.path.exists(src):  # a missing SRC is open_source's to name
+        _check_apart(src, out)
     with _exclusive_output(out):
         _check_output(out, overwrite)  # under the lock: a build that just finished may have made OUT
-        specs = open_source(src, coco_images, gt_masks, coco_allow_outside=coco_allow_outside)
-        return _build_locked(specs, src, out, opts, formats, workers, on_error, contracam, log)
+        specs = open_source(src, coco_images, gt_masks, coco_allow_outside=coco_allow_outside,
+                            follow_links=follow_links)
+        identity = contracam.identity() if contracam else None
+        if follow_links:  # changes the records though no file changes: a resumed build must know
+            identity = {"mask run": identity, "follow_links": True}
+        return _build_locked(specs, src, out, opts, formats, workers, on_error, contracam, identity, log)
 
 
 def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOptions, formats: Sequence[str],
-                  workers: Optional[int], on_error: str, contracam: Optional[MaskProvider], log: Callable) -> dict:
-    """build() once its arguments are checked, OUT is locked and the source is open."""
+                  workers: Optional[int], on_error: str, contracam: Optional[MaskProvider], identity,
+                  log: Callable) -> dict:
+    """build() once its arguments are checked, OUT is locked and the source is open.
+    ``identity``: what the fingerprint knows beyond options and source (the mask run, links)."""
     workers = workers or os.cpu_count() or 1
     partial = out + ".partial"
-    fingerprint = _fingerprint(specs, opts, formats, contracam.identity() if contracam else None)
+    fingerprint = _fingerprint(specs, opts, formats, identity)
     state_path = os.path.join(partial, STATE)
     try:
         if os.path.isdir(partial):
