@@ -95,6 +95,30 @@ def test_a_planted_pickle_in_the_stage_never_runs(tmp_path, monkeypatch):
     assert read_manifest(out)["counts"]["records"] == 3
 
 
+def test_a_staged_record_comes_back_with_every_field(tmp_path):
+    """Every field of Record survives the stage, so a resumed build loses nothing (a field added to
+    Record and not to the stage fails here)."""
+    from objloader.store.schema import Record
+    from objloader.store.staging import read_chunk, write_chunk
+
+    rng = np.random.default_rng(0)
+    values = {"key": "a/b.jpg", "sha1": "f" * 40, "image": b"\xff\xd8jpeg", "height": 31, "width": 47, "label": 3,
+              "mask": rng.integers(0, 256, (8, 8), dtype=np.uint8),
+              "boxes": rng.random((4, 4), dtype=np.float32), "n_boxes": 2,
+              "bg_rect": np.array([0.1, 0.2, 0.5, 0.6], np.float32),
+              "gt_mask": rng.integers(0, 256, (8, 8), dtype=np.uint8),
+              "gt_boxes": rng.random((4, 4), dtype=np.float32), "n_gt_boxes": 4,
+              "notes": ["grayscale"], "boxes_dropped": 5, "gt_boxes_dropped": 7}
+    assert set(values) == {f.name for f in dataclasses.fields(Record)}, "give the new field a value here"
+    record = Record(**values)
+    write_chunk(str(tmp_path), 0, ["a/b.jpg", "c.jpg"], [record, "unreadable: c.jpg"])
+    back, skip = read_chunk(str(tmp_path), 0, ["a/b.jpg", "c.jpg"])
+    assert skip == "unreadable: c.jpg"
+    for f in dataclasses.fields(Record):
+        got, want = getattr(back, f.name), values[f.name]
+        assert (np.array_equal(got, want) if isinstance(want, np.ndarray) else got == want), f.name
+
+
 def test_a_truncated_chunk_is_redone_and_the_output_equals_an_uninterrupted_build(tmp_path, monkeypatch):
     monkeypatch.setattr(build_module, "CHUNK", 2)  # 5 inputs: chunks of 2, 2 and 1
     src = _folder(tmp_path / "src", [(f"a/{i}.png", im) for i, im in enumerate(_images(5))])

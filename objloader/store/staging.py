@@ -30,6 +30,12 @@ class StageError(ObjloaderError, ValueError):
     """A staged chunk that cannot be read back as the build wrote it."""
 
 
+# A Record's integer fields, staged in the chunk's JSON; its arrays and bytes go in the npz. Every
+# field of Record is one or the other (tests/test_store_integrity.py checks that a record with
+# every field set comes back equal), so a new field cannot be dropped on resume unnoticed.
+_INT_FIELDS = ("height", "width", "label", "n_boxes", "n_gt_boxes", "boxes_dropped", "gt_boxes_dropped")
+
+
 def chunk_path(stage_dir: str, i: int) -> str:
     return os.path.join(stage_dir, f"chunk-{i:06d}.npz")
 
@@ -43,8 +49,7 @@ def write_chunk(stage_dir: str, i: int, keys: Sequence[str], items: list) -> Non
     meta = []
     for key, item in zip(keys, items):
         if isinstance(item, Record):
-            meta.append({"key": item.key, "sha1": item.sha1, "height": item.height, "width": item.width,
-                         "label": item.label, "n_boxes": item.n_boxes, "n_gt_boxes": item.n_gt_boxes,
+            meta.append({"key": item.key, "sha1": item.sha1, **{f: int(getattr(item, f)) for f in _INT_FIELDS},
                          "has_gt": item.gt_mask is not None, "notes": list(item.notes)})
         else:
             meta.append({"key": key, "skip": str(item)})
@@ -134,10 +139,9 @@ def _parse_chunk(path: str, keys: Optional[Sequence[str]]) -> list:
         start = int(ends[r - 1]) if r else 0
         items.append(Record(
             key=str(m["key"]), sha1=str(m["sha1"]), image=a["images"][start:int(ends[r])].tobytes(),
-            height=int(m["height"]), width=int(m["width"]), label=int(m["label"]), mask=a["mask"][r],
-            boxes=a["boxes"][r], n_boxes=int(m["n_boxes"]), bg_rect=a["bg_rect"][r],
+            mask=a["mask"][r], boxes=a["boxes"][r], bg_rect=a["bg_rect"][r],
             gt_mask=a["gt_mask"][g] if gt else None, gt_boxes=a["gt_boxes"][g] if gt else None,
-            n_gt_boxes=int(m["n_gt_boxes"]), notes=[str(x) for x in m["notes"]]))
+            notes=[str(x) for x in m["notes"]], **{f: int(m[f]) for f in _INT_FIELDS}))
         r, g = r + 1, g + gt
     return items
 
