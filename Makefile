@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`. Both install everything first.
+# Two entry points (see README): `make demo` and `make test`. Both install everything first: the
+# core package with every optional extra (ffcv, dali, crf; setup.py) and the test tools.
 # Installing is idempotent: apt packages are checked before apt-get runs, and the venv is
 # rebuilt only when setup.py or constraints.txt change.
 SHELL := /bin/bash
@@ -22,12 +23,15 @@ $(VENV)/.installed: setup.py constraints.txt
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt numpy torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	$(PY) -m pip check
 	@touch $@
 
+# Two pytest workers (pytest-xdist) for the two cores of the machines the suite runs on, one test
+# file per worker at a time (--dist loadfile) so a module's fixtures are built once; the 15 slowest
+# tests are listed at the end.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The method end to end. Each step writes its output atomically (or last), so a finished step is
 # skipped when `make demo` reruns:

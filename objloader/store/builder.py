@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..errors import ObjloaderError
 from ..fileio import FileWriteError, file_sha256, write_failure, write_json_atomic
+from ..optional import require
 from ..sources import SourceError, SourceSpec, open_source
 from ..sources.resolve import source_fingerprint
 from .process import MaskPairingError, SkipRecord, build_record
@@ -448,6 +449,8 @@ def build(src: str, out: str, opts: BuildOptions = BuildOptions(), *, formats: S
     for f in formats:
         if f not in FORMATS:
             raise BuildError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    if "ffcv" in formats:  # refused before any record is read, naming the extra to install
+        require("ffcv", "objloader-build --formats ffcv (data.beton); build --formats wds without it")
     if on_error not in ("skip", "fail"):
         raise BuildError(f"--on-error must be skip or fail, not {on_error!r}")
     if opts.masks not in ("gt", "none", "contracam"):
