@@ -45,10 +45,12 @@ PROFILES = {
              "batch_size": 256, "demo": [], "multi": 3000, "cam_limit": 400, "cam_iterations": 10},
     "quick": {"seeds": [0], "extra_seeds": [], "epochs": 8, "width": 32, "image_size": 64,
               "batch_size": 256, "demo": [], "multi": 1000, "cam_limit": 200, "cam_iterations": 10},
-    # end to end in well under a minute: the CI test (tests/test_fidelity.py) keeps the script alive
+    # the CI test's (tests/test_fidelity.py), to keep the script alive: every step on tiny data, one
+    # worker process or thread per command and feature extraction in-process, since starting
+    # workers costs more than their work here (the other profiles keep each command's default)
     "tiny": {"seeds": [0], "extra_seeds": [], "epochs": 1, "width": 8, "image_size": 32, "batch_size": 16,
              "demo": ["--per-class-train", "4", "--per-class-val", "2", "--resolution", "48"], "multi": 20,
-             "cam_limit": 6, "cam_iterations": 2},
+             "cam_limit": 6, "cam_iterations": 2, "workers": 1, "eval_workers": 0},
 }
 LRS = {"moco": 0.06, "byol": 0.05}  # base lr per 256 images: MoCo from the recipe search, BYOL its default
 P_MIX = 0.4  # the paper's BG-Mixup probability for MoCo v2
@@ -150,10 +152,15 @@ class Bench:
         self.check_profile()
         if not os.path.isfile(os.path.join(self.data, "demo.json")):
             self._step("generating the demo data", "data", demo_cli.main,
-                       [self.data, "--overwrite", "--no-progress", "--multi", str(self.p["multi"]), *self.p["demo"]])
+                       [self.data, "--overwrite", "--no-progress", "--multi", str(self.p["multi"]), *self.p["demo"],
+                        *self._workers()])
         if not os.path.isfile(os.path.join(self.built, "manifest.json")):
             self._step("building it with ground-truth masks", "data", build_cli.main,
-                       [self.data, self.built, "--masks", "gt", "--overwrite"])
+                       [self.data, self.built, "--masks", "gt", "--overwrite", *self._workers()])
+
+    def _workers(self) -> list:
+        """--workers of the profile for the commands it runs (none: their defaults)."""
+        return ["--workers", str(self.p["workers"])] if self.p.get("workers") else []
 
     def run_dir(self, run: Run) -> str:
         return os.path.join(self.work, "runs", run.name)
@@ -168,7 +175,7 @@ class Bench:
             ckpt = self.train(Run(seed=seed))
             self._step(f"ContraCAM masks of the vanilla encoder, seed {seed}", f"contracam_s{seed}", build_cli.main,
                        [os.path.join(self.data, "train"), out, "--masks", "contracam", "--checkpoint", ckpt,
-                        "--cam-iterations", "1", "--overwrite"])
+                        "--cam-iterations", "1", "--overwrite", *self._workers()])
         return out
 
     def train_data(self, run: Run) -> str:
@@ -199,7 +206,7 @@ class Bench:
         argv = ["--loader", LOADER, "--data", data, "--out", out, "--seed", str(run.seed),
                 "--width", str(self.p["width"]), "--image-size", str(self.p["image_size"]),
                 "--batch-size", str(self.p["batch_size"]), "--lr", str(LRS[run.method]),
-                "--epochs", str(self.epochs(run)), "--no-progress"]
+                "--epochs", str(self.epochs(run)), "--no-progress", *self._workers()]
         if run.oa_crop:
             argv.append("--oa-crop")
         if run.bg_mixup:
@@ -224,7 +231,7 @@ class Bench:
             from objloader.ssl.bgchallenge import bgchallenge_report
 
             report = self._step(f"linear probe + Background Challenge of {run.name}", run.name, bgchallenge_report,
-                                ckpt, self.built, self.run_dir(run), workers=1, log=print)
+                                ckpt, self.built, self.run_dir(run), workers=self.p.get("eval_workers", 1), log=print)
             entry["top1"] = {k: round(100 * v["top1"], 2) for k, v in report["accuracy"].items()}
             entry["bg_gap"] = round(100 * report["bg_gap"], 2)
         else:
@@ -252,7 +259,7 @@ class Bench:
             self._step("localisation of the vanilla encoder", "localisation", cam_cli.main,
                        ["--eval", "--checkpoint", ckpt, "--data", self.built, "--sets", "val,multi",
                         "--limit", str(self.p["cam_limit"]), "--iterations", str(self.p["cam_iterations"]),
-                        "--out", out, "--no-progress"])
+                        "--out", out, "--no-progress", *self._workers()])
         with open(path, encoding="utf-8") as f:
             report = json.load(f)
         loc = {name: {v: {"miou": round(r["miou"], 4), "maxboxacc": round(r["maxboxaccv2"], 4)}
