@@ -15,9 +15,11 @@ import pytest
 import torch
 import torchvision
 
+import objloader
 from objloader.checkpoint import CHECKPOINT_FORMAT, CheckpointError, build_backbone, load_backbone, load_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_IMPORTED = os.path.dirname(os.path.dirname(objloader.__file__))  # the copy of objloader under test
 
 
 def _random_state(net: torch.nn.Module, seed: int = 0) -> dict:
@@ -233,7 +235,7 @@ def test_export_command_runs_as_a_module(tmp_path, tv):
     obj, _ = _solo_learn(tv)
     src, out = _write(tmp_path, "solo", obj), str(tmp_path / "out.pth")
     r = subprocess.run([sys.executable, "-m", "objloader.cli.export", src, out], capture_output=True, text=True,
-                       timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+                       timeout=120, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=_IMPORTED))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torchvision resnet18" in r.stdout and "solo-learn" in r.stdout
     tvnet = torchvision.models.resnet18()
