@@ -316,3 +316,29 @@ def test_init_starts_the_trainer_from_a_foreign_backbone(tmp_path, tv, small_dat
                 torch.testing.assert_close(params[k].detach(), v, atol=1e-4, rtol=0)
     with pytest.raises(CheckpointError, match="width=64.*--width"):
         train(TrainConfig(**{**cfg.__dict__, "width": 32, "out": str(tmp_path / "w32")}))
+
+
+def test_build_with_contracam_masks_of_a_foreign_checkpoint(tmp_path, capsys):
+    """objloader-build --masks contracam --checkpoint: a lightly checkpoint (backbone + MoCo head)
+    of torchvision's initialisation, straight from the command line."""
+    from objloader.cli.build import main
+    from objloader.store import read_manifest
+
+    torch.manual_seed(0)
+    obj, _ = _lightly(torchvision.models.resnet18().state_dict())
+    ckpt = _write(tmp_path, "lightly", obj)
+    src = tmp_path / "src"
+    rng = np.random.default_rng(7)
+    for i in range(4):
+        (src / "a").mkdir(parents=True, exist_ok=True)
+        img = np.full((64, 64, 3), rng.integers(0, 255, 3), np.uint8)
+        img[16:40, 20:48] = rng.integers(0, 255, 3)
+        cv2.imwrite(str(src / "a" / f"{i}.png"), img)
+    out = str(tmp_path / "built")
+    rc = main([str(src), out, "--masks", "contracam", "--checkpoint", ckpt, "--cam-image-size", "64",
+               "--cam-iterations", "1", "--cam-no-crf", "--mask-res", "16", "--formats", "wds", "--workers", "1"])
+    log = capsys.readouterr()
+    assert rc == 0, log.err[-2000:]
+    m = read_manifest(out)
+    assert m["masks"] == "contracam" and m["counts"]["records"] == 4
+    assert "lightly resnet18 checkpoint; ContraCAM's z = its projection head" in log.out + log.err
