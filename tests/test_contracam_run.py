@@ -258,7 +258,7 @@ def test_two_ranks_under_torchrun_write_the_same_store(world, tmp_path):
 
 
 def _damaged(world, tmp_path, how):
-    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=True)
     if how == "nan":  # one flipped exponent is enough to make a weight NaN
         ckpt["backbone"]["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     else:  # zero weights everywhere: finite, but no channel can have a positive weight

@@ -60,8 +60,11 @@ class CamError(ObjloaderError, RuntimeError):
 
 
 def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
-    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata)."""
+    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata). A
+    checkpoint without a projection head (a torchvision / timm classifier, a bare backbone) is
+    explained on the backbone's pooled features: z = normalize(pool(A))."""
     backbone, head, meta = load_encoder(checkpoint)
+    head = torch.nn.Identity() if head is None else head
     for module in (backbone, head):
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             if t.is_floating_point() and not torch.isfinite(t).all():
@@ -70,7 +73,7 @@ def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
     cfg = ContraCAMConfig(temperature=settings.temperature, iterations=settings.iterations,
                           relu_weights=settings.relu_weights, mask_size=settings.mask_res)
     trunk = resnet_trunk(backbone, settings.stride_expansion)
-    size = settings.image_size or 2 * int(meta.get("image_size", 112))
+    size = settings.image_size or 2 * int(meta.get("image_size") or 112)
     _check_cam_size(size, _trunk_stride(trunk), settings, meta)
     model = ContraCAM(trunk, head, cfg).to(device).eval()
     for p in model.parameters():
@@ -90,7 +93,8 @@ def _check_cam_size(size: int, stride: int, settings: CamSettings, meta: dict) -
     """Refuse an input too small for a usable CAM (MIN_CAM_CELLS cells a side) or too large for
     memory, whether it was asked for or derived from the checkpoint."""
     origin = ("asked for" if settings.image_size else
-              f"2 x the checkpoint's training size {meta.get('image_size', 112)}")
+              f"2 x the checkpoint's training size {meta['image_size']}" if meta.get("image_size") else
+              "the default for a checkpoint that records no training size")
     allowed = CamSettings.RANGES["image_size"]
     minimum = max(MIN_CAM_CELLS * stride, int(allowed.lo))
     if size < minimum:
@@ -290,6 +294,9 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
         raise CamError(f"checkpoint {checkpoint!r} does not exist")
     # before the store is touched: a checkpoint or image size it refuses leaves no run behind
     model, size, meta = load_contracam(checkpoint, settings, dev)
+    if rank == 0 and (meta["source_format"] != "objloader" or meta["projection"] != "head"):
+        z = "its projection head" if meta["projection"] == "head" else "the pooled backbone features (no projection head)"
+        log(f"{checkpoint}: {meta['source_format']} {meta['arch']} checkpoint; ContraCAM's z = {z}")
     ckpt_sha = file_sha256(checkpoint)
     fingerprint = run_fingerprint(specs, ckpt_sha, settings, opts)
     run_path, done_path = os.path.join(out, RUN), os.path.join(out, COMPLETE)

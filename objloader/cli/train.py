@@ -100,6 +100,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="output directory: checkpoint.pt, metrics.jsonl, loss.png, tb/")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (no value: DIR/checkpoint.pt) at the same step")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start the backbone from CKPT: an objloader checkpoint, the official MoCo v1/v2 format, a "
+                        "torchvision or timm ResNet state_dict, or a solo-learn / lightly checkpoint (its arch, "
+                        "stem and width must match this run's); heads and optimizer start fresh; ignored by --resume")
     p.add_argument("--seed", type=R["seed"], default=D.seed, help="seed of the weights and of every augmentation")
     p.add_argument("--workers", type=R["workers"], default=None,
                    help="loader CPU workers/threads per process (None: the CPUs available to this process "

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..loaders import make_loader
 from ..store.reader import read_manifest
-from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError
+from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError, load_backbone
 from .byol import BYOL
 from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
 from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
@@ -68,6 +68,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and activations (faster convolutions with --amp on CUDA)
     out: str = "runs/moco"
     resume: Optional[str] = None  # "" = OUT/checkpoint.pt, else a checkpoint path
+    init: Optional[str] = None  # start the backbone from this checkpoint (any format load_backbone reads)
     seed: int = 0
     workers: Optional[int] = None
     save_every: int = 50
@@ -327,7 +328,7 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
     """
     run = _setup(cfg)
     try:
-        step = _resume(run) if run.cfg.resume is not None else 0
+        step = _resume(run) if run.cfg.resume is not None else _init_backbone(run)
         _wrap_ddp(run)
         logger = RunLogger(run.cfg, run.stop, step, run.d.main)
         _announce(run)
@@ -365,8 +366,34 @@ def _resume(run: _Run) -> int:
     if old.get("batch_size") != cfg.batch_size or old.get("data") != cfg.data:
         warnings.warn(f"resuming {src!r} written with batch_size={old.get('batch_size')}, "
                       f"data={old.get('data')!r}; the step position may not match this run")
-    run.log(f"resumed from {src} at step {step} (epoch {step // run.steps_per_epoch})")
+    run.log(f"resumed from {src} at step {step} (epoch {step // run.steps_per_epoch})"
+            + (f"; --init {cfg.init} not applied (the checkpoint holds the trained weights)" if cfg.init else ""))
     return step
+
+
+# the momentum copy of the backbone each method keeps (MoCo's key encoder, BYOL's target)
+_MOMENTUM_BACKBONE = {"moco": "key_backbone", "byol": "target_backbone"}
+
+
+def _init_backbone(run: _Run) -> int:
+    """--init: the backbone (and its momentum copy) start from a pretrained encoder; heads,
+    queue and optimizer start fresh. Returns step 0. A resumed run never reaches this: its
+    checkpoint already holds the trained weights."""
+    cfg = run.cfg
+    if not cfg.init:
+        return 0
+    net, meta = load_backbone(cfg.init)
+    for key in ("arch", "small_stem", "width"):
+        if meta[key] != getattr(cfg, key):
+            raise CheckpointError(f"--init {cfg.init!r} holds a {meta['arch']} (small_stem={meta['small_stem']}, "
+                                  f"width={meta['width']}), but this run has {key}={getattr(cfg, key)!r}; "
+                                  f"pass --{key.replace('_', '-')} to match it")
+    state = net.state_dict()
+    run.model.backbone.load_state_dict(state)
+    getattr(run.model, _MOMENTUM_BACKBONE[cfg.method]).load_state_dict(state)
+    run.log(f"initialised the backbone from {cfg.init} ({meta['source_format']} {meta['arch']}); "
+            "heads, queue and optimizer start fresh")
+    return 0
 
 
 def _train_step(run: _Run, batch, step: int) -> float:
