@@ -43,6 +43,7 @@ from throughput import git_state, machine  # noqa: E402
 from objloader.loaders import dali_engine  # noqa: E402
 from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
 from objloader.store.reader import BuiltDataset  # noqa: E402
+from objloader.store.schema import MEMBER  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P_MIX = 0.4
@@ -181,7 +182,7 @@ def _cut_masks_rate(source, replay: _Replay, cfg: LoaderConfig, ds: BuiltDataset
     names, prepared = replay.names, []
     for batch in replay.batches:
         index = batch[names.index("index")]
-        raws = [ds.raw(int(i), ("mask.png",)) for i in index]
+        raws = [ds.raw(int(i), (MEMBER.mask,)) for i in index]
         prepared.append((index, raws, batch[names.index("window")], batch[names.index("flip")].astype(bool),
                          mix_flags(cfg.seed, 0, index, views=cfg.views, p_mix=cfg.bg_mixup)))
     source._cut_view_masks(*prepared[0])

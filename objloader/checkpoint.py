@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import ConfigError, ObjloaderError
+from .errors import CheckpointError, ConfigError
 
 __all__ = ["CHECKPOINT_FORMAT", "ARCHS", "DEFAULT_WIDTH", "build_backbone", "feature_dim", "checkpoint_width",
            "load_backbone", "load_encoder", "torchvision_state_dict", "CheckpointError"]
@@ -35,10 +35,6 @@ __all__ = ["CHECKPOINT_FORMAT", "ARCHS", "DEFAULT_WIDTH", "build_backbone", "fea
 CHECKPOINT_FORMAT = "objloader-ssl/1"
 ARCHS = ("resnet18", "resnet50")
 DEFAULT_WIDTH = 64  # torchvision's base channels
-
-
-class CheckpointError(ObjloaderError, ValueError):
-    """A checkpoint that is missing, corrupt, or not what the caller needs."""
 
 
 def build_backbone(arch: str = "resnet18", small_stem: bool = False, width: int = DEFAULT_WIDTH) -> nn.Module:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..augment.reference import normalize
 from ..checkpoint import load_encoder
-from ..errors import ConfigError, ObjloaderError
+from ..errors import CamError, ConfigError
 from ..fileio import file_sha256, write_json_atomic
 from ..procs import DieWithOwner, dist_failure, raise_if_worker_died
 from ..ranges import DIST_TIMEOUT
@@ -47,16 +47,12 @@ from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
 from .crf import CRFConfig, crf_pool, crf_refine_batch
 from .settings import MIN_CAM_CELLS, CamSettings
 
-__all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
+__all__ = ["CamSettings", "CamError", "MaskArchive", "compute_masks", "load_contracam", "prepare_rgb",
            "explain_batch", "refine_batch", "ContraCAMMasks"]
 
 STORE_FORMAT = "objloader-cam/1"
 RUN = "run.json"
 COMPLETE = "masks.json"
-
-
-class CamError(ObjloaderError, RuntimeError):
-    """A mask run or mask store that cannot be used; the message says what to do."""
 
 
 def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
@@ -197,8 +193,10 @@ def _write_chunk(path: str, keys, sha1s, masks: np.ndarray, reasons) -> None:
     os.replace(tmp, path)  # a chunk file exists only when it is complete
 
 
-class MaskStore:
-    """A complete mask store, read back: per dataset, key -> (sha1, uint8 mask or None, skip reason)."""
+class MaskArchive:
+    """A complete mask store (objloader-cam's output directory) read back: per dataset, key -> (sha1,
+    uint8 mask or None, skip reason). Not part of objloader.store: the builder reaches it only
+    through ContraCAMMasks, a MaskProvider."""
 
     def __init__(self, root: str):
         path = os.path.join(root, COMPLETE)
@@ -447,11 +445,11 @@ class ContraCAMMasks:
 
     def entries(self, spec, work_dir: str, opts, workers: int, log: Callable):
         if self.store:
-            store = MaskStore(self.store)
+            store = MaskArchive(self.store)
         else:
             compute_masks([spec], work_dir, self.checkpoint, self.settings or CamSettings(), opts=opts,
                           workers=workers, log=log)
-            store = MaskStore(work_dir)
+            store = MaskArchive(work_dir)
         info = {k: store.info[k] for k in ("checkpoint", "checkpoint_sha256", "method", "arch", "settings",
                                            "input_size")}
         info["store"] = os.path.abspath(self.store) if self.store else None

@@ -16,6 +16,7 @@ from ..loaders import ENGINES
 from ..sources.demo import generate_demo
 from ..ssl.trainer import DEFAULT_BASE_LR, TrainConfig, train
 from ..store import BuildOptions, build
+from ..store.schema import MANIFEST_FILE
 from .args import Parser, device, ranged
 
 __all__ = ["build_parser", "main", "moco", "byol", "demo_train_path"]
@@ -31,7 +32,7 @@ def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
     root = os.path.abspath(root or os.getcwd())
     data, built = os.path.join(root, "demo", "data"), os.path.join(root, "demo", "built")
     train = _demo_train_dir(root)
-    if os.path.isfile(os.path.join(train, "manifest.json")):
+    if os.path.isfile(os.path.join(train, MANIFEST_FILE)):
         return train
     if not os.path.isfile(os.path.join(data, "demo.json")):
         log(f"generating the demo data in {data} (first use; takes a few minutes)")
@@ -53,7 +54,7 @@ def _default_data(log: Callable) -> str:
         return demo_train_path(log=log)
     train_dir = _demo_train_dir(os.path.abspath(os.getcwd()))
     deadline = time.monotonic() + DEMO_WAIT_S
-    while not os.path.isfile(os.path.join(train_dir, "manifest.json")):
+    while not os.path.isfile(os.path.join(train_dir, MANIFEST_FILE)):
         if time.monotonic() > deadline:
             raise ConfigError(f"waited {DEMO_WAIT_S} s for {train_dir} from local rank 0; pass --data")
         time.sleep(2)

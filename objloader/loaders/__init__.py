@@ -12,10 +12,10 @@ import os
 import torch
 
 from ..optional import require
-from ..store.reader import DatasetError, check_integrity, read_manifest
+from ..store.integrity import check_integrity, read_manifest
 from ..augment.params import DEFAULT_CROP_SCALE
 from .common import ENGINES, Batch, DeviceStage, LoaderConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 
 __all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
 

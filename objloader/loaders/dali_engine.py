@@ -28,7 +28,10 @@ import torch
 from ..augment.params import mix_flags, sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
 from ..procs import exit_with_parent
-from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, jpeg_shape, read_manifest
+from ..errors import DatasetError
+from ..store.integrity import read_manifest
+from ..store.reader import BuiltDataset, decode_npy, decode_png, jpeg_shape
+from ..store.schema import MEMBER
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .resample import resample_hwc_to_chw, table_arrays, tables_fit
 
@@ -54,7 +57,8 @@ class _EpochSource:
         self.view_masks = view_masks and cfg.needs_masks
         # Labels and box counts from the records' own members (KEY.cls, KEY.json), never from the
         # manifest's per-record lists, which only --verify checks against the records.
-        self.members = ("jpg", "cls", "boxes.npy", "bg.npy", "json") + (("mask.png",) if cfg.needs_masks else ())
+        self.members = ((MEMBER.image, MEMBER.label, MEMBER.boxes, MEMBER.bg_rect, MEMBER.meta)
+                        + ((MEMBER.mask,) if cfg.needs_masks else ()))
         views = range(cfg.views)
         mask = ("view_masks",) if self.view_masks else ("mask",) if cfg.needs_masks else ()
         self.names = (("jpg",) + mask + tuple(f"{kind}{v}" for v in views for kind in ("start", "end", "flip"))
@@ -82,15 +86,15 @@ class _EpochSource:
         sizes = np.empty((len(index), 2), np.int64)
         for k, raw in enumerate(raws):
             try:
-                sizes[k] = jpeg_shape(raw["jpg"])
+                sizes[k] = jpeg_shape(raw[MEMBER.image])
             except DatasetError as e:
                 i = int(index[k])
                 raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
                                    "run objloader-build --verify") from None
-        labels = np.array([int(raw["cls"]) for raw in raws], np.int64)
-        n_boxes = np.array([json.loads(raw["json"])["n_boxes"] for raw in raws], np.int64)
-        boxes = np.stack([decode_npy(raw["boxes.npy"]) for raw in raws]).astype(np.float32)
-        bg = np.stack([decode_npy(raw["bg.npy"]) for raw in raws]).astype(np.float32)
+        labels = np.array([int(raw[MEMBER.label]) for raw in raws], np.int64)
+        n_boxes = np.array([json.loads(raw[MEMBER.meta])["n_boxes"] for raw in raws], np.int64)
+        boxes = np.stack([decode_npy(raw[MEMBER.boxes]) for raw in raws]).astype(np.float32)
+        bg = np.stack([decode_npy(raw[MEMBER.bg_rect]) for raw in raws]).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, n_boxes,
                                                         boxes, views=cfg.views, oa_crop=cfg.oa_crop,
                                                         crop_scale=cfg.crop_scale)
@@ -99,14 +103,14 @@ class _EpochSource:
         # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
         mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
                       else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
-        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws], "index": index,
+        out = {"jpg": [np.frombuffer(raw[MEMBER.image], np.uint8) for raw in raws], "index": index,
                "epoch": np.full(len(index), epoch, np.int64),
                "label": labels, "has_bg": has_bg.astype(np.uint8), "window": window,
                "box_index": box_index, "flip": flip.astype(np.uint8)}
         if self.view_masks:
             out["view_masks"] = self._cut_view_masks(index, raws, window, flip, mask_views)
         elif cfg.needs_masks:
-            out["mask"] = [np.frombuffer(raw["mask.png"], np.uint8) for raw in raws]
+            out["mask"] = [np.frombuffer(raw[MEMBER.mask], np.uint8) for raw in raws]
         for v in range(cfg.views):
             out.update({f"start{v}": window[:, v, [1, 0]], f"end{v}": window[:, v, [3, 2]],
                         f"flip{v}": flip[:, v].astype(np.int32)})
@@ -122,7 +126,7 @@ class _EpochSource:
         out = np.zeros((len(index), self.cfg.views, 1, s, s), np.uint8)
         for k in np.flatnonzero(mask_views.any(axis=1)):
             try:
-                mask = decode_png(raws[k]["mask.png"])
+                mask = decode_png(raws[k][MEMBER.mask])
             except DatasetError as e:
                 i = int(index[k])
                 raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "

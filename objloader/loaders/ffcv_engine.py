@@ -20,7 +20,9 @@ from numba import types
 from numba.extending import intrinsic
 
 from ..augment.params import mix_draw, sample_geometry, sample_geometry_batch
-from ..store.reader import DatasetError, read_manifest
+from ..errors import DatasetError
+from ..store.integrity import read_manifest
+from ..store.schema import BETON_FILE, ffcv_fields
 from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
 from .jpeg import decode_rgb_into
 from .resample import crop_views_into, cut_patch_into, table_arrays
@@ -180,10 +182,10 @@ class FFCVEngine:
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
 
-        beton = os.path.join(path, "data.beton")
+        beton = os.path.join(path, BETON_FILE)
         manifest = manifest or read_manifest(path)
         if "ffcv" not in manifest.get("formats", []) or not os.path.isfile(beton):
-            raise DatasetError(f"{path!r} has no data.beton; rebuild with objloader-build --formats ffcv,wds")
+            raise DatasetError(f"{path!r} has no {BETON_FILE}; rebuild with objloader-build --formats ffcv,wds")
         self.cfg, self.beton = cfg, beton
         self.tables = _RecordTables(beton, manifest)
         self.epoch = 0
@@ -192,7 +194,7 @@ class FFCVEngine:
         self._order = self._epoch_order()
         decoder = _make_decoder_class()(self.tables, cfg)
         self.packed = decoder
-        pipelines = {name: None for name in manifest_fields(manifest)}
+        pipelines = {name: None for name in ffcv_fields(bool(manifest.get("has_gt")))}  # None: not decoded
         pipelines.update(image=[decoder], label=[IntDecoder()])
 
         engine = self
@@ -320,7 +322,3 @@ def _while_alive(epoch_iter):
         except StopIteration:
             return
 
-
-def manifest_fields(manifest: dict) -> list:
-    names = ["image", "label", "mask", "boxes", "n_boxes", "bg_rect", "key"]
-    return names + (["gt_mask", "gt_boxes", "n_gt_boxes"] if manifest.get("has_gt") else [])
