@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from objloader.errors import ConfigError
 from objloader.store.reader import BuiltDataset
+from objloader.store.schema import MANIFEST_FILE
 
 from .features import _EvalImages, _worker_context, _worker_init
 
@@ -119,7 +120,7 @@ def default_val_dir(train_dir: str) -> Optional[str]:
     if leaf != "train":
         return None
     val = os.path.join(parent, "val")
-    if not os.path.isfile(os.path.join(val, "manifest.json")):
+    if not os.path.isfile(os.path.join(val, MANIFEST_FILE)):
         return None
     try:
         ds = BuiltDataset(val)
