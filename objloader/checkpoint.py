@@ -3,7 +3,8 @@
 A checkpoint written by the trainers is a dict loadable with ``torch.load(path, weights_only=True)``:
 
     {"format": CHECKPOINT_FORMAT, "method": "moco" | "byol", "arch": "resnet18" | "resnet50",
-     "small_stem": bool, "width": int, "image_size": int, "backbone": state_dict of build_backbone(...), ...}
+     "small_stem": bool, "width": int, "image_size": int, "backbone": state_dict of build_backbone(...),
+     "head_prefix": str (the projection head's prefix in "model": the method's recipe), ...}
 
 ``width`` is the ResNet's base channel count (64 = torchvision's); checkpoints written before it
 existed carry none and mean 64.
@@ -125,9 +126,29 @@ def load_backbone(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     return _backbone_of(path, ckpt), _meta(ckpt)
 
 
-# The projection each method trains its contrastive / predictive objective on, as the prefix of
-# its parameters in the trainer's model state: MoCo v2's MLP head, BYOL's online projector.
+# The projection each method trains its contrastive / predictive objective on is named by the
+# checkpoint's "head_prefix" (the method's recipe, objloader/ssl/methods.py). Checkpoints written
+# before it existed are MoCo v2 (MLP head) or BYOL (online projector): these are their prefixes.
 PROJECTION_PREFIX = {"moco": "head.", "byol": "projector."}
+
+
+def _mlp_from_state(state: dict) -> nn.Module:
+    """The nn.Sequential MLP a projection head's state_dict describes: a 2-D ``i.weight`` is a
+    Linear, ``i.running_mean`` a BatchNorm1d, and an index without parameters a ReLU (the heads
+    are Linear [- BatchNorm1d] - ReLU - ... - Linear)."""
+    indices = sorted({int(k.split(".")[0]) for k in state})
+    layers = []
+    for i in range(indices[-1] + 1):
+        if f"{i}.running_mean" in state:
+            layers.append(nn.BatchNorm1d(state[f"{i}.running_mean"].shape[0]))
+        elif f"{i}.weight" in state:
+            out_features, in_features = state[f"{i}.weight"].shape
+            layers.append(nn.Linear(in_features, out_features, bias=f"{i}.bias" in state))
+        else:
+            layers.append(nn.ReLU())
+    head = nn.Sequential(*layers)
+    head.load_state_dict(state)
+    return head
 
 
 def load_encoder(path: str, map_location="cpu") -> tuple[nn.Module, nn.Module, dict]:
@@ -137,20 +158,15 @@ def load_encoder(path: str, map_location="cpu") -> tuple[nn.Module, nn.Module, d
     """
     ckpt = _read_checkpoint(path, map_location)
     method = ckpt.get("method")
-    if method not in PROJECTION_PREFIX or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path!r} holds no MoCo or BYOL model state (method {method!r}); "
+    prefix = ckpt.get("head_prefix", PROJECTION_PREFIX.get(method))
+    if not isinstance(prefix, str) or not prefix or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path!r} holds no model state with a projection head (method {method!r}); "
                               "ContraCAM needs the projection head a trainer checkpoint carries")
-    prefix = PROJECTION_PREFIX[method]
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     try:
-        if method == "moco":  # Linear - ReLU - Linear
-            head = nn.Sequential(nn.Linear(*state["0.weight"].shape[::-1]), nn.ReLU(),
-                                 nn.Linear(*state["2.weight"].shape[::-1]))
-        else:  # Linear - BatchNorm1d - ReLU - Linear
-            hidden = state["0.weight"].shape[0]
-            head = nn.Sequential(nn.Linear(*state["0.weight"].shape[::-1]), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(*state["3.weight"].shape[::-1]))
-        head.load_state_dict(state)
-    except (KeyError, RuntimeError) as e:
+        if not state:
+            raise KeyError(f"no parameters under {prefix!r}")
+        head = _mlp_from_state(state)
+    except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path!r}: the {method} projection head cannot be rebuilt: {e}") from e
     return _backbone_of(path, ckpt), head, _meta(ckpt)
