@@ -3,7 +3,8 @@
 A checkpoint written by the trainers is a dict loadable with ``torch.load(path, weights_only=True)``:
 
     {"format": CHECKPOINT_FORMAT, "method": "moco" | "byol", "arch": "resnet18" | "resnet50",
-     "small_stem": bool, "width": int, "image_size": int, "backbone": state_dict of build_backbone(...), ...}
+     "small_stem": bool, "width": int, "image_size": int, "backbone": state_dict of build_backbone(...),
+     "head_prefix": str (the projection head's prefix in "model": the method's recipe), ...}
 
 ``width`` is the ResNet's base channel count (64 = torchvision's); checkpoints written before it
 existed carry none and mean 64.
@@ -138,8 +139,9 @@ def load_backbone(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     return enc.backbone, enc.meta
 
 
-# The projection each method trains its contrastive / predictive objective on, as the prefix of
-# its parameters in the trainer's model state: MoCo v2's MLP head, BYOL's online projector.
+# The projection each method trains its contrastive / predictive objective on is named by the
+# checkpoint's "head_prefix" (the method's recipe, objloader/ssl/methods.py). Checkpoints written
+# before it existed are MoCo v2 (MLP head) or BYOL (online projector): these are their prefixes.
 PROJECTION_PREFIX = {"moco": "head.", "byol": "projector."}
 
 
@@ -159,10 +161,11 @@ def load_encoder(path: str, map_location="cpu") -> tuple[nn.Module, Optional[nn.
     method = ckpt.get("method")
     meta = _meta(ckpt)
     backbone = _backbone_of(path, ckpt)
-    if method not in PROJECTION_PREFIX or not isinstance(ckpt.get("model"), dict):
+    # the checkpoint names its head (ssl/methods.py's recipe); older ones by their method
+    prefix = ckpt.get("head_prefix", PROJECTION_PREFIX.get(method))
+    if not isinstance(prefix, str) or not prefix or not isinstance(ckpt.get("model"), dict):
         meta["projection"] = "pooled backbone features"
         return backbone, None, meta
-    prefix = PROJECTION_PREFIX[method]
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     head = _head_from(path, f"the {method} projection head", state, feature_dim(ckpt["arch"], checkpoint_width(ckpt)))
     meta["projection"] = "head"

@@ -4,7 +4,8 @@ below: a module may import its own layer and the layers before it, never a later
 
     neutral    errors, optional, checkpoint (trainer checkpoints: the encoders they hold, how to
                read them), fileio (hashing, atomic writes), ranges (the allowed range of every
-               numeric setting), procs (worker lifetimes, failure lines)
+               numeric setting), procs (worker lifetimes, failure lines), runtime (ranks, device,
+               process group, worker counts)
     ops        augment (the semantics of every augmentation), kernels (their fast implementations):
                a leaf library the data-flow stages call
     sources -> cam -> store -> loaders -> ssl -> cli
@@ -25,7 +26,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = {"objloader": os.path.join(REPO, "objloader"), "objloader.kernels": os.path.join(REPO, "kernels")}
 LAYERS = [
-    {"errors", "optional", "checkpoint", "fileio", "ranges", "procs"},
+    {"errors", "optional", "checkpoint", "fileio", "ranges", "procs", "runtime"},
     {"augment", "kernels"},
     {"sources"},
     {"cam"},

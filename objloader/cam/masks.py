@@ -17,7 +17,6 @@ and content hash: the build pairs by key and refuses a hash mismatch.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import multiprocessing
@@ -41,9 +40,10 @@ from ..errors import CamError, ConfigError
 from ..fileio import file_sha256, write_json_atomic
 from ..procs import DieWithOwner, dist_failure, raise_if_worker_died
 from ..ranges import DIST_TIMEOUT
+from ..runtime import DEFAULT_DIST_TIMEOUT, barrier, choose_device, default_workers, join_process_group, ranks
 from ..sources.decode import DecodeLimits, SkipRecord, decode_image
 from ..sources.resolve import source_fingerprint
-from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
+from .contracam import ContraCAM, resnet_trunk
 from .crf import CRFConfig, crf_pool, crf_refine_batch
 from .settings import MIN_CAM_CELLS, CamSettings
 
@@ -66,12 +66,10 @@ def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CamError(f"checkpoint {checkpoint!r} is damaged: {name} holds NaN or inf values, "
                                "so every mask would be empty")
-    cfg = ContraCAMConfig(temperature=settings.temperature, iterations=settings.iterations,
-                          relu_weights=settings.relu_weights, mask_size=settings.mask_res)
     trunk = resnet_trunk(backbone, settings.stride_expansion)
     size = settings.image_size or 2 * int(meta.get("image_size") or 112)
     _check_cam_size(size, _trunk_stride(trunk), settings, meta)
-    model = ContraCAM(trunk, head, cfg).to(device).eval()
+    model = ContraCAM(trunk, head, settings).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are taken with respect to activations only
     return model, size, meta
@@ -230,44 +228,17 @@ class MaskArchive:
         return out
 
 
-DEFAULT_DIST_TIMEOUT = 300.0  # seconds a rank waits in a collective for the others (--dist-timeout)
-
-
-def _distributed(timeout: float = DEFAULT_DIST_TIMEOUT):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    DIST_TIMEOUT.check("dist_timeout", timeout, "compute_masks", CamError)
-    if world > 1 and not dist.is_initialized():
-        # gloo even on CUDA: the ranks only synchronise (barriers), they exchange no tensors.
-        try:
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
-        except RuntimeError as e:
-            if dist_failure(e) is None:
-                raise
-            raise CamError(f"rank {rank}: the {world} ranks did not all join within --dist-timeout {timeout:g} s "
-                           f"({str(e).splitlines()[0]})") from e
-    return rank, world
-
-
 def _barrier(world: int, timeout: float = DEFAULT_DIST_TIMEOUT) -> None:
     if world <= 1:
         return
     try:
-        dist.barrier()
+        barrier()
     except RuntimeError as e:
         if dist_failure(e) is None:
             raise
         raise CamError(f"rank {dist.get_rank()}: another rank did not reach the barrier within --dist-timeout "
                        f"{timeout:g} s (stopped, killed or still computing); raise --dist-timeout if it is only "
                        f"slow, then rerun: finished chunks are kept") from e
-
-
-def _pick_device(device: Optional[str]) -> torch.device:
-    if device:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: DecodeLimits) -> str:
@@ -285,9 +256,14 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
     returns its masks.json. Resumes an interrupted run with the same arguments; refuses to mix a
     different run into an existing store unless ``overwrite``. Under torchrun a rank waits at
     most ``dist_timeout`` seconds for the others at a barrier."""
-    rank, world = _distributed(dist_timeout)
-    dev = _pick_device(device)
-    workers = workers or os.cpu_count() or 1
+    DIST_TIMEOUT.check("dist_timeout", dist_timeout, "compute_masks", CamError)
+    r = ranks()
+    rank, world = r.rank, r.world_size
+    dev = choose_device(device, r)
+    # The device's own backend (nccl on CUDA): a barrier needs no more, but any collective on
+    # CUDA tensors would fail on gloo.
+    join_process_group(dev, dist_timeout, r)
+    workers = workers or default_workers(r)
     if not os.path.isfile(checkpoint):
         raise CamError(f"checkpoint {checkpoint!r} does not exist")
     # before the store is touched: a checkpoint or image size it refuses leaves no run behind

@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-res", type=ranged(CamSettings.RANGES["mask_res"]), default=CamSettings().mask_res, help="side R of the stored [R, R] masks")
     add_cam_arguments(p)
     p.add_argument("--workers", type=ranged(RANGES["workers"]), default=None,
-                   help="CRF processes; half as many (1 to 4) decode images (default: all cores)")
+                   help="CRF processes; half as many (1 to 4) decode images (default: the CPUs available, divided "
+                        "among torchrun's processes on this machine)")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
     p.add_argument("--dist-timeout", type=ranged(RANGES["dist_timeout"]), default=300.0, metavar="S",

@@ -14,7 +14,9 @@ from ..checkpoint import ARCHS
 from ..errors import ConfigError, ObjloaderError
 from ..loaders import ENGINES
 from ..sources.demo import generate_demo
-from ..ssl.trainer import DEFAULT_BASE_LR, TrainConfig, train
+from ..runtime import ranks
+from ..ssl.methods import recipe
+from ..ssl.trainer import TrainConfig, train
 from ..store import BuildOptions, build
 from ..store.schema import MANIFEST_FILE
 from .args import Parser, device, ranged
@@ -50,7 +52,7 @@ def _default_data(log: Callable) -> str:
     """The demo's train split under the current directory. Under torchrun the first process of
     each machine generates and builds it (minutes, once); the others wait for its manifest.
     torchrun stops them if that process fails."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if ranks().local_rank == 0:
         return demo_train_path(log=log)
     train_dir = _demo_train_dir(os.path.abspath(os.getcwd()))
     deadline = time.monotonic() + DEMO_WAIT_S
@@ -66,13 +68,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
     D = TrainConfig(method=method)
     R = {name: ranged(r) for name, r in TrainConfig.RANGES.items()}  # each numeric flag's type
-    desc = {
-        "moco": "MoCo v2 (momentum encoder, queue of negatives, MLP head, InfoNCE at temperature 0.2) on an "
-                "object-aware loader. SGD momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay.",
-        "byol": "BYOL (projector and predictor MLPs 4096 -> 256, target momentum 0.996 -> 1 on a cosine). "
-                "Uses plain SGD (momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay) instead "
-                "of the paper's LARS, to keep it simple; base lr 0.05.",
-    }[method]
+    rec = recipe(method)  # what differs between the methods (objloader/ssl/methods.py)
+    desc = rec.description
     p = Parser(
         prog=f"train/{method}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=desc + " Multi-process: torchrun --nproc_per_node N train/" + method + ".py ... "
@@ -91,7 +88,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=R["image_size"], default=D.image_size, help="side of the views in pixels")
     p.add_argument("--epochs", type=R["epochs"], default=D.epochs, help="epochs (the cosine schedule spans them)")
     p.add_argument("--batch-size", type=R["batch_size"], default=D.batch_size, help="images per rank per step")
-    p.add_argument("--lr", type=R["lr"], default=DEFAULT_BASE_LR[method],
+    p.add_argument("--lr", type=R["lr"], default=rec.base_lr,
                    help="base learning rate per 256 images (peak lr = LR x global batch / 256)")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
@@ -114,18 +111,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=R["log_every"], default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
     p.add_argument("--max-steps", type=R["max_steps"], default=None, metavar="N",
                    help="stop after N steps (the schedule still spans --epochs)")
-    if method == "moco":
-        p.add_argument("--queue-size", type=R["queue_size"], default=D.queue_size,
-                       help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
-        p.add_argument("--temperature", type=R["temperature"], default=D.temperature, help="InfoNCE temperature")
-        p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
-                       help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
-                            "grouping of the batch than their queries: in one process BatchNorm is split into up "
-                            "to 8 groups and the keys are shuffled among them; with several ranks the keys are "
-                            "shuffled across ranks (shuffle_bn=%(default)s without this flag)")
-    p.add_argument("--ema", type=R["ema"], default=0.999 if method == "moco" else 0.996,
-                   help="momentum of the key encoder" if method == "moco"
-                   else "base momentum of the target network (raised to 1 on a cosine)")
+    rec.add_flags(p, D, R)
+    p.add_argument("--ema", type=R["ema"], default=rec.ema, help=rec.ema_help)
     p.add_argument("--device", type=device, default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--dist-timeout", type=R["dist_timeout"], default=D.dist_timeout, metavar="S",
                    help="under torchrun: seconds a rank waits in a collective for the others before every rank "
@@ -139,7 +126,7 @@ def main(method: str, argv=None) -> int:
     kw = {k: v for k, v in vars(args).items() if k != "no_progress"}
     try:
         if kw["data"] is None:
-            kw["data"] = _default_data(print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None))
+            kw["data"] = _default_data(print if ranks().main else (lambda *a, **k: None))
         train(TrainConfig(method=method, progress=not args.no_progress, **kw))
     except ObjloaderError as e:
         print(f"train/{method}.py: error: {e}", file=sys.stderr)
