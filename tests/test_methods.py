@@ -8,6 +8,8 @@ import os
 import cv2
 import numpy as np
 import pytest
+
+from objloader.errors import ConfigError
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,8 +65,21 @@ def test_the_loader_takes_the_recipes_colour_and_crop_scale(method, monkeypatch,
                           out=str(tmp_path / "run")))
     r = RECIPES[method]
     assert (seen["color"], tuple(seen["crop_scale"])) == (r.colour, tuple(r.crop_scale))
-    # this refactor keeps the trainers' crop scale: torchvision's (0.08, 1) for both methods
-    assert tuple(r.crop_scale) == (0.08, 1.0)
+    # each method's published recipe: MoCo v2's aug_plus (0.2, 1), BYOL's (0.08, 1)
+    assert tuple(r.crop_scale) == {"moco": (0.2, 1.0), "byol": (0.08, 1.0)}[method]
+    # --crop-scale overrides it, and the config (so every checkpoint) records what was used
+    seen.clear()
+    with pytest.raises(Stop):
+        train(TrainConfig(method=method, loader="torch", data=str(tmp_path), device="cpu", progress=False,
+                          out=str(tmp_path / "run2"), crop_scale=(0.5, 0.9)))
+    assert tuple(seen["crop_scale"]) == (0.5, 0.9)
+    assert TrainConfig(method=method).crop_scale == tuple(r.crop_scale)
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (0.5, 1.5), (0.9, 0.2), (0.5,), "big"])
+def test_a_crop_scale_outside_area_fractions_is_refused(bad):
+    with pytest.raises(ConfigError, match="crop_scale"):
+        TrainConfig(method="moco", crop_scale=bad)
 
 
 class _Toy(nn.Module):

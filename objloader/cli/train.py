@@ -16,7 +16,7 @@ from ..loaders import ENGINES
 from ..sources.demo import generate_demo
 from ..runtime import ranks
 from ..ssl.methods import recipe
-from ..ssl.trainer import TrainConfig, train
+from ..ssl.trainer import CROP_SCALE, TrainConfig, train
 from ..store import BuildOptions, build
 from ..store.schema import MANIFEST_FILE
 from .args import Parser, device, ranged
@@ -79,6 +79,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="a built dataset directory; None: demo/built/train under the current directory, "
                         "generated and built on first use")
     p.add_argument("--oa-crop", action="store_true", help="OA-Crop: crop each sample's views inside one of its boxes")
+    p.add_argument("--crop-scale", type=ranged(CROP_SCALE), nargs=2, default=list(rec.crop_scale), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop's (min, max) area fraction of the region a view is cut from (this "
+                        "method's recipe by default)")
     p.add_argument("--bg-mixup", type=R["bg_mixup"], default=D.bg_mixup, metavar="P",
                    help="per-view BG-Mixup probability (the paper uses 0.4 with MoCo v2)")
     p.add_argument("--bg-mode", default=D.bg_mode, choices=["soft", "hard"], help="soft BG-Mixup or BG-HardMix")
@@ -124,6 +127,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 def main(method: str, argv=None) -> int:
     args = build_parser(method).parse_args(argv)
     kw = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    kw["crop_scale"] = tuple(kw["crop_scale"])
     try:
         if kw["data"] is None:
             kw["data"] = _default_data(print if ranks().main else (lambda *a, **k: None))

@@ -67,9 +67,9 @@ MOCO = Recipe(
     description="MoCo v2 (momentum encoder, queue of negatives, MLP head, InfoNCE at temperature 0.2) on an "
                 "object-aware loader. SGD momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay.",
     colour="mocov2",
-    # MoCo v2's published recipe crops at (0.2, 1); the trainer has always used torchvision's
-    # (0.08, 1) for both methods, and this refactor keeps that (changing it changes results).
-    crop_scale=DEFAULT_CROP_SCALE,
+    # MoCo v2's published recipe (facebookresearch/moco main_moco.py, aug_plus) crops at
+    # (0.2, 1). Results committed before 2026-12-04 were trained at (0.08, 1).
+    crop_scale=(0.2, 1.0),
     base_lr=0.03,  # MoCo v2's public code
     ema=0.999,
     ema_help="momentum of the key encoder",

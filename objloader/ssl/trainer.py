@@ -21,7 +21,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from ..runtime import (DEFAULT_DIST_TIMEOUT, Ranks, barrier, choose_device, join
                        leave_process_group, raise_if_dist_failed, ranks)
 from ..ranges import DIST_TIMEOUT, IMAGE_SIZE, SEED, WORKERS, Range, check_device, check_ranges
 
+# each bound of TrainConfig.crop_scale (and of --crop-scale): an area fraction
+CROP_SCALE = Range(float, 0, 1, lo_open=True, why="a fraction of the image's area, each of min and max")
+
 __all__ = ["TrainConfig", "train", "METHODS", "load_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -53,6 +56,9 @@ class TrainConfig:
     oa_crop: bool = False
     bg_mixup: float = 0.0
     bg_mode: str = "soft"
+    # RandomResizedCrop (min, max) area of the views; None = the method's recipe (MoCo v2 (0.2, 1),
+    # BYOL (0.08, 1)), resolved when the config is made, so checkpoints record the scale used
+    crop_scale: Optional[Tuple[float, float]] = None
     arch: str = "resnet18"
     small_stem: bool = False
     width: int = DEFAULT_WIDTH  # base channels of the ResNet (64 = torchvision)
@@ -100,6 +106,7 @@ class TrainConfig:
         "ema": Range(float, 0, 1, why="momentum of an average"),
         "dist_timeout": DIST_TIMEOUT,
     }
+    # (crop_scale is a pair: each bound has this range, checked in __post_init__; its flag's type)
 
     def __post_init__(self):
         def bad(msg):
@@ -110,6 +117,16 @@ class TrainConfig:
         if self.arch not in ARCHS:
             bad(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         check_ranges(self, self.RANGES, "TrainConfig")
+        scale = recipe(self.method).crop_scale if self.crop_scale is None else self.crop_scale
+        try:
+            lo, hi = (float(x) for x in scale)
+        except (TypeError, ValueError):
+            bad(f"crop_scale must be two numbers (min, max), got {self.crop_scale!r}")
+        for bound in (lo, hi):
+            CROP_SCALE.check("crop_scale", bound, "TrainConfig")
+        if lo > hi:
+            bad(f"crop_scale must be (min, max) with min <= max, got {self.crop_scale!r}")
+        object.__setattr__(self, "crop_scale", (lo, hi))  # frozen: the resolved scale, once
         try:
             check_device(self.device)
         except ConfigError as e:
@@ -135,7 +152,7 @@ def _dataset_size(path: str) -> int:
 def _build_loader(cfg: TrainConfig, d: Ranks, device: torch.device):
     r = recipe(cfg.method)
     return make_loader(cfg.data, cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                       oa_crop=cfg.oa_crop, crop_scale=r.crop_scale, bg_mixup=cfg.bg_mixup, bg_mode=cfg.bg_mode,
+                       oa_crop=cfg.oa_crop, crop_scale=cfg.crop_scale, bg_mixup=cfg.bg_mixup, bg_mode=cfg.bg_mode,
                        color=r.colour, device=device, seed=cfg.seed,
                        num_workers=cfg.workers, rank=d.rank, world_size=d.world_size)
 
