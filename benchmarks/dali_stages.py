@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import git_state, machine  # noqa: E402
 from objloader.loaders import dali_engine  # noqa: E402
-from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
+from objloader.loaders import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
 from objloader.store.reader import BuiltDataset  # noqa: E402
 from objloader.store.schema import MEMBER  # noqa: E402
 

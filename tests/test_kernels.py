@@ -237,7 +237,7 @@ def test_dispatcher_picks_one_implementation_per_device(monkeypatch):
 
 
 def test_device_stage_uses_the_dispatcher():
-    from objloader.loaders.common import DeviceStage, LoaderConfig
+    from objloader.loaders import DeviceStage, LoaderConfig
 
     assert DeviceStage(LoaderConfig(batch_size=2, image_size=32)).implementation == "numba"
 

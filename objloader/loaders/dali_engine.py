@@ -25,14 +25,16 @@ import os
 import numpy as np
 import torch
 
-from ..augment.params import mix_flags, sample_geometry_batch
+from ..augment.params import sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
 from ..procs import exit_with_parent
 from ..errors import DatasetError
 from ..store.integrity import read_manifest
 from ..store.reader import BuiltDataset, decode_npy, decode_png, jpeg_shape
 from ..store.schema import MEMBER
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from .config import LoaderConfig, view_masks_resampled
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order, per_rank
 from .resample import resample_hwc_to_chw, table_arrays, tables_fit
 
 # What the pipeline passes through from the source to the EngineBatch.
@@ -100,9 +102,7 @@ class _EpochSource:
                                                         crop_scale=cfg.crop_scale)
         has_bg = has_background(bg)
         bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
-        # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
+        mask_views = view_masks_resampled(cfg, epoch, index)
         out = {"jpg": [np.frombuffer(raw[MEMBER.image], np.uint8) for raw in raws], "index": index,
                "epoch": np.full(len(index), epoch, np.int64),
                "label": labels, "has_bg": has_bg.astype(np.uint8), "window": window,
@@ -220,8 +220,7 @@ class DALIEngine:
         self._pipe = None
 
     def __len__(self) -> int:
-        per_rank = -(-len(self.ds) // self.cfg.world_size)  # epoch_order pads every rank to this
-        return batches_per_epoch(per_rank, self.cfg.batch_size, self.cfg.drop_last)
+        return batches_per_epoch(per_rank(len(self.ds), self.cfg.world_size), self.cfg.batch_size, self.cfg.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
