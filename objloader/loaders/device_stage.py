@@ -117,7 +117,7 @@ class DeviceStage:
         else:
             # The engine's views are this batch's own unless aliased (then the engine reuses them).
             out = self._apply(views, masks, patches, params, hard=self.hard, dtype=cfg.dtype,
-                              normalise=cfg.normalize, reuse_views=not (eb.aliased and views is eb.views))
+                              normalize=cfg.normalize, reuse_views=not (eb.aliased and views is eb.views))
         if masks is not None and (not cfg.return_masks):
             masks = None
         elif masks is not None and eb.aliased and masks is eb.masks:
