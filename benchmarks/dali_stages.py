@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import git_state, machine  # noqa: E402
 from objloader.loaders import dali_engine  # noqa: E402
-from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
+from objloader.loaders import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
 from objloader.store.reader import BuiltDataset  # noqa: E402
 from objloader.store.schema import MEMBER  # noqa: E402
 
@@ -244,14 +244,14 @@ def main(argv=None) -> None:
         # The CPU device stage alone, on the engine pipeline's own batches.
         stages[windows], engine_batches[windows] = DeviceStage(cfg), []
         for k in range(n_batches):
-            outs = pipes[windows, ENGINE].run()
-            views, masks, patches = (torch.from_numpy(np.array(o.as_tensor())) for o in outs[:3])
-            passed = dict(zip(dali_engine._PASSED, (np.array(o.as_tensor()) for o in outs[3:])))
+            outs = dict(zip(dali_engine.pipeline_outputs(cfg), (np.array(o.as_tensor())
+                                                                for o in pipes[windows, ENGINE].run())))
+            views, masks, patches = (torch.from_numpy(outs[n]) for n in ("views", "masks", "patches"))
             engine_batches[windows].append(EngineBatch(
-                views=views, masks=masks, patches=patches, index=passed["index"].reshape(-1),
-                labels=torch.from_numpy(passed["label"].reshape(-1)), epoch=0,
-                has_bg=passed["has_bg"].reshape(-1).astype(bool), window=passed["window"],
-                flip=passed["flip"].astype(bool), box_index=passed["box_index"].reshape(-1)))
+                views=views, masks=masks, patches=patches, index=outs["index"].reshape(-1),
+                labels=torch.from_numpy(outs["label"].reshape(-1)), epoch=0,
+                has_bg=outs["has_bg"].reshape(-1).astype(bool), window=outs["window"],
+                flip=outs["flip"].astype(bool), box_index=outs["box_index"].reshape(-1)))
 
     def device_stage_rate(windows: str) -> float:
         stage, batches = stages[windows], engine_batches[windows]

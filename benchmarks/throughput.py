@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside this file
 
 from objloader.loaders import make_loader  # noqa: E402
-from objloader.loaders.common import DeviceStage, LoaderConfig  # noqa: E402
+from objloader.loaders import DeviceStage, LoaderConfig  # noqa: E402
 from objloader.store.reader import open_dataset  # noqa: E402
 from objloader.store.schema import MANIFEST_FILE  # noqa: E402
 from build_throughput import machine as base_machine  # noqa: E402

@@ -153,7 +153,7 @@ def test_trainers_and_make_loader_share_one_seed_range():
     import numpy as np
 
     from objloader.errors import ConfigError
-    from objloader.loaders.common import LoaderConfig
+    from objloader.loaders import LoaderConfig
     from objloader.ssl.trainer import TrainConfig
 
     top = 2 ** 32 - 1  # the largest seed numpy's global seeding (the trainer's) accepts

@@ -14,11 +14,14 @@ import torch
 from ..optional import require
 from ..store.integrity import check_integrity, read_manifest
 from ..augment.params import DEFAULT_CROP_SCALE
-from .common import ENGINES, Batch, DeviceStage, LoaderConfig
+from .config import ENGINES, LoaderConfig
+from .device_stage import Batch, DeviceStage, EngineBatch
+from .order import batches_per_epoch, epoch_order, per_rank
 from ..errors import ConfigError, DatasetError
 from ..runtime import choose_device, default_workers
 
-__all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
+__all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES", "DeviceStage",
+           "EngineBatch", "epoch_order", "batches_per_epoch", "per_rank"]
 
 
 class ObjectAwareLoader:
@@ -158,8 +161,8 @@ def _check_batches(path: str, manifest: dict, cfg: LoaderConfig) -> None:
     n = int(manifest["counts"]["records"])
     if n == 0:
         raise DatasetError(f"{path!r} holds no records")
-    per_rank = -(-n // cfg.world_size)  # every rank gets as many (the order is padded by wrapping)
-    if cfg.drop_last and per_rank < cfg.batch_size:
-        raise ConfigError(f"make_loader: {path!r} has {n} records, {per_rank} per rank for {cfg.world_size} "
+    share = per_rank(n, cfg.world_size)
+    if cfg.drop_last and share < cfg.batch_size:
+        raise ConfigError(f"make_loader: {path!r} has {n} records, {share} per rank for {cfg.world_size} "
                           f"rank(s), fewer than batch_size {cfg.batch_size}: with drop_last=True no batch would "
                           "be yielded; lower batch_size or pass drop_last=False")

@@ -25,19 +25,28 @@ import os
 import numpy as np
 import torch
 
-from ..augment.params import mix_flags, sample_geometry_batch
+from ..augment.params import sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
 from ..procs import exit_with_parent
 from ..errors import DatasetError
 from ..store.integrity import read_manifest
 from ..store.reader import BuiltDataset, decode_npy, decode_png, jpeg_shape
 from ..store.schema import MEMBER
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from .config import LoaderConfig, view_masks_resampled
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order, per_rank
 from .resample import resample_hwc_to_chw, table_arrays, tables_fit
 
 # What the pipeline passes through from the source to the EngineBatch.
 _PASSED = ("index", "epoch", "label", "has_bg", "window", "box_index", "flip")
 _PATCH = ("bg_anchor", "bg_shape", "bg_start", "bg_end")  # the patch's slice and roi (_patch_slices)
+
+
+def pipeline_outputs(cfg: LoaderConfig) -> tuple:
+    """The names of the pipeline's outputs, in the order it returns them: the one list that the
+    pipeline, the engine's iterator and benchmarks/dali_stages.py read them by."""
+    return (("views",) + (("masks",) if cfg.needs_masks else ()) + (("patches",) if cfg.needs_patches else ())
+            + _PASSED)
 
 
 class _EpochSource:
@@ -100,9 +109,7 @@ class _EpochSource:
                                                         crop_scale=cfg.crop_scale)
         has_bg = has_background(bg)
         bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
-        # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
+        mask_views = view_masks_resampled(cfg, epoch, index)
         out = {"jpg": [np.frombuffer(raw[MEMBER.image], np.uint8) for raw in raws], "index": index,
                "epoch": np.full(len(index), epoch, np.int64),
                "label": labels, "has_bg": has_bg.astype(np.uint8), "window": window,
@@ -189,19 +196,20 @@ def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
         parts = dict(zip(source.names, fn.external_source(source, num_outputs=len(source.names), batch=True,
                                                           batch_info=True, parallel=parallel, **queue)))
         image = fn.decoders.image(parts["jpg"], device="mixed" if gpu else "cpu", output_type=types.RGB)
-        result = [fn.stack(*(view_crop(image, parts, v) for v in range(cfg.views)))]  # [V, 3, S, S]
+        out = {n: parts[n] for n in _PASSED}
+        out["views"] = fn.stack(*(view_crop(image, parts, v) for v in range(cfg.views)))  # [V, 3, S, S]
         # OA masks: the same roi and flip as each view.
         if source.view_masks:  # cut by the source (the CPU): [V, 1, S, S]
-            result.append(parts["view_masks"])
+            out["masks"] = parts["view_masks"]
         elif cfg.needs_masks:
             mask = fn.decoders.image(parts["mask"], device="mixed" if gpu else "cpu", output_type=types.GRAY)
-            result.append(fn.stack(*(view_crop(mask, parts, v) for v in range(cfg.views))))  # [V, 1, S, S]
+            out["masks"] = fn.stack(*(view_crop(mask, parts, v) for v in range(cfg.views)))  # [V, 1, S, S]
         if cfg.needs_patches:  # background patch from the same decoded image, from its own pixels only
             region = fn.slice(image, parts["bg_anchor"], parts["bg_shape"], axes=[0, 1])
             patch = fn.resize(region, roi_start=parts["bg_start"], roi_end=parts["bg_end"], roi_relative=False,
                               size=[p, p], antialias=True, interp_type=types.INTERP_LINEAR)
-            result.append(chw(patch))  # [3, P, P]
-        return (*result, *(parts[n] for n in _PASSED))
+            out["patches"] = chw(patch)  # [3, P, P]
+        return tuple(out[n] for n in pipeline_outputs(cfg))
 
     return object_aware_views()
 
@@ -220,8 +228,7 @@ class DALIEngine:
         self._pipe = None
 
     def __len__(self) -> int:
-        per_rank = -(-len(self.ds) // self.cfg.world_size)  # epoch_order pads every rank to this
-        return batches_per_epoch(per_rank, self.cfg.batch_size, self.cfg.drop_last)
+        return batches_per_epoch(per_rank(len(self.ds), self.cfg.world_size), self.cfg.batch_size, self.cfg.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -240,10 +247,8 @@ class DALIEngine:
         source = _EpochSource(self.ds, cfg, first_epoch, view_masks=device_id is None)
         self._pipe = _build_pipeline(source, cfg, device_id)
         self._pipe.build()
-        names = ["views"] + (["masks"] if cfg.needs_masks else []) + (["patches"] if cfg.needs_patches else [])
-        names += list(_PASSED)
         # No reader: the iterator runs until the source's StopIteration (a partial last batch included).
-        self._iter = DALIGenericIterator([self._pipe], names, auto_reset=True)
+        self._iter = DALIGenericIterator([self._pipe], list(pipeline_outputs(cfg)), auto_reset=True)
         self._pipe_epoch = first_epoch
 
     def __iter__(self):

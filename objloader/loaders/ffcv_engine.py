@@ -19,11 +19,13 @@ import torch
 from numba import types
 from numba.extending import intrinsic
 
-from ..augment.params import mix_draw, sample_geometry, sample_geometry_batch
+from ..augment.params import sample_geometry, sample_geometry_batch
 from ..errors import DatasetError
 from ..store.integrity import read_manifest
 from ..store.schema import BETON_FILE, ffcv_fields
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from .config import LoaderConfig, resamples_view_mask
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order
 from .jpeg import decode_rgb_into
 from .resample import crop_views_into, cut_patch_into, table_arrays
 
@@ -129,9 +131,7 @@ def _make_decoder_class():
             view_end = _INDEX_BYTES + self.view_bytes
             mask_end = view_end + self.mask_bytes
             with_masks, with_patch = self.mask_bytes > 0, self.patch_bytes > 0
-            # A view's mask is read only when the device stage mixes it (or the caller wants the
-            # masks): the others are not resampled.
-            all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)
+            all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)  # for resamples_view_mask
 
             def decode(batch_indices, storage, metadata, storage_state):
                 destination, images, windows, flips, mask_flags, first, count, weights, work = storage
@@ -161,7 +161,7 @@ def _make_decoder_class():
                         mask_out = out[view_end:view_end].reshape(0, 1, size, size)
                     mask_views = mask_flags[i]
                     for v in range(views):
-                        mask_views[v] = all_masks or mix_draw(seed, epoch, idx, v, p_mix)
+                        mask_views[v] = resamples_view_mask(all_masks, seed, epoch, idx, v, p_mix)
                     crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views, first[i], count[i],
                                     weights[i], work[i])
                     if with_patch:

@@ -14,12 +14,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..augment.params import mix_flags, sample_geometry_batch
+from ..augment.params import sample_geometry_batch
 from ..procs import DieWithOwner, raise_if_worker_died
 from ..errors import DatasetError
 from ..store.reader import BuiltDataset, decode_npy, decode_png, decode_rgb
 from ..store.schema import MEMBER
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from .config import LoaderConfig, view_masks_resampled
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order, per_rank
 from .resample import crop_views_into, cut_patch_into, table_arrays, tables_fit
 
 try:  # libjpeg-turbo straight from numba: the same pixels as OpenCV's decode, ~25 % sooner
@@ -71,8 +73,7 @@ class _EpochBatches:
                            world_size=c.world_size)
 
     def __len__(self) -> int:
-        per_rank = -(-self.n // self.cfg.world_size)
-        return batches_per_epoch(per_rank, self.cfg.batch_size, self.cfg.drop_last)
+        return batches_per_epoch(per_rank(self.n, self.cfg.world_size), self.cfg.batch_size, self.cfg.drop_last)
 
     def __iter__(self):
         order, b = self.order(), self.cfg.batch_size
@@ -99,9 +100,7 @@ class _ViewsDataset(Dataset):
         cfg = self.cfg
         epoch, indices = request
         b, v, s = len(indices), cfg.views, cfg.image_size
-        # A view's mask is read only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((b, v), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, epoch, indices, views=v, p_mix=cfg.bg_mixup))
+        mask_views = view_masks_resampled(cfg, epoch, indices)  # the others' masks stay zero, unread
         recs = [decode_record(self.ds, int(i), bool(mask_views[k].any())) for k, i in enumerate(indices)]
         sizes = np.array([r["image"].shape[:2] for r in recs], np.int64)
         boxes = np.stack([r["boxes"] for r in recs])

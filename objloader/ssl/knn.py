@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from objloader.errors import ConfigError
+from objloader.loaders.order import per_rank
 from objloader.store.reader import BuiltDataset
 from objloader.store.schema import MANIFEST_FILE
 
@@ -100,8 +101,7 @@ def _gather_strided(f: torch.Tensor, n: int, world: int) -> torch.Tensor:
     """Rank r holds rows r, r + world, ...; all-gather them (padded to one size) back into order."""
     import torch.distributed as dist
 
-    per = -(-n // world)
-    padded = torch.zeros(per, f.shape[1], dtype=f.dtype, device=f.device)
+    padded = torch.zeros(per_rank(n, world), f.shape[1], dtype=f.dtype, device=f.device)
     padded[:len(f)] = f
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
