@@ -60,6 +60,7 @@ setup(
             "objloader-train-moco=objloader.cli.train:moco",
             "objloader-train-byol=objloader.cli.train:byol",
             "objloader-linear=objloader.cli.linear:main",
+            "objloader-export=objloader.cli.export:main",
         ]
     },
 )

@@ -41,8 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import git_state, machine  # noqa: E402
 from objloader.loaders import dali_engine  # noqa: E402
-from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
+from objloader.loaders import DeviceStage, EngineBatch, LoaderConfig  # noqa: E402
 from objloader.store.reader import BuiltDataset  # noqa: E402
+from objloader.store.schema import MEMBER  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P_MIX = 0.4
@@ -181,7 +182,7 @@ def _cut_masks_rate(source, replay: _Replay, cfg: LoaderConfig, ds: BuiltDataset
     names, prepared = replay.names, []
     for batch in replay.batches:
         index = batch[names.index("index")]
-        raws = [ds.raw(int(i), ("mask.png",)) for i in index]
+        raws = [ds.raw(int(i), (MEMBER.mask,)) for i in index]
         prepared.append((index, raws, batch[names.index("window")], batch[names.index("flip")].astype(bool),
                          mix_flags(cfg.seed, 0, index, views=cfg.views, p_mix=cfg.bg_mixup)))
     source._cut_view_masks(*prepared[0])
@@ -243,14 +244,14 @@ def main(argv=None) -> None:
         # The CPU device stage alone, on the engine pipeline's own batches.
         stages[windows], engine_batches[windows] = DeviceStage(cfg), []
         for k in range(n_batches):
-            outs = pipes[windows, ENGINE].run()
-            views, masks, patches = (torch.from_numpy(np.array(o.as_tensor())) for o in outs[:3])
-            passed = dict(zip(dali_engine._PASSED, (np.array(o.as_tensor()) for o in outs[3:])))
+            outs = dict(zip(dali_engine.pipeline_outputs(cfg), (np.array(o.as_tensor())
+                                                                for o in pipes[windows, ENGINE].run())))
+            views, masks, patches = (torch.from_numpy(outs[n]) for n in ("views", "masks", "patches"))
             engine_batches[windows].append(EngineBatch(
-                views=views, masks=masks, patches=patches, index=passed["index"].reshape(-1),
-                labels=torch.from_numpy(passed["label"].reshape(-1)), epoch=0,
-                has_bg=passed["has_bg"].reshape(-1).astype(bool), window=passed["window"],
-                flip=passed["flip"].astype(bool), box_index=passed["box_index"].reshape(-1)))
+                views=views, masks=masks, patches=patches, index=outs["index"].reshape(-1),
+                labels=torch.from_numpy(outs["label"].reshape(-1)), epoch=0,
+                has_bg=outs["has_bg"].reshape(-1).astype(bool), window=outs["window"],
+                flip=outs["flip"].astype(bool), box_index=outs["box_index"].reshape(-1)))
 
     def device_stage_rate(windows: str) -> float:
         stage, batches = stages[windows], engine_batches[windows]

@@ -148,13 +148,14 @@ class Bench:
     def ensure_data(self) -> None:
         from objloader.cli import build as build_cli
         from objloader.cli import demo as demo_cli
+        from objloader.store.schema import MANIFEST_FILE
 
         self.check_profile()
         if not os.path.isfile(os.path.join(self.data, "demo.json")):
             self._step("generating the demo data", "data", demo_cli.main,
                        [self.data, "--overwrite", "--no-progress", "--multi", str(self.p["multi"]), *self.p["demo"],
                         *self._workers()])
-        if not os.path.isfile(os.path.join(self.built, "manifest.json")):
+        if not os.path.isfile(os.path.join(self.built, MANIFEST_FILE)):
             self._step("building it with ground-truth masks", "data", build_cli.main,
                        [self.data, self.built, "--masks", "gt", "--overwrite", *self._workers()])
 
@@ -169,9 +170,10 @@ class Bench:
         """The train split with single-step ContraCAM + CRF masks of the vanilla MoCo encoder of
         ``seed`` (the training images hold one object each, as in `make demo`)."""
         from objloader.cli import build as build_cli
+        from objloader.store.schema import MANIFEST_FILE
 
         out = os.path.join(self.work, "built_contracam", f"s{seed}")
-        if not os.path.isfile(os.path.join(out, "manifest.json")):
+        if not os.path.isfile(os.path.join(out, MANIFEST_FILE)):
             ckpt = self.train(Run(seed=seed))
             self._step(f"ContraCAM masks of the vanilla encoder, seed {seed}", f"contracam_s{seed}", build_cli.main,
                        [os.path.join(self.data, "train"), out, "--masks", "contracam", "--checkpoint", ckpt,

@@ -216,9 +216,10 @@ def demo_dataset(ctx) -> str:
     """A demo train split generated at 256 px (quick: 64 px) and built (cached in the work folder)."""
     from objloader.cli import build as build_cli
     from objloader.cli import demo as demo_cli
+    from objloader.store.schema import MANIFEST_FILE
 
     src, built = os.path.join(ctx["work"], "demo"), os.path.join(ctx["work"], "built")
-    if not os.path.isfile(os.path.join(built, "train", "manifest.json")):
+    if not os.path.isfile(os.path.join(built, "train", MANIFEST_FILE)):
         if demo_cli.main([src, "--overwrite", "--no-progress", *ctx["size"]["demo"]]):
             raise RuntimeError("objloader-demo failed")
         formats = "ffcv,wds" if ctx["env"]["engines"]["ffcv"] else "wds"
@@ -376,13 +377,14 @@ def contracam(ctx) -> dict:
     from objloader.cam.masks import explain_batch, load_contracam, prepare_rgb
     from objloader.cam.settings import CamSettings
     from objloader.store.reader import BuiltDataset, decode_rgb
+    from objloader.store.schema import MEMBER
 
     if not ctx.get("checkpoint"):
         raise RuntimeError("no checkpoint: the training section's trainer run failed")
     sz, dev = ctx["size"], ctx["device"]
     settings = CamSettings(iterations=3, image_size=sz["cam_size"], batch_size=max(2, sz["cam_images"]))
     ds = BuiltDataset(ctx["data"])
-    rgb = np.stack([prepare_rgb(decode_rgb(ds.raw(i, ("jpg",))["jpg"]), sz["cam_size"])
+    rgb = np.stack([prepare_rgb(decode_rgb(ds.raw(i, (MEMBER.image,))[MEMBER.image]), sz["cam_size"])
                     for i in range(min(sz["cam_images"], len(ds)))])
     ds.close()
     model_dev, _, _ = load_contracam(ctx["checkpoint"], settings, dev)

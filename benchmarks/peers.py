@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from objloader.loaders import make_loader  # noqa: E402
+from objloader.store.schema import MANIFEST_FILE  # noqa: E402
 from photo_data import photo_set  # noqa: E402
 from throughput import _time_repeat, _wait_idle, git_state, machine  # noqa: E402
 
@@ -243,7 +244,7 @@ def prepare(args) -> dict:
     """The photo set, its objloader build and the stock beton; preparation seconds per 1,000."""
     info = photo_set(args.data, images=args.images, log=lambda m: print(m, flush=True))
     prep = {}
-    if not os.path.isfile(os.path.join(args.built, "manifest.json")):
+    if not os.path.isfile(os.path.join(args.built, MANIFEST_FILE)):
         from objloader.cli import build as build_cli
 
         print(f"objloader-build {args.data}/images {args.built}", flush=True)

@@ -73,6 +73,8 @@ def _bin(name: str) -> str:
 
 def ensure_data(work: str, name: str) -> str:
     """The built demo folder of data variant ``name`` (generated and built once)."""
+    from objloader.store.schema import MANIFEST_FILE  # the venv's objloader, as _bin's commands
+
     opts = DATA[name]
     data, built = os.path.join(work, "data", name), os.path.join(work, "built", name)
     log = os.path.join(work, f"data_{name}.log")
@@ -80,7 +82,7 @@ def ensure_data(work: str, name: str) -> str:
         _run([_bin("objloader-demo"), data, "--overwrite", "--no-progress", "--multi", "50",
               "--bg-bias", str(opts["bg_bias"]), "--variation", str(opts["variation"]),
               "--object-area", *map(str, opts["object_area"]), "--bg-scenes", str(opts["bg_scenes"])], log)
-    if not os.path.isfile(os.path.join(built, "manifest.json")):
+    if not os.path.isfile(os.path.join(built, MANIFEST_FILE)):
         _run([_bin("objloader-build"), data, built, "--masks", "gt", "--overwrite"], log)
     return built
 

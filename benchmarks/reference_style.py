@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from objloader.augment.reference import IMAGENET_MEAN, IMAGENET_STD
 from objloader.store.reader import open_dataset
+from objloader.store.schema import MEMBER
 
 __all__ = ["ReferenceStyleDataset", "ReferenceStyleLoader", "bg_mixup_loop"]
 
-_MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy")
+_MEMBERS = (MEMBER.image, MEMBER.label, MEMBER.mask, MEMBER.boxes, MEMBER.bg_rect)
 _QUEUE_LEN = 50  # recent background patches kept for batches without a partner (reference: 50)
 
 
@@ -95,16 +96,16 @@ class ReferenceStyleDataset(Dataset):
         if self.ds is None:
             self.ds = open_dataset(self.path)
         raw = self.ds.raw(int(i), _MEMBERS)
-        image = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")
+        image = Image.open(io.BytesIO(raw[MEMBER.image])).convert("RGB")
         width, height = image.size
         source = image
         if self.with_mask:  # the mask rides along as the alpha channel through every crop
-            mask = Image.open(io.BytesIO(raw["mask.png"])).convert("L").resize((width, height), Image.BILINEAR)
+            mask = Image.open(io.BytesIO(raw[MEMBER.mask])).convert("L").resize((width, height), Image.BILINEAR)
             source = image.copy()
             source.putalpha(mask)
         n_boxes = int(self.n_boxes[i])
         if self.oa_crop and n_boxes > 0:  # OA-Crop: one box per sample, shared by its views
-            box = random.choice(list(_npy(raw["boxes.npy"])[:n_boxes]))
+            box = random.choice(list(_npy(raw[MEMBER.boxes])[:n_boxes]))
             source = source.crop(_pixel_box(box, width, height))
         s = self.image_size
         views, masks = [], []
@@ -120,7 +121,7 @@ class ReferenceStyleDataset(Dataset):
         empty = torch.zeros(0)
         patch, has_bg = empty, False
         if self.with_mask:
-            bg = _npy(raw["bg.npy"])
+            bg = _npy(raw[MEMBER.bg_rect])
             has_bg = bool(bg[2] > bg[0] and bg[3] > bg[1])
             p = self.patch_size
             if has_bg:
@@ -129,7 +130,7 @@ class ReferenceStyleDataset(Dataset):
             else:
                 patch = torch.zeros(3, p, p)
         return (torch.stack(views), torch.stack(masks) if masks else empty, patch, has_bg,
-                int(raw["cls"]))
+                int(raw[MEMBER.label]))
 
 
 def bg_mixup_loop(views: torch.Tensor, masks: torch.Tensor, patches: torch.Tensor, has_bg, p_mix: float,

@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from objloader.loaders import make_loader  # noqa: E402
+from objloader.store.schema import MANIFEST_FILE  # noqa: E402
 
 # The modules beside this file are imported where they are used, not here: the dali engine's worker
 # processes are spawned, and each re-imports this file first (as a training script's would be);
@@ -230,7 +231,7 @@ def dataset_bytes(path: str) -> dict:
         for name in files:
             size = os.path.getsize(os.path.join(root, name))
             kinds["total"] += size
-            kind = "manifest" if name == "manifest.json" else os.path.splitext(name)[1][1:]
+            kind = "manifest" if name == MANIFEST_FILE else os.path.splitext(name)[1][1:]
             if kind in kinds:
                 kinds[kind] += size
     return kinds
@@ -239,7 +240,7 @@ def dataset_bytes(path: str) -> dict:
 def build(args, name: str, n: int, src: tuple, partial: Partial) -> dict:
     out = os.path.join(args.data, f"built_{name}")
     key = f"build:{name}:{n}:{args.workers}"
-    if partial.get(key) and os.path.isfile(os.path.join(out, "manifest.json")):
+    if partial.get(key) and os.path.isfile(os.path.join(out, MANIFEST_FILE)):
         return partial.get(key)
     shutil.rmtree(out + ".partial", ignore_errors=True)  # a resumed build would time only its rest
     print(f"objloader-build {src[0]} {out} ({n} records)", flush=True)
@@ -248,7 +249,7 @@ def build(args, name: str, n: int, src: tuple, partial: Partial) -> dict:
                      "--workers", str(args.workers)])
     if r.pop("rc"):
         sys.exit(f"scale: objloader-build of the {name} set failed")
-    m = json.load(open(os.path.join(out, "manifest.json")))
+    m = json.load(open(os.path.join(out, MANIFEST_FILE)))
     if m["counts"]["records"] != n:
         sys.exit(f"scale: {out} holds {m['counts']['records']} records, expected {n} ({m['counts']['skipped']} skipped)")
     used = min(args.workers, CORES)
@@ -489,8 +490,8 @@ def extrapolate(r: dict) -> dict:
           "manifest_mb": _line_at(r["manifest_bytes"], counts, n) / 1e6,
           "contracam_crf_hours": r["contracam_crf_ms_per_image"] * n / 1000 / 3600 * CORES / cores}
     ref = os.path.join(REPO, "demo", "photos")  # peers.py's build of ImageNet-size photos, when there is one
-    if os.path.isfile(os.path.join(ref, "built", "manifest.json")) and os.path.isfile(os.path.join(ref, "photo_data.json")):
-        m, pi = json.load(open(os.path.join(ref, "built", "manifest.json"))), json.load(open(os.path.join(ref, "photo_data.json")))
+    if os.path.isfile(os.path.join(ref, "built", MANIFEST_FILE)) and os.path.isfile(os.path.join(ref, "photo_data.json")):
+        m, pi = json.load(open(os.path.join(ref, "built", MANIFEST_FILE))), json.load(open(os.path.join(ref, "photo_data.json")))
         records, f = m["counts"]["records"], source_px / (pi["mean_width"] * pi["mean_height"])
         x = {"records": records, "mean_px": [round(pi["mean_width"]), round(pi["mean_height"])],
              "max_res": m["options"]["max_res"], "bytes_per_record": dataset_bytes(os.path.join(ref, "built"))["total"] / records,
@@ -626,7 +627,7 @@ def main(argv=None) -> int:
     d_s = builds["large"]["seconds"] - builds["small"]["seconds"]
     marginal = {"records_per_s_per_core": d_n / d_s / builds["large"]["cores"] if d_s > 0 else None,
                 "bytes_per_record": (builds["large"]["bytes"]["total"] - builds["small"]["bytes"]["total"]) / d_n}
-    manifest = json.load(open(os.path.join(builds["large"]["path"], "manifest.json")))
+    manifest = json.load(open(os.path.join(builds["large"]["path"], MANIFEST_FILE)))
     result = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_state(), "command": " ".join(sys.argv), "records": counts,
               "build": {s: {k: v for k, v in builds[s].items() if k != "path"} for s in SIZES},

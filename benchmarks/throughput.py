@@ -40,8 +40,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside this file
 
 from objloader.loaders import make_loader  # noqa: E402
-from objloader.loaders.common import DeviceStage, LoaderConfig  # noqa: E402
+from objloader.loaders import DeviceStage, LoaderConfig  # noqa: E402
 from objloader.store.reader import open_dataset  # noqa: E402
+from objloader.store.schema import MANIFEST_FILE  # noqa: E402
 from build_throughput import machine as base_machine  # noqa: E402
 from reference_style import ReferenceStyleLoader  # noqa: E402
 
@@ -146,7 +147,7 @@ def git_state() -> dict:
 def default_data() -> str:
     """The demo's train split; generated and built as `make demo` does when it is missing."""
     built = os.path.join(DEFAULT_DEMO, "built")
-    if not os.path.isfile(os.path.join(built, "train", "manifest.json")):
+    if not os.path.isfile(os.path.join(built, "train", MANIFEST_FILE)):
         from objloader.cli import build as build_cli
         from objloader.cli import demo as demo_cli
 
@@ -562,7 +563,7 @@ def main(argv=None) -> int:
             return 2
     if args.data is None:
         args.data = default_data()
-    elif not os.path.isfile(os.path.join(args.data, "manifest.json")):
+    elif not os.path.isfile(os.path.join(args.data, MANIFEST_FILE)):
         print(f"throughput: {args.data!r} is not a built dataset split (no manifest.json); "
               "pass e.g. demo/built/train, or build one with objloader-build", file=sys.stderr)
         return 2

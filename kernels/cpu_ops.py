@@ -19,6 +19,7 @@ import torch
 from numba import njit, prange
 
 from objloader.augment.params import AugParams
+from objloader.augment.renamed import renamed_keywords
 from objloader.augment.reference import (HARD_MIX_THRESHOLD, IMAGENET_MEAN, IMAGENET_STD, LUMA_WEIGHTS,
                                          SOLARIZE_THRESHOLD, blur_kernel_size, gaussian_taps)
 
@@ -233,8 +234,8 @@ def _blur(x, taps, padded):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _device_ops(views, masks, patches, hard, mixed, partner, jitter, factors, order, gray, blur, taps,
-                solarize, normalise, mean, std, out, scratch):
+def _device_ops(views, masks, patches, hard, mixed, partner, jitter, factors, order, grayscale, blur, taps,
+                solarize, normalize, mean, std, out, scratch):
     n_views = views.shape[0]
     for i in prange(n_views):
         x = out[i]
@@ -250,18 +251,18 @@ def _device_ops(views, masks, patches, hard, mixed, partner, jitter, factors, or
                     _saturation(x, factors[i, 2])
                 else:
                     _hue(x, factors[i, 3])
-        if gray[i]:
+        if grayscale[i]:
             _grayscale(x)
         if blur[i]:
             _blur(x, taps[i], scratch[i])
-        if solarize[i] or normalise:
+        if solarize[i] or normalize:
             for c in range(3):
                 for y in range(x.shape[1]):
                     for xx in range(x.shape[2]):
                         v = x[c, y, xx]
                         if solarize[i] and v >= _SOLARIZE_THRESHOLD:
                             v = np.float32(1.0) - v
-                        if normalise:
+                        if normalize:
                             v = (v - mean[c]) / std[c]
                         x[c, y, xx] = v
 
@@ -304,6 +305,7 @@ def _mix_only_uint8(views, masks, patches, hard, mixed, partner, out, in_place, 
                         d_run[j] = np.uint8(_lower(_upper(np.rint(x * full), zero), full))  # torch .round(): half to even
 
 
+@renamed_keywords(normalise="normalize")
 def apply_device_ops_cpu(
     views_uint8: torch.Tensor,
     masks: torch.Tensor | None,
@@ -312,7 +314,7 @@ def apply_device_ops_cpu(
     *,
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
-    normalise: bool = True,
+    normalize: bool = True,
     reuse_views: bool = False,
 ) -> torch.Tensor:
     """Same arguments and result as reference.apply_device_ops, for CPU tensors (uint8 masks).
@@ -338,7 +340,7 @@ def apply_device_ops_cpu(
         patch_arr = np.ascontiguousarray(patches.numpy())
     partner = np.where(mixed, partner, 0)  # unmixed views never read a patch
     colour = params.jitter.any() or params.grayscale.any() or params.blur.any() or params.solarize.any()
-    if dtype == torch.uint8 and not normalise and not colour:  # the raw-pixel output: mix in uint8
+    if dtype == torch.uint8 and not normalize and not colour:  # the raw-pixel output: mix in uint8
         in_place = reuse_views and views_uint8.is_contiguous()  # then ``views`` is the caller's memory
         out_u8 = views if in_place else np.empty_like(views)
         rows = np.empty((n if in_place else 0, s), np.uint8)
@@ -359,9 +361,9 @@ def apply_device_ops_cpu(
     scratch = np.empty((n, 3, s, s + k - 1), np.float32) if blur.any() else np.empty((n, 3, 1, 1), np.float32)
     _device_ops(views, mask_arr, patch_arr, hard, mixed, partner, flat(params.jitter, np.bool_), factors,
                 flat(params.jitter_order, np.int64).reshape(n, 4), flat(params.grayscale, np.bool_), blur, taps,
-                flat(params.solarize, np.bool_), normalise, np.asarray(IMAGENET_MEAN, np.float32),
+                flat(params.solarize, np.bool_), normalize, np.asarray(IMAGENET_MEAN, np.float32),
                 np.asarray(IMAGENET_STD, np.float32), out, scratch)
     result = torch.from_numpy(out).view(b, v, 3, s, s)
-    if not normalise and dtype == torch.uint8:
+    if not normalize and dtype == torch.uint8:
         return (result * 255.0).round_().clamp_(0, 255).to(torch.uint8)
     return result.to(dtype)

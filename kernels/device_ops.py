@@ -31,6 +31,7 @@ import triton.language as tl
 
 from objloader.augment import reference as R
 from objloader.augment.params import AugParams
+from objloader.augment.renamed import renamed_keywords
 
 __all__ = ["apply_device_ops_fused", "INTERPRETED"]
 
@@ -39,7 +40,7 @@ _I_PARTNER = tl.constexpr(0)  # row of `patches` to mix with, -1 = view left unm
 _I_JITTER = tl.constexpr(1)  # ColorJitter applied (0/1)
 _I_ORDER = tl.constexpr(2)  # 2..5: jitter op ids in application order (0 b, 1 c, 2 s, 3 h)
 _I_CPOS = tl.constexpr(6)  # position of contrast in the order when its mean is needed, else -1
-_I_GRAY = tl.constexpr(7)  # grayscale (0/1)
+_I_GRAYSCALE = tl.constexpr(7)  # grayscale (0/1)
 _I_SLOT = tl.constexpr(8)  # row of the blur buffers, -1 = no blur
 _I_SOLAR = tl.constexpr(9)  # solarise (0/1)
 _I_COLS = tl.constexpr(10)
@@ -189,12 +190,12 @@ def _jitter_op(r, g, b, op, bright, contrast, sat, hue, mean):
 
 
 @triton.jit
-def _finish(x, C: tl.constexpr, solar, out_ptr, valid, NORMALISE: tl.constexpr, OUT_U8: tl.constexpr):
+def _finish(x, C: tl.constexpr, solar, out_ptr, valid, NORMALIZE: tl.constexpr, OUT_U8: tl.constexpr):
     """reference.solarize (x >= SOLARIZE_THRESHOLD -> 1 - x, where ``solar``), then the end of
     reference.apply_device_ops for channel C: normalize (ImageNet mean/std) cast to the output
     dtype, or [0, 1] cast to it, or uint8 round-half-even(x * 255) clamped to [0, 255]."""
     x = tl.where((solar != 0) & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x)
-    if NORMALISE:
+    if NORMALIZE:
         if C == 0:
             x = (x - _MEAN_R) / _STD_R
         elif C == 1:
@@ -250,7 +251,7 @@ def _mix_colour_kernel(views_ptr, masks_ptr, patches_ptr, ip_ptr, fp_ptr, partia
                        S, PH, PW, NCHUNK,
                        HAS_MIX: tl.constexpr, MASK_U8: tl.constexpr, PATCH_U8: tl.constexpr,
                        HARD: tl.constexpr, ANY_JITTER: tl.constexpr, ANY_BLUR: tl.constexpr,
-                       NORMALISE: tl.constexpr, OUT_U8: tl.constexpr,
+                       NORMALIZE: tl.constexpr, OUT_U8: tl.constexpr,
                        NCHUNK_P2: tl.constexpr, BLOCK: tl.constexpr):
     """reference.apply_device_ops up to the blur, per (view, pixel block): bg_mixup (eq. 4) ->
     ColorJitter in the view's order -> rgb_to_grayscale. Views without blur are finished here
@@ -279,7 +280,7 @@ def _mix_colour_kernel(views_ptr, masks_ptr, patches_ptr, ip_ptr, fp_ptr, partia
             for pos in range(4):
                 op = tl.load(row + _I_ORDER + pos)
                 r, g, b = _jitter_op(r, g, b, op, bright, contrast, sat, hue, mean)
-    if tl.load(row + _I_GRAY) != 0:
+    if tl.load(row + _I_GRAYSCALE) != 0:
         grey = _luma(r, g, b)
         r = grey
         g = grey
@@ -294,13 +295,13 @@ def _mix_colour_kernel(views_ptr, masks_ptr, patches_ptr, ip_ptr, fp_ptr, partia
             tl.store(dst + ss, g, mask=valid)
             tl.store(dst + 2 * ss, b, mask=valid)
         else:
-            _finish(r, 0, solar, out, valid, NORMALISE, OUT_U8)
-            _finish(g, 1, solar, out + ss, valid, NORMALISE, OUT_U8)
-            _finish(b, 2, solar, out + 2 * ss, valid, NORMALISE, OUT_U8)
+            _finish(r, 0, solar, out, valid, NORMALIZE, OUT_U8)
+            _finish(g, 1, solar, out + ss, valid, NORMALIZE, OUT_U8)
+            _finish(b, 2, solar, out + 2 * ss, valid, NORMALIZE, OUT_U8)
     else:
-        _finish(r, 0, solar, out, valid, NORMALISE, OUT_U8)
-        _finish(g, 1, solar, out + ss, valid, NORMALISE, OUT_U8)
-        _finish(b, 2, solar, out + 2 * ss, valid, NORMALISE, OUT_U8)
+        _finish(r, 0, solar, out, valid, NORMALIZE, OUT_U8)
+        _finish(g, 1, solar, out + ss, valid, NORMALIZE, OUT_U8)
+        _finish(b, 2, solar, out + 2 * ss, valid, NORMALIZE, OUT_U8)
 
 
 @triton.jit
@@ -353,7 +354,7 @@ def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, S, K, BLOCK: tl.constexpr):
 
 @triton.jit
 def _blur_cols_finish_kernel(src_ptr, taps_ptr, blur_ptr, ip_ptr, out_ptr, S, K,
-                             NORMALISE: tl.constexpr, OUT_U8: tl.constexpr, BLOCK: tl.constexpr):
+                             NORMALIZE: tl.constexpr, OUT_U8: tl.constexpr, BLOCK: tl.constexpr):
     """Second pass of reference.gaussian_blur (conv along y) fused with the rest of the chain:
     reference.solarize + normalize + store into view blur_views[j] of ``out``."""
     j = tl.program_id(0)
@@ -364,9 +365,9 @@ def _blur_cols_finish_kernel(src_ptr, taps_ptr, blur_ptr, ip_ptr, out_ptr, S, K,
     n = tl.load(blur_ptr + j)
     solar = tl.load(ip_ptr + n * _I_COLS + _I_SOLAR)
     out = out_ptr + n.to(tl.int64) * 3 * ss + offs
-    _finish(acc_r, 0, solar, out, valid, NORMALISE, OUT_U8)
-    _finish(acc_g, 1, solar, out + ss, valid, NORMALISE, OUT_U8)
-    _finish(acc_b, 2, solar, out + 2 * ss, valid, NORMALISE, OUT_U8)
+    _finish(acc_r, 0, solar, out, valid, NORMALIZE, OUT_U8)
+    _finish(acc_g, 1, solar, out + ss, valid, NORMALIZE, OUT_U8)
+    _finish(acc_b, 2, solar, out + 2 * ss, valid, NORMALIZE, OUT_U8)
 
 
 def _is_interpreted(fn) -> bool:
@@ -393,6 +394,7 @@ def _flat(a, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a).reshape(-1), dtype=dtype)
 
 
+@renamed_keywords(normalise="normalize")
 def apply_device_ops_fused(
     views_uint8: torch.Tensor,
     masks: torch.Tensor | None,
@@ -401,7 +403,7 @@ def apply_device_ops_fused(
     *,
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
-    normalise: bool = True,
+    normalize: bool = True,
     reuse_views: bool = False,
 ) -> torch.Tensor:
     """Fused equivalent of :func:`objloader.augment.reference.apply_device_ops` (same arguments,
@@ -413,24 +415,24 @@ def apply_device_ops_fused(
         patches: [N, 3, P, P] background patches indexed by ``params.partner`` (N >= B with a
             ring buffer; None: no mixup).
         params: the batch's :class:`AugParams` (numpy; uploaded once as one small table).
-        normalise: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
+        normalize: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
         reuse_views: the caller gives up ``views_uint8``: an implementation may return it,
             overwritten with the result (the CPU one does for uint8 output without colour).
     Returns:
-        [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalise``.
+        [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalize``.
     """
     bsz, nv, size = _check_batch(views_uint8, params)
-    supported = dtype in _FLOAT_OUT or (dtype == torch.uint8 and not normalise)
+    supported = dtype in _FLOAT_OUT or (dtype == torch.uint8 and not normalize)
     if not supported or bsz * nv == 0 or size == 0:
         # Casts the reference defines but no kernel needs (e.g. normalised integers), empty batches.
-        return R.apply_device_ops(views_uint8, masks, patches, params, hard=hard, dtype=dtype, normalise=normalise)
+        return R.apply_device_ops(views_uint8, masks, patches, params, hard=hard, dtype=dtype, normalize=normalize)
     views = views_uint8.contiguous()
     table = _view_table(params, bsz * nv, size, can_mix=patches is not None and masks is not None)
     mix = _mix_inputs(views, masks, patches, table, (bsz, nv, 1, size, size))
     on_device = _upload(table, views.device)
     grid = _grid(size)
     bufs = _allocate(table, on_device, (bsz, nv, 3, size, size), dtype, grid.nchunk)
-    _launch(views, mix, table, on_device, bufs, grid, hard=hard, normalise=normalise)
+    _launch(views, mix, table, on_device, bufs, grid, hard=hard, normalize=normalize)
     return bufs.out
 
 
@@ -458,7 +460,7 @@ class _ViewTable(NamedTuple):
     """Every per-view decision of a batch, known on the host (``AugParams`` is numpy), in the form
     the kernels branch on, so they need no host/device synchronisation."""
 
-    itab: np.ndarray  # int32 [N, _I_COLS]: partner, jitter, op order, contrast position, gray, slot, solarise
+    itab: np.ndarray  # int32 [N, _I_COLS]: partner, jitter, op order, contrast position, grayscale, slot, solarise
     factors: np.ndarray  # float32 [N, _F_COLS]: brightness, contrast, saturation, hue
     red_views: np.ndarray  # int32: views whose adjust_contrast needs the view's mean grey
     blur_views: np.ndarray  # int32: views that blur; view blur_views[j] uses blur buffer row j
@@ -491,7 +493,7 @@ def _view_table(params: AugParams, n_views: int, size: int, can_mix: bool) -> _V
     # f * x + (1 - f) * mean is x whatever the mean).
     need_mean = jitter & (factors[:, 1] != 1.0)
     itab[:, _I_CPOS.value] = np.where(need_mean, cpos, -1)
-    itab[:, _I_GRAY.value] = _flat(params.grayscale, np.bool_)
+    itab[:, _I_GRAYSCALE.value] = _flat(params.grayscale, np.bool_)
     blur_views = np.flatnonzero(blur).astype(np.int32)
     slots = np.full(n_views, -1, np.int32)
     slots[blur_views] = np.arange(len(blur_views), dtype=np.int32)
@@ -632,7 +634,7 @@ def _allocate(table: _ViewTable, on_device: _DeviceTable, out_shape: tuple, dtyp
 
 
 def _launch(views: torch.Tensor, mix: _MixInputs, table: _ViewTable, on_device: _DeviceTable, bufs: _Buffers,
-            grid: _Grid, *, hard: bool, normalise: bool) -> None:
+            grid: _Grid, *, hard: bool, normalize: bool) -> None:
     """Run the batch: contrast means (only when some view needs one), mix + colour for every view,
     then the two blur passes over the blurred views only. Constexpr flags say which branches a
     batch can take, so each compiled variant carries only the code it runs."""
@@ -648,11 +650,11 @@ def _launch(views: torch.Tensor, mix: _MixInputs, table: _ViewTable, on_device: 
         views, mix.masks, mix.patches, on_device.ip, on_device.fp, bufs.partials, bufs.buf, bufs.out,
         size, mix.ph, mix.pw, grid.nchunk,
         ANY_JITTER=table.any_jitter, ANY_BLUR=bool(n_blur),
-        NORMALISE=bool(normalise), OUT_U8=out_u8,
+        NORMALIZE=bool(normalize), OUT_U8=out_u8,
         NCHUNK_P2=triton.next_power_of_2(grid.nchunk), BLOCK=grid.block, **flags)
     if n_blur:
         _blur_rows_kernel[(n_blur, grid.n_blocks)](bufs.buf, bufs.rows, on_device.taps, size, table.ktaps,
                                                    BLOCK=grid.block)
         _blur_cols_finish_kernel[(n_blur, grid.n_blocks)](
             bufs.rows, on_device.taps, on_device.blur, on_device.ip, bufs.out, size, table.ktaps,
-            NORMALISE=bool(normalise), OUT_U8=out_u8, BLOCK=grid.block)
+            NORMALIZE=bool(normalize), OUT_U8=out_u8, BLOCK=grid.block)

@@ -10,13 +10,9 @@ import json
 import os
 from typing import Callable
 
-from .errors import ObjloaderError
+from .errors import FileWriteError
 
 __all__ = ["FileWriteError", "file_sha256", "write_atomic", "write_failure", "write_json_atomic"]
-
-
-class FileWriteError(ObjloaderError, OSError):
-    """A file that could not be written (a full disk, a read-only filesystem); the message names it."""
 
 
 def write_failure(path: str, e: OSError) -> str:

@@ -17,7 +17,7 @@ from typing import Optional
 
 from .errors import ConfigError
 
-__all__ = ["Range", "check_ranges", "check_device", "SEED", "WORKERS", "IMAGE_SIZE", "MAX_WORKERS",
+__all__ = ["Range", "check_ranges", "check_device", "available_cpus", "SEED", "WORKERS", "IMAGE_SIZE", "MAX_WORKERS",
            "MAX_IMAGE_SIZE", "MASK_RES", "DIST_TIMEOUT"]
 
 
@@ -73,7 +73,8 @@ def check_ranges(obj, ranges: dict, owner: str, error: type = ConfigError) -> No
             r.check(name, value, owner, error)
 
 
-def _cpus() -> int:
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -83,8 +84,8 @@ SEED = Range(int, 0, 2 ** 32 - 1, why="32-bit seeds")
 
 # More than 4 workers per CPU only adds memory (each holds decoders and buffers) and context
 # switches: refused, not clamped, so a value copied from a bigger machine is noticed.
-MAX_WORKERS = 4 * _cpus()
-WORKERS = Range(int, 0, MAX_WORKERS, why=f"4 x the {_cpus()} CPUs available")
+MAX_WORKERS = 4 * available_cpus()
+WORKERS = Range(int, 0, MAX_WORKERS, why=f"4 x the {available_cpus()} CPUs available")
 
 # Views are float [B, V, 3, S, S]: at 1024 px a batch of 128 two-view samples is 3 GiB before the
 # network, and ResNet-50 training activations are ~1.7 GB per image (21x those at 224 px), so a

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from objloader.cam.contracam import ContraCAM, ContraCAMConfig, resnet_trunk
+from objloader.cam.contracam import ContraCAM, resnet_trunk
+from objloader.cam.settings import CamSettings
 from objloader.cam.crf import crf_refine, crf_refine_batch
 from objloader.checkpoint import build_backbone
 
@@ -41,7 +42,7 @@ def _naive_cam(trunk, head, x, tau, relu):
 def test_batched_channel_weights_equal_per_image_autograd(relu):
     trunk, head = _tiny()
     x = torch.randn(5, 3, 16, 16)
-    cam = ContraCAM(trunk, head, ContraCAMConfig(temperature=0.2, relu_weights=relu)).cam(x)[0]
+    cam = ContraCAM(trunk, head, CamSettings(temperature=0.2, relu_weights=relu)).cam(x)[0]
     assert torch.allclose(cam, _naive_cam(trunk, head, x, 0.2, relu), atol=1e-5)
     if not relu:  # the ablation really differs: negative weights are kept
         assert not torch.allclose(cam, _naive_cam(trunk, head, x, 0.2, True), atol=1e-3)
@@ -50,7 +51,7 @@ def test_batched_channel_weights_equal_per_image_autograd(relu):
 def test_iterative_masks_grow_monotonically_and_stay_in_unit_range():
     trunk, head = _tiny(1)
     x = torch.randn(4, 3, 16, 16)
-    masks = [ContraCAM(trunk, head, ContraCAMConfig(iterations=t, mask_size=12))(x) for t in (1, 2, 3)]
+    masks = [ContraCAM(trunk, head, CamSettings(iterations=t, mask_res=12))(x) for t in (1, 2, 3)]
     for m in masks:
         assert m.shape == (4, 12, 12) and m.min() >= 0 and m.max() <= 1
     assert torch.all(masks[1] >= masks[0]) and torch.all(masks[2] >= masks[1])
@@ -60,7 +61,7 @@ def test_iterative_masks_grow_monotonically_and_stay_in_unit_range():
 def test_batch_order_only_permutes_the_masks():
     trunk, head = _tiny(2)
     x = torch.randn(6, 3, 16, 16)
-    cc = ContraCAM(trunk, head, ContraCAMConfig(iterations=2, mask_size=8))
+    cc = ContraCAM(trunk, head, CamSettings(iterations=2, mask_res=8))
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     assert torch.allclose(cc(x[perm]), cc(x)[perm], atol=1e-5)
     assert torch.equal(cc(x), cc(x))  # deterministic
@@ -71,7 +72,7 @@ def test_stride_expansion_doubles_the_map():
     x = torch.randn(2, 3, 64, 64)
     assert resnet_trunk(net)(x).shape[-1] == 2 and resnet_trunk(net, stride_expansion=True)(x).shape[-1] == 4
     head = nn.Linear(512, 32)
-    masks = ContraCAM(resnet_trunk(net, True), head, ContraCAMConfig(mask_size=16))(x)
+    masks = ContraCAM(resnet_trunk(net, True), head, CamSettings(iterations=1, mask_res=16))(x)
     assert masks.shape == (2, 16, 16) and torch.isfinite(masks).all()
 
 
@@ -155,7 +156,7 @@ def test_contracam_equals_eq_1_to_3_written_per_image(seed, relu, iterations):
     x = torch.randn(5, 3, 16, 16)
     expected = _literal_contracam(copy.deepcopy(trunk), copy.deepcopy(head), x, 0.2, relu, iterations, 12)
     cc = ContraCAM(trunk.double(), head.double(),
-                   ContraCAMConfig(temperature=0.2, relu_weights=relu, iterations=iterations, mask_size=12))
+                   CamSettings(temperature=0.2, relu_weights=relu, iterations=iterations, mask_res=12))
     got = cc(x.double())
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()

@@ -12,7 +12,7 @@ import torch
 from objloader.cam import masks as cam_masks
 from objloader.ssl.localisation import (centre_prior, evaluate_localisation, mask_miou_sweep, max_box_acc,
                                    object_recall)
-from objloader.cam.masks import CamError, MaskStore, compute_masks, load_contracam
+from objloader.cam.masks import CamError, MaskArchive, compute_masks, load_contracam
 from objloader.cam.settings import CamSettings
 from objloader.cli.cam import main as cam_main
 from objloader.sources import open_source
@@ -71,7 +71,7 @@ def test_load_encoder_rebuilds_the_projection_head(tmp_path, method):
 
 
 def test_store_holds_every_image_and_reports_the_corrupt_one(world):
-    store = MaskStore(world["store"])
+    store = MaskArchive(world["store"])
     entries = store.entries("")
     assert len(entries) == N_IMAGES + 1
     sha1, mask, reason = entries["a/broken.jpg"]
@@ -87,7 +87,7 @@ def test_store_holds_every_image_and_reports_the_corrupt_one(world):
 
 def test_store_masks_are_crf_refined_contracam_of_the_batch(world):
     """The stored mask of a chunk equals ContraCAM + CRF recomputed on that chunk's images."""
-    store = MaskStore(world["store"]).entries("")
+    store = MaskArchive(world["store"]).entries("")
     samples = open_source(world["src"])[0].samples[:4]  # chunk 0
     model, size, _ = load_contracam(world["ckpt"], SETTINGS)
     rgb = np.stack([cam_masks.prepare_rgb(cv2.imread(s.path)[:, :, ::-1], size) for s in samples])
@@ -114,11 +114,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(world, monkeypatc
     monkeypatch.setattr(cam_masks, "_write_chunk", real_write)
     assert not os.path.exists(os.path.join(out, "masks.json"))
     with pytest.raises(CamError, match="interrupted"):
-        MaskStore(out)
+        MaskArchive(out)
     assert cam_main([world["src"], "--checkpoint", world["ckpt"], "--out", out, "--iterations", "2",
                      "--image-size", "32", "--mask-res", "16", "--batch-size", "4", "--workers", "1",
                      "--no-progress"]) == 0
-    a, b = MaskStore(world["store"]).entries(""), MaskStore(out).entries("")
+    a, b = MaskArchive(world["store"]).entries(""), MaskArchive(out).entries("")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][0] == b[k][0] and a[k][2] == b[k][2]
@@ -143,7 +143,7 @@ def test_build_with_contracam_masks_from_a_store_and_inline(world, tmp_path):
     assert m["masks"] == "contracam" and m["contracam"]["checkpoint_sha256"] == world["info"]["checkpoint_sha256"]
     assert m["counts"]["records"] == N_IMAGES and m["skipped"][0]["key"] == "a/broken.jpg"
     assert "ContraCAM" in m["skipped"][0]["reason"] or "decode" in m["skipped"][0]["reason"]
-    store = MaskStore(world["store"]).entries("")
+    store = MaskArchive(world["store"]).entries("")
     ds = open_dataset(out)
     for i in range(len(ds)):
         rec = ds[i]
@@ -251,14 +251,14 @@ def test_two_ranks_under_torchrun_write_the_same_store(world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.load(open(os.path.join(out, "masks.json")))
     assert info["ranks"] == 2
-    a, b = MaskStore(world["store"]).entries(""), MaskStore(out).entries("")
+    a, b = MaskArchive(world["store"]).entries(""), MaskArchive(out).entries("")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][0] == b[k][0] and ((a[k][1] is None and b[k][1] is None) or np.array_equal(a[k][1], b[k][1]))
 
 
 def _damaged(world, tmp_path, how):
-    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(world["ckpt"], map_location="cpu", weights_only=True)
     if how == "nan":  # one flipped exponent is enough to make a weight NaN
         ckpt["backbone"]["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     else:  # zero weights everywhere: finite, but no channel can have a positive weight

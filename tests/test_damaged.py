@@ -1,5 +1,5 @@
 """Damaged datasets: objloader-build --verify names every damaged file in one line, the engines'
-open-time check (reader.check_integrity) refuses what they would misread, and an unreadable
+open-time check (integrity.check_integrity) refuses what they would misread, and an unreadable
 manifest is a one-line DatasetError."""
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 
 from objloader.cli.build import main as build_main
 from objloader.store import BuildOptions, BuiltDataset, DatasetError, build, open_dataset, read_manifest
+from objloader.store import integrity as store_integrity
 from objloader.store import reader as store_reader
 from objloader.store import verify as store_verify
 from objloader.store.reader import read_index
@@ -99,7 +100,7 @@ def _cli_verify_fails(ds, capsys) -> str:
 
 def _refused(ds, engine, manifest=None) -> str:
     with pytest.raises(DatasetError) as e:
-        store_reader.check_integrity(str(ds), manifest, engine)
+        store_integrity.check_integrity(str(ds), manifest, engine)
     return str(e.value)
 
 
@@ -193,8 +194,8 @@ def test_verify_passes_an_intact_dataset_with_recorded_sizes(built, tmp_path):
 def test_check_integrity_accepts_an_intact_dataset(built, tmp_path, sizes):
     ds = _copy(built, tmp_path, sizes=sizes)
     for engine in ENGINES:
-        store_reader.check_integrity(str(ds), None, engine)
-        store_reader.check_integrity(str(ds), read_manifest(str(ds)), engine)
+        store_integrity.check_integrity(str(ds), None, engine)
+        store_integrity.check_integrity(str(ds), read_manifest(str(ds)), engine)
 
 
 def test_a_manifest_one_label_short_is_refused_before_a_dali_read(built, tmp_path):
@@ -247,7 +248,7 @@ def test_a_truncated_shard_is_refused_by_the_shard_engines(built, tmp_path, alig
         assert "\n" not in msg and f"{ds}/shards/shard-00000.tar: " in msg
         assert "truncated: record 3's gt_boxes.npy member ends at byte " in msg
         assert ("tar blocks" in msg) != aligned
-    store_reader.check_integrity(str(ds), None, "ffcv")  # FFCV does not read the shards
+    store_integrity.check_integrity(str(ds), None, "ffcv")  # FFCV does not read the shards
 
 
 @pytest.mark.parametrize("cut", [None, 24, 7], ids=["half", "one-entry", "mid-entry"])
@@ -258,7 +259,7 @@ def test_a_truncated_beton_is_refused_by_the_ffcv_engine(built, tmp_path, cut):
     msg = _refused(ds, "ffcv")
     assert "\n" not in msg and f"{ds}/data.beton: " in msg and "truncated" in msg
     for engine in ("torch", "dali"):  # they do not read the beton
-        store_reader.check_integrity(str(ds), None, engine)
+        store_integrity.check_integrity(str(ds), None, engine)
 
 
 def test_a_missing_or_short_shard_file_is_refused(built, tmp_path):
@@ -268,7 +269,7 @@ def test_a_missing_or_short_shard_file_is_refused(built, tmp_path):
     os.remove(idx)
     for engine in ("torch", "dali"):
         assert f"{ds}/shards/shard-00000.idx: missing" in _refused(ds, engine)
-    store_reader.check_integrity(str(ds), None, "ffcv")  # FFCV does not read the shards
+    store_integrity.check_integrity(str(ds), None, "ffcv")  # FFCV does not read the shards
     with pytest.raises(DatasetError, match="shard-00000.idx is missing"):  # not a FileNotFoundError
         BuiltDataset(str(ds))
     idx.write_bytes(text[:-10])  # cut inside the last line
@@ -290,7 +291,7 @@ def test_recorded_sizes_are_checked_when_the_manifest_has_them(built, tmp_path):
     size = os.path.getsize(tar)
     with open(tar, "ab") as f:
         f.write(bytes(512))  # one more zero block: still a well-formed tar, but not the built one
-    store_reader.check_integrity(str(ds), None, "torch")
+    store_integrity.check_integrity(str(ds), None, "torch")
     _edit_manifest(ds, lambda m: m.__setitem__("sizes", {"shards/shard-00001.tar": size}))
     assert f"{ds}/shards/shard-00001.tar: {size + 512} bytes, expected {size}" in _refused(ds, "torch")
 
@@ -299,8 +300,8 @@ def test_the_beton_layout_matches_ffcv():
     """check_integrity parses FFCV's header without importing ffcv; the layout must be ffcv's."""
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
 
-    assert store_reader.FFCV_HEADER == HeaderType and store_reader.FFCV_FIELD_DESC == FieldDescType
-    assert store_reader.FFCV_ALLOC_ENTRY == ALLOC_TABLE_TYPE and store_reader.FFCV_VERSION == CURRENT_VERSION
+    assert store_integrity.FFCV_HEADER == HeaderType and store_integrity.FFCV_FIELD_DESC == FieldDescType
+    assert store_integrity.FFCV_ALLOC_ENTRY == ALLOC_TABLE_TYPE and store_integrity.FFCV_VERSION == CURRENT_VERSION
 
 
 # --- manifest.json --------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_an_unreadable_manifest_is_a_one_line_error(built, tmp_path, content):
     else:
         mpath.write_bytes(content)
     calls = [lambda: read_manifest(str(ds)), lambda: BuiltDataset(str(ds)), lambda: open_dataset(str(ds)),
-             lambda: store_reader.check_integrity(str(ds), None, "torch"),
+             lambda: store_integrity.check_integrity(str(ds), None, "torch"),
              lambda: store_verify.verify(str(ds), log=lambda *a: None)]
     for call in calls:
         with pytest.raises(DatasetError) as e:
@@ -379,7 +380,7 @@ def test_the_compiled_index_scan_accepts_only_what_the_general_parse_reads_the_s
     parse's arrays; it accepts the written index (the fast path is the one taken); and every edit
     the general parse refuses stays refused."""
     idx = str(built / "shards" / "shard-00000.idx")
-    count, body = store_reader._read_index_file(idx)
+    count, body = store_integrity.read_index_file(idx)
 
     def scan(data: bytes, first: int = 0):
         members = len(data[:data.find(b"\n")].split()) // 4

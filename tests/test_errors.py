@@ -5,20 +5,20 @@ import pytest
 
 from objloader.cam.masks import CamError
 from objloader.cli import build as build_cli
-from objloader.errors import ConfigError, DivergedError, ObjloaderError, ProbeError, RunError
+from objloader.errors import (ConfigError, DivergedError, FileWriteError, MaskPairingError, ObjloaderError, ProbeError,
+                              RunError, StageError)
 from objloader.optional import MissingDependency
 from objloader.sources import SourceError
 from objloader.sources.demo import DemoError
 from objloader.checkpoint import CheckpointError
 from objloader.store import BuildError, DatasetError
-from objloader.store.process import MaskPairingError
 
 
 @pytest.mark.parametrize("cls, builtin", [
     (SourceError, ValueError), (DatasetError, ValueError), (BuildError, RuntimeError), (CamError, RuntimeError),
     (CheckpointError, ValueError), (MaskPairingError, RuntimeError), (DemoError, RuntimeError),
     (MissingDependency, ImportError), (ConfigError, ValueError), (ProbeError, ValueError),
-    (RunError, RuntimeError), (DivergedError, FloatingPointError)])
+    (RunError, RuntimeError), (DivergedError, FloatingPointError), (StageError, ValueError), (FileWriteError, OSError)])
 def test_every_deliberate_error_has_the_base_and_its_old_type(cls, builtin):
     assert issubclass(cls, ObjloaderError) and issubclass(cls, builtin)
 
@@ -51,3 +51,31 @@ def test_training_command_prints_deliberate_errors(tmp_path, capsys):
     assert main("moco", ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train/moco.py: error: ") and "missing" in err and "Traceback" not in err
+
+
+def test_every_error_kind_is_defined_in_errors_py():
+    """DESIGN.md: the error kinds live in objloader/errors.py, so a reader finds them in one place
+    and any stage can raise any of them without importing another stage."""
+    import ast
+    import os
+
+    from objloader import errors
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kinds = set(errors.__all__)
+    # optional.py's MissingDependency names the pip package of a missing library: it stays with
+    # the table of those packages.
+    allowed = {("objloader/optional.py", "MissingDependency")}
+    bad = []
+    for top in ("objloader", "kernels"):
+        for dirpath, _, files in os.walk(os.path.join(repo, top)):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, repo)
+                if not f.endswith(".py") or rel == "objloader/errors.py":
+                    continue
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+                    if isinstance(node, ast.ClassDef) and (rel, node.name) not in allowed and any(
+                            isinstance(b, ast.Name) and b.id in kinds for b in node.bases):
+                        bad.append(f"{rel}:{node.lineno}: {node.name}")
+    assert not bad, "error kinds defined outside objloader/errors.py:\n" + "\n".join(bad)

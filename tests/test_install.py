@@ -10,7 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["objloader-build", "objloader-cam", "objloader-demo", "objloader-viz", "objloader-train-moco",
-            "objloader-train-byol", "objloader-linear"]
+            "objloader-train-byol", "objloader-linear", "objloader-export"]
 
 # In the installed copy: stop the demo generation and build at their first call and report the
 # paths they were asked to write, so the default can be checked without generating anything.

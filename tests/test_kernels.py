@@ -145,9 +145,9 @@ def test_ring_buffer_partners():
 
 
 @pytest.mark.parametrize("color", ["mocov2", "byol", "none"])
-def test_uint8_output_without_normalise(color):
+def test_uint8_output_without_normalize(color):
     params = _params(color, 1.0)
-    got, want = _compare(*_inputs(), params, dtype=torch.uint8, normalise=False)
+    got, want = _compare(*_inputs(), params, dtype=torch.uint8, normalize=False)
     if color == "none":
         assert torch.equal(got, want)
 
@@ -156,7 +156,7 @@ def test_float_outputs():
     params = _params("byol", 1.0)
     data = _inputs(seed=1)
     _compare(*data, params, dtype=torch.float16, atol=2e-3)
-    _compare(*data, params, dtype=torch.float32, normalise=False)
+    _compare(*data, params, dtype=torch.float32, normalize=False)
     _compare(*data, params, dtype=torch.bfloat16, atol=3e-2)
     _compare(*data, params, dtype=torch.float64)
 
@@ -237,7 +237,7 @@ def test_dispatcher_picks_one_implementation_per_device(monkeypatch):
 
 
 def test_device_stage_uses_the_dispatcher():
-    from objloader.loaders.common import DeviceStage, LoaderConfig
+    from objloader.loaders import DeviceStage, LoaderConfig
 
     assert DeviceStage(LoaderConfig(batch_size=2, image_size=32)).implementation == "numba"
 
@@ -269,22 +269,22 @@ def compile_(fn, signature, constexprs):
 
 common = {"views_ptr": "*u8", "ip_ptr": "*i32", "fp_ptr": "*fp32", "S": "i32", "PH": "i32", "PW": "i32",
           "NCHUNK": "i32"}
-for mask_t, patch_t, out_t, normalise in [("*u8", "*u8", "*fp32", True), ("*fp32", "*fp16", "*fp16", True),
+for mask_t, patch_t, out_t, normalize in [("*u8", "*u8", "*fp32", True), ("*fp32", "*fp16", "*fp16", True),
                                           ("*u8", "*u8", "*u8", False)]:
     io = dict(common, masks_ptr=mask_t, patches_ptr=patch_t)
-    mix = dict(HAS_MIX=True, MASK_U8=mask_t == "*u8", PATCH_U8=patch_t == "*u8", HARD=normalise)
+    mix = dict(HAS_MIX=True, MASK_U8=mask_t == "*u8", PATCH_U8=patch_t == "*u8", HARD=normalize)
     compile_(C._contrast_mean_kernel, dict(io, red_ptr="*i32", partials_ptr="*fp32"), dict(mix, BLOCK=1024))
     for blur in (False, True):
         compile_(C._mix_colour_kernel, dict(io, partials_ptr="*fp32", buf_ptr="*fp32", out_ptr=out_t),
-                 dict(mix, ANY_JITTER=True, ANY_BLUR=blur, NORMALISE=normalise, OUT_U8=not normalise,
+                 dict(mix, ANY_JITTER=True, ANY_BLUR=blur, NORMALIZE=normalize, OUT_U8=not normalize,
                       NCHUNK_P2=32, BLOCK=1024))
     compile_(C._blur_cols_finish_kernel, {"src_ptr": "*fp32", "taps_ptr": "*fp32", "blur_ptr": "*i32",
                                           "ip_ptr": "*i32", "out_ptr": out_t, "S": "i32", "K": "i32"},
-             dict(NORMALISE=normalise, OUT_U8=not normalise, BLOCK=1024))
+             dict(NORMALIZE=normalize, OUT_U8=not normalize, BLOCK=1024))
 compile_(C._mix_colour_kernel, dict(common, masks_ptr="*u8", patches_ptr="*u8", partials_ptr="*fp32",
                                     buf_ptr="*fp32", out_ptr="*fp32"),
          dict(HAS_MIX=False, MASK_U8=True, PATCH_U8=True, HARD=False, ANY_JITTER=False, ANY_BLUR=False,
-              NORMALISE=True, OUT_U8=False, NCHUNK_P2=1, BLOCK=1024))
+              NORMALIZE=True, OUT_U8=False, NCHUNK_P2=1, BLOCK=1024))
 compile_(C._blur_rows_kernel, {"src_ptr": "*fp32", "dst_ptr": "*fp32", "taps_ptr": "*fp32", "S": "i32",
                                "K": "i32"}, dict(BLOCK=1024))
 print("compiled", n)

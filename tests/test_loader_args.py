@@ -94,3 +94,37 @@ def test_an_exception_in_the_ffcv_loader_thread_reaches_the_consumer(small, monk
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_one_spelling_at_the_api_boundary_and_the_old_one_still_works():
+    """normalize / color / grayscale (torchvision's) from make_loader down to the kernels; the
+    older normalise= and gray_p= still work, with a DeprecationWarning, and give the same result."""
+    import dataclasses
+    import inspect
+
+    from objloader.augment import ColorConfig, apply_device_ops, sample_params
+    from objloader.kernels.cpu_ops import apply_device_ops_cpu
+    from objloader.kernels.device_ops import apply_device_ops_fused
+    from objloader.loaders import LoaderConfig
+
+    assert {"normalize", "color"} <= set(inspect.signature(make_loader).parameters)
+    assert {"normalize", "color"} <= {f.name for f in dataclasses.fields(LoaderConfig)}
+    impls = (apply_device_ops, apply_device_ops_cpu, apply_device_ops_fused)
+    signatures = [list(inspect.signature(f).parameters) for f in impls]
+    assert all(s == signatures[0] for s in signatures) and "normalize" in signatures[0]
+
+    rng = np.random.default_rng(0)
+    views = torch.from_numpy(rng.integers(0, 256, (2, 2, 3, 8, 8), dtype=np.uint8))
+    params = sample_params(0, 0, np.arange(2), image_sizes=np.full((2, 2), 8), views=2, color="mocov2")
+    for fn in impls[:2]:
+        want = fn(views, None, None, params, normalize=False)
+        with pytest.warns(DeprecationWarning, match=r"normalise=\) is deprecated; pass normalize="):
+            assert torch.equal(fn(views, None, None, params, normalise=False), want)
+        with pytest.raises(TypeError, match="both normalise= and normalize="):
+            fn(views, None, None, params, normalise=False, normalize=False)
+
+    with pytest.warns(DeprecationWarning, match="gray_p"):
+        old = ColorConfig(gray_p=0.7)
+    assert old == ColorConfig(grayscale_p=0.7)
+    with pytest.warns(DeprecationWarning, match="grayscale_p"):
+        assert old.gray_p == 0.7

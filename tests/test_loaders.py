@@ -1,6 +1,7 @@
 """make_loader on all three engines: black-box checks on crafted data (OA-Crop containment,
 BG-Mixup provenance, masks through flips), engine parity, seeds, edge cases, sharding."""
 
+import dataclasses
 import os
 
 import cv2
@@ -10,8 +11,7 @@ import torch
 
 from objloader.augment import apply_device_ops, crop_views, cut_bg_patch, sample_params
 from objloader.errors import ConfigError
-from objloader.loaders import make_loader
-from objloader.loaders.common import DeviceStage, EngineBatch, LoaderConfig, epoch_order
+from objloader.loaders import DeviceStage, EngineBatch, LoaderConfig, epoch_order, make_loader
 from objloader.loaders.resample import crop_views_into, cut_patch_into, table_arrays
 from objloader.store import BuildOptions, build
 
@@ -398,13 +398,44 @@ def test_mix_flags_are_the_device_stages_mix_draws():
     assert not mix_flags(7, 3, idx, views=2, p_mix=0.0).any()
 
 
+def test_the_view_mask_rule_is_the_device_stages_mix_draws():
+    """One rule says which view masks an engine resamples (loaders/config.py): the views the
+    device stage mixes, or all of them with return_masks; its per-view form (the FFCV decoder's)
+    and its batch form (the torch and DALI engines') agree."""
+    from objloader.augment.params import sample_appearance
+    from objloader.loaders.config import resamples_view_mask, view_masks_resampled
+
+    idx = np.arange(50, 90)
+    cfg = LoaderConfig(batch_size=8, image_size=32, views=3, bg_mixup=0.4, seed=7)
+    app = sample_appearance(7, 3, idx, np.ones(len(idx), bool), views=3, p_mix=0.4, color="mocov2")
+    rule = view_masks_resampled(cfg, 3, idx)
+    assert np.array_equal(rule, app["mix"]) and rule.any() and not rule.all()
+    per_view = [[resamples_view_mask(False, 7, 3, int(i), v, 0.4) for v in range(3)] for i in idx]
+    assert np.array_equal(np.array(per_view), rule)
+    assert view_masks_resampled(dataclasses.replace(cfg, return_masks=True), 3, idx).all()
+    assert not view_masks_resampled(dataclasses.replace(cfg, bg_mixup=0.0), 3, idx).any()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_masks_resampled_only_for_mixed_views_change_nothing(crafted, engine):
-    """The engine stage skips the masks of views the device stage will not mix: the mixed,
-    coloured, normalised views are the same as when every mask is resampled."""
+    """The engine stage resamples exactly the masks the rule names (the others are zero, the
+    named ones as when every mask is resampled), and the mixed, coloured, normalised views are
+    the same as when every mask is resampled."""
+    from objloader.loaders.config import view_masks_resampled
+
     args = dict(batch_size=8, image_size=32, num_workers=1, seed=5, shuffle=False, oa_crop=True, bg_mixup=0.4)
-    lean = _epoch(make_loader(crafted, engine, **args))
+    loader = make_loader(crafted, engine, **args)
+    loader.engine.set_epoch(0)
+    lean, lean_masks = [], []
+    for eb in loader.engine:  # what ObjectAwareLoader does, keeping the engine stage's masks
+        lean_masks.append((view_masks_resampled(loader.cfg, 0, eb.index), eb.masks.cpu().clone()))
+        lean.append(loader.device_stage(eb))
     full = _epoch(make_loader(crafted, engine, return_masks=True, **args))
     assert any(b.params.mix.any() and not b.params.mix.all() for b in lean)  # some views mixed, some not
-    for a, b in zip(lean, full):
+    for a, b, (rule, masks) in zip(lean, full, lean_masks):
         assert torch.equal(a.views, b.views)
+        assert np.array_equal(rule, a.params.mix)
+        if engine != "dali" or loader.cfg.device == "cpu":  # DALI on the GPU resamples every mask
+            assert not masks[torch.from_numpy(~rule)].any()
+        assert torch.equal(masks[torch.from_numpy(rule)], b.masks.cpu()[torch.from_numpy(rule)])
+    assert any(masks.any() for _, masks in lean_masks)

@@ -123,7 +123,8 @@ import cv2, numpy as np, torch
 def main(tmp):
     import objloader
     from objloader import make_loader
-    from objloader.cam.contracam import ContraCAM, ContraCAMConfig, resnet_trunk
+    from objloader.cam.contracam import ContraCAM, resnet_trunk
+    from objloader.cam.settings import CamSettings
     from objloader.cam.crf import crf_refine
     from objloader.optional import MissingDependency
     from objloader.checkpoint import build_backbone
@@ -148,7 +149,7 @@ def main(tmp):
     assert out["step"] == 1 and os.path.isfile(out["checkpoint"])
 
     net = build_backbone("resnet18", width=8)
-    masks = ContraCAM(resnet_trunk(net), torch.nn.Linear(64, 16), ContraCAMConfig(iterations=2, mask_size=8))(
+    masks = ContraCAM(resnet_trunk(net), torch.nn.Linear(64, 16), CamSettings(iterations=2, mask_res=8))(
         torch.randn(3, 3, 32, 32))
     assert masks.shape == (3, 8, 8)
 

@@ -8,15 +8,16 @@ by one or two classes; its size is odd, so two ranks need padding.
 """
 
 import os
+import re
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from objloader.errors import ConfigError
-from objloader.loaders import make_loader
-from objloader.loaders.common import batches_per_epoch, epoch_order
+from objloader.loaders import batches_per_epoch, epoch_order, make_loader, per_rank
 from objloader.store import BuildOptions, build
 
 ENGINES = ["torch", "ffcv", "dali"]
@@ -154,3 +155,31 @@ def test_every_rank_has_as_many_batches(sorted_data, world_size, batch_size, dro
     if expected and world_size == 3:  # DALI took its shards by record ranges: iterate them all
         for rank in range(world_size):
             assert len(list(_loader(sorted_data, "dali", rank=rank, **kw))) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 500), world_size=st.integers(1, 9), seed=st.integers(0, 2 ** 32 - 1), shuffle=st.booleans())
+def test_per_rank_is_every_ranks_share_of_the_order(n, world_size, seed, shuffle):
+    """per_rank(n, world) is the fewest records per rank that cover n, and epoch_order gives every
+    rank exactly that many, together covering every record (the padding wraps to the start)."""
+    share = per_rank(n, world_size)
+    assert share * world_size >= n > (share - 1) * world_size
+    orders = [epoch_order(n, seed=seed, epoch=2, shuffle=shuffle, rank=r, world_size=world_size)
+              for r in range(world_size)]
+    assert [len(o) for o in orders] == [share] * world_size
+    assert set(np.concatenate(orders).tolist()) == set(range(n))
+
+
+def test_no_module_computes_a_ranks_share_itself():
+    """One per_rank: no other module of the package divides a record count by the world size
+    with its own ceiling (the four copies the loaders had)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "objloader")
+    ceil_by_world = re.compile(r"-\(-.*//\s*[\w.]*world")
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if f.endswith(".py") and not path.endswith(os.path.join("loaders", "order.py")):
+                with open(path, encoding="utf-8") as fh:
+                    found += [f"{path}:{k}" for k, line in enumerate(fh, 1) if ceil_by_world.search(line)]
+    assert not found, "use objloader.loaders.order.per_rank:\n" + "\n".join(found)

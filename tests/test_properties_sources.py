@@ -28,7 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from objloader.sources import open_source  # noqa: E402
 from objloader.store import BuildOptions, build, open_dataset  # noqa: E402
-from objloader.store.process import build_record  # noqa: E402
+from objloader.store.record_builder import build_record  # noqa: E402
 from objloader.store.reader import decode_rgb  # noqa: E402
 from objloader.store.schema import digests_of  # noqa: E402
 

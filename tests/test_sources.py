@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from objloader.sources import SourceError, open_source, read_coco, read_imagefolder, read_listfile, rle_to_mask
-from objloader.sources.coco import decode_rle_string
+from objloader.sources.rasterise import decode_rle_string
 
 
 def _encode_rle_string(counts):

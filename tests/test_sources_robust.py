@@ -149,7 +149,7 @@ def test_coco_repairs_reach_the_built_records(tmp_path):
 
 def test_coco_repairs_are_counted_in_the_manifest(tmp_path):
     """The repairs read_coco notes on a sample are counted under conversions: this needs
-    objloader/store/process.py build_record to add `sample.notes` to the record's notes."""
+    objloader/store/record_builder.py build_record to add `sample.notes` to the record's notes."""
     m = _build(_repaired_source(tmp_path), tmp_path / "out")
     assert m["conversions"].get(NOTE_BOX_AS_MASK) == 1
     assert m["conversions"].get(NOTE_BOX_FROM_SEGMENTATION) == 1

@@ -21,12 +21,14 @@ the appearance in the device stage. Two halves:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
 
 from ..errors import ConfigError
+from .renamed import renamed_keywords
 
 __all__ = [
     "AugParams",
@@ -61,7 +63,7 @@ class ColorConfig:
     saturation: float = 0.4
     hue: float = 0.1
     jitter_p: float = 0.8
-    gray_p: float = 0.2
+    grayscale_p: float = 0.2
     blur_p: tuple[float, ...] = (0.5,)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: tuple[float, ...] = (0.0,)
@@ -74,9 +76,19 @@ class ColorConfig:
             raise ConfigError(f"colour recipe has {len(probs)} per-view probabilities for {views} views")
         return np.asarray(probs, np.float64)
 
+    @property
+    def gray_p(self) -> float:
+        """Deprecated spelling of :attr:`grayscale_p`."""
+        warnings.warn("ColorConfig.gray_p is deprecated; use grayscale_p", DeprecationWarning, stacklevel=2)
+        return self.grayscale_p
+
+
+# The field was gray_p before the API took torchvision's spelling (AugParams.grayscale).
+ColorConfig.__init__ = renamed_keywords(gray_p="grayscale_p")(ColorConfig.__init__)
+
 
 COLOR_PRESETS: dict[str, ColorConfig | None] = {
-    # MoCo v2 (Chen et al. 2020): ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, gray p 0.2, blur p 0.5.
+    # MoCo v2 (Chen et al. 2020): ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, blur p 0.5.
     "mocov2": ColorConfig(),
     # BYOL (Grill et al. 2020): saturation 0.2, blur 1.0 / 0.1, solarise 0 / 0.2 on views 0 / 1.
     "byol": ColorConfig(saturation=0.2, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
@@ -287,8 +299,8 @@ def mix_flags(seed, epoch, indices, *, views: int, p_mix: float) -> np.ndarray:
 
 @njit(cache=True)
 def _appearance_batch(seed, epoch, indices, has_bg, ring_count, p_mix, use_color, jitter_ranges,
-                      jitter_p, gray_p, blur_p, sigma_range, solarize_p,
-                      mix, partner, jitter, factors, order, gray, blur, sigma, solarize):
+                      jitter_p, grayscale_p, blur_p, sigma_range, solarize_p,
+                      mix, partner, jitter, factors, order, grayscale, blur, sigma, solarize):
     b, views = mix.shape
     n_bg = 0
     for i in range(b):
@@ -308,7 +320,7 @@ def _appearance_batch(seed, epoch, indices, has_bg, ring_count, p_mix, use_color
                 for k in range(3, 0, -1):
                     j = _below(_uniform(key, 6 + k), k + 1)
                     order[i, v, k], order[i, v, j] = order[i, v, j], order[i, v, k]
-                gray[i, v] = _uniform(key, 10) < gray_p
+                grayscale[i, v] = _uniform(key, 10) < grayscale_p
                 blur[i, v] = _uniform(key, 11) < blur_p[v]
                 sigma[i, v] = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * _uniform(key, 12)
                 solarize[i, v] = _uniform(key, 13) < solarize_p[v]
@@ -390,7 +402,7 @@ def sample_appearance(seed, epoch, indices, has_bg=None, *, views=2, p_mix=0.0, 
                        [max(0.0, 1 - c.saturation), 1 + c.saturation],
                        [-c.hue, c.hue]], np.float64)
     _appearance_batch(int(seed), int(epoch), indices, has_bg, int(ring_count), float(p_mix), cfg is not None,
-                      ranges, c.jitter_p, c.gray_p, c.per_view(c.blur_p, views),
+                      ranges, c.jitter_p, c.grayscale_p, c.per_view(c.blur_p, views),
                       np.asarray(c.blur_sigma, np.float64), c.per_view(c.solarize_p, views),
                       out["mix"], out["partner"], out["jitter"], factors, out["jitter_order"],
                       out["grayscale"], out["blur"], out["sigma"], out["solarize"])

@@ -3,7 +3,7 @@
 Data flow of one training batch (DESIGN.md "Op semantics"):
 
     engine stage   crop_views (image + mask, same window and flip)   cut_bg_patch
-    device stage   bg_mixup (eq. 4) -> colour (jitter, gray, blur, solarise) -> normalize
+    device stage   bg_mixup (eq. 4) -> colour (jitter, grayscale, blur, solarise) -> normalize
 
 All parameters come from :func:`objloader.augment.params.sample_params`; nothing here is random.
 Fast paths (numba, DALI, Triton) are tested against these functions.
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .params import AugParams
+from .renamed import renamed_keywords
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -347,12 +348,14 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return ((x - mean) / std).to(dtype)
 
 
+_imagenet_normalize = normalize  # apply_device_ops' keyword `normalize` hides the function
+
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def _colour_batch(x: torch.Tensor, params: AugParams) -> torch.Tensor:
     """MoCo v2 / BYOL colour chain on [N = B*V, 3, S, S]: jitter (per-view random order) ->
-    gray -> blur -> solarise, each op applied to the views whose parameters ask for it."""
+    grayscale -> blur -> solarise, each op applied to the views whose parameters ask for it."""
     dev = x.device
 
     def flat(a, dtype=None):
@@ -382,6 +385,7 @@ def _colour_batch(x: torch.Tensor, params: AugParams) -> torch.Tensor:
     return x
 
 
+@renamed_keywords(normalise="normalize")
 def apply_device_ops(
     views_uint8: torch.Tensor,
     masks: torch.Tensor | None,
@@ -390,7 +394,7 @@ def apply_device_ops(
     *,
     hard: bool = False,
     dtype: torch.dtype = torch.float32,
-    normalise: bool = True,
+    normalize: bool = True,
     reuse_views: bool = False,
 ) -> torch.Tensor:
     """Device stage for a batch: BG-Mixup (eq. 4) -> colour -> normalise.
@@ -400,17 +404,17 @@ def apply_device_ops(
             in [0, 1] (None: no mixup).
         patches: [N, 3, P, P] background patches indexed by ``params.partner`` (None: no mixup).
         params: the batch's :class:`AugParams`.
-        normalise: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
+        normalize: False returns [0, 1] values (uint8 when ``dtype`` is torch.uint8).
         reuse_views: the caller gives up ``views_uint8``: an implementation may return it,
             overwritten with the result (the CPU one does for uint8 output without colour).
     Returns:
-        [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalise``.
+        [B, V, 3, S, S] in ``dtype``, ImageNet-normalised when ``normalize``.
     """
     x = views_uint8.float() / 255.0
     if patches is not None and masks is not None and bool(np.any(params.mix & (params.partner >= 0))):
         x = bg_mixup(x, masks, patches, params.mix, params.partner, hard=hard)
     shape = x.shape
     x = _colour_batch(x.reshape(-1, *shape[2:]), params).view(shape)
-    if not normalise:
+    if not normalize:
         return _to_uint8(x * 255.0) if dtype == torch.uint8 else x.to(dtype)
-    return normalize(x, dtype)
+    return _imagenet_normalize(x, dtype)

@@ -19,14 +19,14 @@ __all__ = [
     "pad_boxes",
     "strip_bg_rect",
     "ContraCAM",
-    "ContraCAMConfig",
+    "CamSettings",
     "resnet_trunk",
     "CRFConfig",
     "crf_refine",
     "crf_refine_batch",
 ]
 
-_LAZY = {"ContraCAM": "contracam", "ContraCAMConfig": "contracam", "resnet_trunk": "contracam",
+_LAZY = {"ContraCAM": "contracam", "CamSettings": "settings", "resnet_trunk": "contracam",
          "CRFConfig": "crf", "crf_refine": "crf", "crf_refine_batch": "crf"}
 
 

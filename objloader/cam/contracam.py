@@ -25,21 +25,14 @@ are aggregated by max, M^t = max(M^{t-1}, CAM^t), so they grow monotonically wit
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContraCAMConfig", "ContraCAM", "resnet_trunk"]
+from .settings import CamSettings
 
-
-@dataclass(frozen=True)
-class ContraCAMConfig:
-    temperature: float = 0.2  # MoCo v2's InfoNCE temperature
-    iterations: int = 1  # T: 10 for boxes (several objects), 1 for single-object masks
-    relu_weights: bool = True  # negative-signal removal (ReLU on the channel weights)
-    mask_size: int = 64  # output resolution M
+__all__ = ["ContraCAM", "resnet_trunk"]
 
 
 def resnet_trunk(backbone: nn.Module, stride_expansion: bool = False) -> nn.Module:
@@ -62,10 +55,12 @@ class ContraCAM(nn.Module):
     """``forward(images [B, 3, H, W]) -> masks [B, M, M]`` in [0, 1] (float32).
 
     ``trunk`` maps images to the last stage's activations; ``head`` maps pooled features to the
-    projection the encoder was trained with (MoCo v2 head / BYOL projector).
+    projection the encoder was trained with (MoCo v2 head / BYOL projector). Of ``cfg`` (the
+    run's one settings object) the model reads temperature, iterations, relu_weights and
+    mask_res (M); the rest says how its input is prepared.
     """
 
-    def __init__(self, trunk: nn.Module, head: nn.Module, cfg: ContraCAMConfig = ContraCAMConfig()):
+    def __init__(self, trunk: nn.Module, head: nn.Module, cfg: CamSettings = CamSettings()):
         super().__init__()
         self.trunk, self.head, self.cfg = trunk, head, cfg
 
@@ -105,7 +100,7 @@ class ContraCAM(nn.Module):
     def forward(self, images: torch.Tensor, return_steps: bool = False):
         """Masks [B, M, M] after ``cfg.iterations`` steps; with ``return_steps``, the list of the
         aggregated masks after each step (the first is single-step ContraCAM)."""
-        size = self.cfg.mask_size
+        size = self.cfg.mask_res
         aggregated = torch.zeros(images.shape[0], 1, size, size, device=images.device, dtype=images.dtype)
         original = None  # projections of the unmasked images: the positives of steps >= 2
         earlier = []  # projections of every earlier step's masked batch: negatives of later steps

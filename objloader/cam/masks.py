@@ -17,7 +17,6 @@ and content hash: the build pairs by key and refuses a hash mismatch.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import multiprocessing
@@ -37,17 +36,18 @@ from tqdm import tqdm
 
 from ..augment.reference import normalize
 from ..checkpoint import load_encoder
-from ..errors import ConfigError, ObjloaderError
+from ..errors import CamError, ConfigError
 from ..fileio import file_sha256, write_json_atomic
 from ..procs import DieWithOwner, dist_failure, raise_if_worker_died
 from ..ranges import DIST_TIMEOUT
+from ..runtime import DEFAULT_DIST_TIMEOUT, barrier, choose_device, default_workers, join_process_group, ranks
 from ..sources.decode import DecodeLimits, SkipRecord, decode_image
 from ..sources.resolve import source_fingerprint
-from .contracam import ContraCAM, ContraCAMConfig, resnet_trunk
+from .contracam import ContraCAM, resnet_trunk
 from .crf import CRFConfig, crf_pool, crf_refine_batch
 from .settings import MIN_CAM_CELLS, CamSettings
 
-__all__ = ["CamSettings", "CamError", "MaskStore", "compute_masks", "load_contracam", "prepare_rgb",
+__all__ = ["CamSettings", "CamError", "MaskArchive", "compute_masks", "load_contracam", "prepare_rgb",
            "explain_batch", "refine_batch", "ContraCAMMasks"]
 
 STORE_FORMAT = "objloader-cam/1"
@@ -55,24 +55,21 @@ RUN = "run.json"
 COMPLETE = "masks.json"
 
 
-class CamError(ObjloaderError, RuntimeError):
-    """A mask run or mask store that cannot be used; the message says what to do."""
-
-
 def load_contracam(checkpoint: str, settings: CamSettings, device="cpu"):
-    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata)."""
+    """(ContraCAM in eval mode on ``device``, input side in pixels, checkpoint metadata). A
+    checkpoint without a projection head (a torchvision / timm classifier, a bare backbone) is
+    explained on the backbone's pooled features: z = normalize(pool(A))."""
     backbone, head, meta = load_encoder(checkpoint)
+    head = torch.nn.Identity() if head is None else head
     for module in (backbone, head):
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CamError(f"checkpoint {checkpoint!r} is damaged: {name} holds NaN or inf values, "
                                "so every mask would be empty")
-    cfg = ContraCAMConfig(temperature=settings.temperature, iterations=settings.iterations,
-                          relu_weights=settings.relu_weights, mask_size=settings.mask_res)
     trunk = resnet_trunk(backbone, settings.stride_expansion)
-    size = settings.image_size or 2 * int(meta.get("image_size", 112))
+    size = settings.image_size or 2 * int(meta.get("image_size") or 112)
     _check_cam_size(size, _trunk_stride(trunk), settings, meta)
-    model = ContraCAM(trunk, head, cfg).to(device).eval()
+    model = ContraCAM(trunk, head, settings).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are taken with respect to activations only
     return model, size, meta
@@ -90,7 +87,8 @@ def _check_cam_size(size: int, stride: int, settings: CamSettings, meta: dict) -
     """Refuse an input too small for a usable CAM (MIN_CAM_CELLS cells a side) or too large for
     memory, whether it was asked for or derived from the checkpoint."""
     origin = ("asked for" if settings.image_size else
-              f"2 x the checkpoint's training size {meta.get('image_size', 112)}")
+              f"2 x the checkpoint's training size {meta['image_size']}" if meta.get("image_size") else
+              "the default for a checkpoint that records no training size")
     allowed = CamSettings.RANGES["image_size"]
     minimum = max(MIN_CAM_CELLS * stride, int(allowed.lo))
     if size < minimum:
@@ -193,8 +191,10 @@ def _write_chunk(path: str, keys, sha1s, masks: np.ndarray, reasons) -> None:
     os.replace(tmp, path)  # a chunk file exists only when it is complete
 
 
-class MaskStore:
-    """A complete mask store, read back: per dataset, key -> (sha1, uint8 mask or None, skip reason)."""
+class MaskArchive:
+    """A complete mask store (objloader-cam's output directory) read back: per dataset, key -> (sha1,
+    uint8 mask or None, skip reason). Not part of objloader.store: the builder reaches it only
+    through ContraCAMMasks, a MaskProvider."""
 
     def __init__(self, root: str):
         path = os.path.join(root, COMPLETE)
@@ -228,44 +228,17 @@ class MaskStore:
         return out
 
 
-DEFAULT_DIST_TIMEOUT = 300.0  # seconds a rank waits in a collective for the others (--dist-timeout)
-
-
-def _distributed(timeout: float = DEFAULT_DIST_TIMEOUT):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    DIST_TIMEOUT.check("dist_timeout", timeout, "compute_masks", CamError)
-    if world > 1 and not dist.is_initialized():
-        # gloo even on CUDA: the ranks only synchronise (barriers), they exchange no tensors.
-        try:
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
-        except RuntimeError as e:
-            if dist_failure(e) is None:
-                raise
-            raise CamError(f"rank {rank}: the {world} ranks did not all join within --dist-timeout {timeout:g} s "
-                           f"({str(e).splitlines()[0]})") from e
-    return rank, world
-
-
 def _barrier(world: int, timeout: float = DEFAULT_DIST_TIMEOUT) -> None:
     if world <= 1:
         return
     try:
-        dist.barrier()
+        barrier()
     except RuntimeError as e:
         if dist_failure(e) is None:
             raise
         raise CamError(f"rank {dist.get_rank()}: another rank did not reach the barrier within --dist-timeout "
                        f"{timeout:g} s (stopped, killed or still computing); raise --dist-timeout if it is only "
                        f"slow, then rerun: finished chunks are kept") from e
-
-
-def _pick_device(device: Optional[str]) -> torch.device:
-    if device:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def run_fingerprint(specs, checkpoint_sha256: str, settings: CamSettings, opts: DecodeLimits) -> str:
@@ -283,13 +256,21 @@ def compute_masks(specs, out: str, checkpoint: str, settings: CamSettings = CamS
     returns its masks.json. Resumes an interrupted run with the same arguments; refuses to mix a
     different run into an existing store unless ``overwrite``. Under torchrun a rank waits at
     most ``dist_timeout`` seconds for the others at a barrier."""
-    rank, world = _distributed(dist_timeout)
-    dev = _pick_device(device)
-    workers = workers or os.cpu_count() or 1
+    DIST_TIMEOUT.check("dist_timeout", dist_timeout, "compute_masks", CamError)
+    r = ranks()
+    rank, world = r.rank, r.world_size
+    dev = choose_device(device, r)
+    # The device's own backend (nccl on CUDA): a barrier needs no more, but any collective on
+    # CUDA tensors would fail on gloo.
+    join_process_group(dev, dist_timeout, r)
+    workers = workers or default_workers(r)
     if not os.path.isfile(checkpoint):
         raise CamError(f"checkpoint {checkpoint!r} does not exist")
     # before the store is touched: a checkpoint or image size it refuses leaves no run behind
     model, size, meta = load_contracam(checkpoint, settings, dev)
+    if rank == 0 and (meta["source_format"] != "objloader" or meta["projection"] != "head"):
+        z = "its projection head" if meta["projection"] == "head" else "the pooled backbone features (no projection head)"
+        log(f"{checkpoint}: {meta['source_format']} {meta['arch']} checkpoint; ContraCAM's z = {z}")
     ckpt_sha = file_sha256(checkpoint)
     fingerprint = run_fingerprint(specs, ckpt_sha, settings, opts)
     run_path, done_path = os.path.join(out, RUN), os.path.join(out, COMPLETE)
@@ -440,11 +421,11 @@ class ContraCAMMasks:
 
     def entries(self, spec, work_dir: str, opts, workers: int, log: Callable):
         if self.store:
-            store = MaskStore(self.store)
+            store = MaskArchive(self.store)
         else:
             compute_masks([spec], work_dir, self.checkpoint, self.settings or CamSettings(), opts=opts,
                           workers=workers, log=log)
-            store = MaskStore(work_dir)
+            store = MaskArchive(work_dir)
         info = {k: store.info[k] for k in ("checkpoint", "checkpoint_sha256", "method", "arch", "settings",
                                            "input_size")}
         info["store"] = os.path.abspath(self.store) if self.store else None

@@ -1,4 +1,6 @@
-"""The settings of a ContraCAM mask run (no torch here: objloader-build parses them too)."""
+"""The settings of a ContraCAM mask run, the one configuration of ContraCAM: the model
+(objloader.cam.contracam.ContraCAM) and the mask run both read it (no torch here:
+objloader-build parses them too)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ MIN_CAM_CELLS = 4
 
 @dataclass(frozen=True)
 class CamSettings:
-    """Everything that changes the masks (CLI flags map onto it 1:1)."""
+    """Everything that changes the masks (CLI flags map onto it 1:1). ``iterations`` defaults to
+    10 as README.md and objloader-cam say (the paper's refinement for several objects per image;
+    the model's own config, merged into this one, had defaulted to 1)."""
 
     temperature: float = 0.2       # of the contrastive score (MoCo v2's InfoNCE temperature)
     iterations: int = 10           # T of the iterative refinement: 10 for boxes of several objects, 1 for one

@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    help="gt: ground-truth masks of the source; none: full masks (no object knowledge); "
                         "contracam: unsupervised ContraCAM masks (needs --checkpoint or --cam-masks)")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="--masks contracam: run ContraCAM with this train/moco.py or train/byol.py checkpoint")
+                   help="--masks contracam: run ContraCAM with this train/moco.py or train/byol.py checkpoint, or a "
+                        "pretrained ResNet (official MoCo, torchvision, timm, solo-learn, lightly; see objloader-cam)")
     p.add_argument("--cam-masks", default=None, metavar="DIR",
                    help="--masks contracam: take the masks of an earlier objloader-cam run")
     p.add_argument("--gt-masks", default=None, metavar="DIR",

@@ -46,16 +46,21 @@ def cam_settings(args, prefix: str = "", mask_res: int = 64) -> CamSettings:
 def parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="objloader-cam", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="ContraCAM (Mo et al. 2021): object masks from a MoCo v2 / BYOL checkpoint of this project, "
+        description="ContraCAM (Mo et al. 2021): object masks from a MoCo v2 / BYOL checkpoint of this project "
+                    "or a pretrained ResNet of another codebase, "
                     "without labels. Writes a mask store that objloader-build --masks contracam --cam-masks reads. "
                     "Multi-process: torchrun --nproc_per_node N objloader-cam ... (ranks take batches round-robin).")
     p.add_argument("src", nargs="?", help="source: ImageFolder dir, COCO .json, list file, or objloader-demo dir")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train/moco.py or train/byol.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pt written by train/moco.py or train/byol.py, or a pretrained ResNet-18/50: the official "
+                        "MoCo v1/v2 format, a torchvision or timm state_dict, solo-learn or lightly; without a "
+                        "projection head, z is the backbone's pooled features")
     p.add_argument("--out", required=True, help="mask store directory (with --eval: the results directory)")
     p.add_argument("--mask-res", type=ranged(CamSettings.RANGES["mask_res"]), default=CamSettings().mask_res, help="side R of the stored [R, R] masks")
     add_cam_arguments(p)
     p.add_argument("--workers", type=ranged(RANGES["workers"]), default=None,
-                   help="CRF processes; half as many (1 to 4) decode images (default: all cores)")
+                   help="CRF processes; half as many (1 to 4) decode images (default: the CPUs available, divided "
+                        "among torchrun's processes on this machine)")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda[:i] (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a store that holds masks of another run")
     p.add_argument("--dist-timeout", type=ranged(RANGES["dist_timeout"]), default=300.0, metavar="S",

@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="objloader-linear", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, default=None, metavar="CKPT",
-                   help="checkpoint written by train/moco.py or train/byol.py")
+                   help="checkpoint written by train/moco.py or train/byol.py, or a pretrained ResNet: the official "
+                        "MoCo format, a torchvision / timm state_dict, solo-learn or lightly (see objloader-export)")
     p.add_argument("--data", default=os.path.join("demo", "built"),
                    help="built demo folder or built Background-Challenge root (objloader-build ROOT OUT) holding "
                         "train, val and bgchallenge/<variant> (relative to the current directory)")

@@ -14,8 +14,11 @@ from ..checkpoint import ARCHS
 from ..errors import ConfigError, ObjloaderError
 from ..loaders import ENGINES
 from ..sources.demo import generate_demo
-from ..ssl.trainer import DEFAULT_BASE_LR, TrainConfig, train
+from ..runtime import ranks
+from ..ssl.methods import recipe
+from ..ssl.trainer import CROP_SCALE, TrainConfig, train
 from ..store import BuildOptions, build
+from ..store.schema import MANIFEST_FILE
 from .args import Parser, device, ranged
 
 __all__ = ["build_parser", "main", "moco", "byol", "demo_train_path"]
@@ -31,7 +34,7 @@ def demo_train_path(root: Optional[str] = None, log: Callable = print) -> str:
     root = os.path.abspath(root or os.getcwd())
     data, built = os.path.join(root, "demo", "data"), os.path.join(root, "demo", "built")
     train = _demo_train_dir(root)
-    if os.path.isfile(os.path.join(train, "manifest.json")):
+    if os.path.isfile(os.path.join(train, MANIFEST_FILE)):
         return train
     if not os.path.isfile(os.path.join(data, "demo.json")):
         log(f"generating the demo data in {data} (first use; takes a few minutes)")
@@ -49,11 +52,11 @@ def _default_data(log: Callable) -> str:
     """The demo's train split under the current directory. Under torchrun the first process of
     each machine generates and builds it (minutes, once); the others wait for its manifest.
     torchrun stops them if that process fails."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if ranks().local_rank == 0:
         return demo_train_path(log=log)
     train_dir = _demo_train_dir(os.path.abspath(os.getcwd()))
     deadline = time.monotonic() + DEMO_WAIT_S
-    while not os.path.isfile(os.path.join(train_dir, "manifest.json")):
+    while not os.path.isfile(os.path.join(train_dir, MANIFEST_FILE)):
         if time.monotonic() > deadline:
             raise ConfigError(f"waited {DEMO_WAIT_S} s for {train_dir} from local rank 0; pass --data")
         time.sleep(2)
@@ -65,13 +68,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
     D = TrainConfig(method=method)
     R = {name: ranged(r) for name, r in TrainConfig.RANGES.items()}  # each numeric flag's type
-    desc = {
-        "moco": "MoCo v2 (momentum encoder, queue of negatives, MLP head, InfoNCE at temperature 0.2) on an "
-                "object-aware loader. SGD momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay.",
-        "byol": "BYOL (projector and predictor MLPs 4096 -> 256, target momentum 0.996 -> 1 on a cosine). "
-                "Uses plain SGD (momentum 0.9, wd 1e-4, lr = --lr x global batch / 256, cosine decay) instead "
-                "of the paper's LARS, to keep it simple; base lr 0.05.",
-    }[method]
+    rec = recipe(method)  # what differs between the methods (objloader/ssl/methods.py)
+    desc = rec.description
     p = Parser(
         prog=f"train/{method}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=desc + " Multi-process: torchrun --nproc_per_node N train/" + method + ".py ... "
@@ -81,6 +79,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="a built dataset directory; None: demo/built/train under the current directory, "
                         "generated and built on first use")
     p.add_argument("--oa-crop", action="store_true", help="OA-Crop: crop each sample's views inside one of its boxes")
+    p.add_argument("--crop-scale", type=ranged(CROP_SCALE), nargs=2, default=list(rec.crop_scale), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop's (min, max) area fraction of the region a view is cut from (this "
+                        "method's recipe by default)")
     p.add_argument("--bg-mixup", type=R["bg_mixup"], default=D.bg_mixup, metavar="P",
                    help="per-view BG-Mixup probability (the paper uses 0.4 with MoCo v2)")
     p.add_argument("--bg-mode", default=D.bg_mode, choices=["soft", "hard"], help="soft BG-Mixup or BG-HardMix")
@@ -90,7 +91,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=R["image_size"], default=D.image_size, help="side of the views in pixels")
     p.add_argument("--epochs", type=R["epochs"], default=D.epochs, help="epochs (the cosine schedule spans them)")
     p.add_argument("--batch-size", type=R["batch_size"], default=D.batch_size, help="images per rank per step")
-    p.add_argument("--lr", type=R["lr"], default=DEFAULT_BASE_LR[method],
+    p.add_argument("--lr", type=R["lr"], default=rec.base_lr,
                    help="base learning rate per 256 images (peak lr = LR x global batch / 256)")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
@@ -100,6 +101,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="output directory: checkpoint.pt, metrics.jsonl, loss.png, tb/")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (no value: DIR/checkpoint.pt) at the same step")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start the backbone from CKPT: an objloader checkpoint, the official MoCo v1/v2 format, a "
+                        "torchvision or timm ResNet state_dict, or a solo-learn / lightly checkpoint (its arch, "
+                        "stem and width must match this run's); heads and optimizer start fresh; ignored by --resume")
     p.add_argument("--seed", type=R["seed"], default=D.seed, help="seed of the weights and of every augmentation")
     p.add_argument("--workers", type=R["workers"], default=None,
                    help="loader CPU workers/threads per process (None: the CPUs available to this process "
@@ -109,18 +114,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=R["log_every"], default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
     p.add_argument("--max-steps", type=R["max_steps"], default=None, metavar="N",
                    help="stop after N steps (the schedule still spans --epochs)")
-    if method == "moco":
-        p.add_argument("--queue-size", type=R["queue_size"], default=D.queue_size,
-                       help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
-        p.add_argument("--temperature", type=R["temperature"], default=D.temperature, help="InfoNCE temperature")
-        p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
-                       help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
-                            "grouping of the batch than their queries: in one process BatchNorm is split into up "
-                            "to 8 groups and the keys are shuffled among them; with several ranks the keys are "
-                            "shuffled across ranks (shuffle_bn=%(default)s without this flag)")
-    p.add_argument("--ema", type=R["ema"], default=0.999 if method == "moco" else 0.996,
-                   help="momentum of the key encoder" if method == "moco"
-                   else "base momentum of the target network (raised to 1 on a cosine)")
+    rec.add_flags(p, D, R)
+    p.add_argument("--ema", type=R["ema"], default=rec.ema, help=rec.ema_help)
     p.add_argument("--device", type=device, default=None, help="cpu or cuda[:i] (None: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--dist-timeout", type=R["dist_timeout"], default=D.dist_timeout, metavar="S",
                    help="under torchrun: seconds a rank waits in a collective for the others before every rank "
@@ -132,9 +127,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 def main(method: str, argv=None) -> int:
     args = build_parser(method).parse_args(argv)
     kw = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    kw["crop_scale"] = tuple(kw["crop_scale"])
     try:
         if kw["data"] is None:
-            kw["data"] = _default_data(print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None))
+            kw["data"] = _default_data(print if ranks().main else (lambda *a, **k: None))
         train(TrainConfig(method=method, progress=not args.no_progress, **kw))
     except ObjloaderError as e:
         print(f"train/{method}.py: error: {e}", file=sys.stderr)

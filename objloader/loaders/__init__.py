@@ -12,12 +12,16 @@ import os
 import torch
 
 from ..optional import require
-from ..store.reader import DatasetError, check_integrity, read_manifest
+from ..store.integrity import check_integrity, read_manifest
 from ..augment.params import DEFAULT_CROP_SCALE
-from .common import ENGINES, Batch, DeviceStage, LoaderConfig
-from ..errors import ConfigError
+from .config import ENGINES, LoaderConfig
+from .device_stage import Batch, DeviceStage, EngineBatch
+from .order import batches_per_epoch, epoch_order, per_rank
+from ..errors import ConfigError, DatasetError
+from ..runtime import choose_device, default_workers
 
-__all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES"]
+__all__ = ["make_loader", "default_workers", "ObjectAwareLoader", "Batch", "LoaderConfig", "ENGINES", "DeviceStage",
+           "EngineBatch", "epoch_order", "batches_per_epoch", "per_rank"]
 
 
 class ObjectAwareLoader:
@@ -43,14 +47,6 @@ class ObjectAwareLoader:
         self.engine.set_epoch(epoch)
         for engine_batch in self.engine:
             yield self.device_stage(engine_batch)
-
-
-def default_workers() -> int:
-    """Engine workers per process: the CPUs available to this process divided by the number of
-    processes torchrun starts on this machine (LOCAL_WORLD_SIZE), at least 1, so that
-    ``torchrun --nproc_per_node 8`` does not start 8 times as many workers as there are CPUs."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def make_loader(
@@ -93,10 +89,11 @@ def make_loader(
         color: "mocov2", "byol" or "none".
         normalize, dtype: ImageNet normalisation and the output dtype; ``color="none",
             normalize=False, dtype=torch.uint8`` returns the raw uint8 pixels.
-        device: where the device stage runs and batches land ("cuda" if available by default).
+        device: where the device stage runs and batches land (default: this rank's GPU,
+            cuda:LOCAL_RANK, when CUDA is available, else cpu; see objloader.runtime).
         seed, shuffle, drop_last: the run's seed (keys every random choice), order, last batch.
-        num_workers: engine CPU workers/threads (default: :func:`default_workers`, the CPUs
-            available to this process divided among the processes of this machine).
+        num_workers: engine CPU workers/threads (default: :func:`objloader.runtime.default_workers`,
+            the CPUs available to this process divided among the processes of this machine).
         rank, world_size: this process's shard (torchrun: RANK, WORLD_SIZE).
         patch_size: background patch side (default image_size // 2); ring_size: how many recent
             background patches serve as BG-Mixup partners when a batch has no other background.
@@ -104,8 +101,10 @@ def make_loader(
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # validated; None or "cuda": this rank's own GPU, so torchrun's ranks do not all share cuda:0
+        device = choose_device(device)
+    except ConfigError as e:
+        raise ConfigError(f"make_loader: {e}") from None
     if num_workers is None:
         num_workers = default_workers()
     cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, views=views, oa_crop=oa_crop,
@@ -162,8 +161,8 @@ def _check_batches(path: str, manifest: dict, cfg: LoaderConfig) -> None:
     n = int(manifest["counts"]["records"])
     if n == 0:
         raise DatasetError(f"{path!r} holds no records")
-    per_rank = -(-n // cfg.world_size)  # every rank gets as many (the order is padded by wrapping)
-    if cfg.drop_last and per_rank < cfg.batch_size:
-        raise ConfigError(f"make_loader: {path!r} has {n} records, {per_rank} per rank for {cfg.world_size} "
+    share = per_rank(n, cfg.world_size)
+    if cfg.drop_last and share < cfg.batch_size:
+        raise ConfigError(f"make_loader: {path!r} has {n} records, {share} per rank for {cfg.world_size} "
                           f"rank(s), fewer than batch_size {cfg.batch_size}: with drop_last=True no batch would "
                           "be yielded; lower batch_size or pass drop_last=False")

@@ -25,16 +25,28 @@ import os
 import numpy as np
 import torch
 
-from ..augment.params import mix_flags, sample_geometry_batch
+from ..augment.params import sample_geometry_batch
 from ..augment.reference import EDGE_SLACK_PX
 from ..procs import exit_with_parent
-from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, jpeg_shape, read_manifest
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from ..errors import DatasetError
+from ..store.integrity import read_manifest
+from ..store.reader import BuiltDataset, decode_npy, decode_png, jpeg_shape
+from ..store.schema import MEMBER
+from .config import LoaderConfig, view_masks_resampled
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order, per_rank
 from .resample import resample_hwc_to_chw, table_arrays, tables_fit
 
 # What the pipeline passes through from the source to the EngineBatch.
 _PASSED = ("index", "epoch", "label", "has_bg", "window", "box_index", "flip")
 _PATCH = ("bg_anchor", "bg_shape", "bg_start", "bg_end")  # the patch's slice and roi (_patch_slices)
+
+
+def pipeline_outputs(cfg: LoaderConfig) -> tuple:
+    """The names of the pipeline's outputs, in the order it returns them: the one list that the
+    pipeline, the engine's iterator and benchmarks/dali_stages.py read them by."""
+    return (("views",) + (("masks",) if cfg.needs_masks else ()) + (("patches",) if cfg.needs_patches else ())
+            + _PASSED)
 
 
 class _EpochSource:
@@ -54,7 +66,8 @@ class _EpochSource:
         self.view_masks = view_masks and cfg.needs_masks
         # Labels and box counts from the records' own members (KEY.cls, KEY.json), never from the
         # manifest's per-record lists, which only --verify checks against the records.
-        self.members = ("jpg", "cls", "boxes.npy", "bg.npy", "json") + (("mask.png",) if cfg.needs_masks else ())
+        self.members = ((MEMBER.image, MEMBER.label, MEMBER.boxes, MEMBER.bg_rect, MEMBER.meta)
+                        + ((MEMBER.mask,) if cfg.needs_masks else ()))
         views = range(cfg.views)
         mask = ("view_masks",) if self.view_masks else ("mask",) if cfg.needs_masks else ()
         self.names = (("jpg",) + mask + tuple(f"{kind}{v}" for v in views for kind in ("start", "end", "flip"))
@@ -82,31 +95,29 @@ class _EpochSource:
         sizes = np.empty((len(index), 2), np.int64)
         for k, raw in enumerate(raws):
             try:
-                sizes[k] = jpeg_shape(raw["jpg"])
+                sizes[k] = jpeg_shape(raw[MEMBER.image])
             except DatasetError as e:
                 i = int(index[k])
                 raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
                                    "run objloader-build --verify") from None
-        labels = np.array([int(raw["cls"]) for raw in raws], np.int64)
-        n_boxes = np.array([json.loads(raw["json"])["n_boxes"] for raw in raws], np.int64)
-        boxes = np.stack([decode_npy(raw["boxes.npy"]) for raw in raws]).astype(np.float32)
-        bg = np.stack([decode_npy(raw["bg.npy"]) for raw in raws]).astype(np.float32)
+        labels = np.array([int(raw[MEMBER.label]) for raw in raws], np.int64)
+        n_boxes = np.array([json.loads(raw[MEMBER.meta])["n_boxes"] for raw in raws], np.int64)
+        boxes = np.stack([decode_npy(raw[MEMBER.boxes]) for raw in raws]).astype(np.float32)
+        bg = np.stack([decode_npy(raw[MEMBER.bg_rect]) for raw in raws]).astype(np.float32)
         window, flip, box_index = sample_geometry_batch(cfg.seed, epoch, index, sizes, n_boxes,
                                                         boxes, views=cfg.views, oa_crop=cfg.oa_crop,
                                                         crop_scale=cfg.crop_scale)
         has_bg = has_background(bg)
         bg = np.where(has_bg[:, None], bg, np.array([0, 0, 1, 1], np.float32))  # any valid roi; zeroed later
-        # A view's mask is resampled only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((len(index), cfg.views), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, epoch, index, views=cfg.views, p_mix=cfg.bg_mixup))
-        out = {"jpg": [np.frombuffer(raw["jpg"], np.uint8) for raw in raws], "index": index,
+        mask_views = view_masks_resampled(cfg, epoch, index)
+        out = {"jpg": [np.frombuffer(raw[MEMBER.image], np.uint8) for raw in raws], "index": index,
                "epoch": np.full(len(index), epoch, np.int64),
                "label": labels, "has_bg": has_bg.astype(np.uint8), "window": window,
                "box_index": box_index, "flip": flip.astype(np.uint8)}
         if self.view_masks:
             out["view_masks"] = self._cut_view_masks(index, raws, window, flip, mask_views)
         elif cfg.needs_masks:
-            out["mask"] = [np.frombuffer(raw["mask.png"], np.uint8) for raw in raws]
+            out["mask"] = [np.frombuffer(raw[MEMBER.mask], np.uint8) for raw in raws]
         for v in range(cfg.views):
             out.update({f"start{v}": window[:, v, [1, 0]], f"end{v}": window[:, v, [3, 2]],
                         f"flip{v}": flip[:, v].astype(np.int32)})
@@ -122,7 +133,7 @@ class _EpochSource:
         out = np.zeros((len(index), self.cfg.views, 1, s, s), np.uint8)
         for k in np.flatnonzero(mask_views.any(axis=1)):
             try:
-                mask = decode_png(raws[k]["mask.png"])
+                mask = decode_png(raws[k][MEMBER.mask])
             except DatasetError as e:
                 i = int(index[k])
                 raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
@@ -185,19 +196,20 @@ def _build_pipeline(source: _EpochSource, cfg: LoaderConfig, device_id):
         parts = dict(zip(source.names, fn.external_source(source, num_outputs=len(source.names), batch=True,
                                                           batch_info=True, parallel=parallel, **queue)))
         image = fn.decoders.image(parts["jpg"], device="mixed" if gpu else "cpu", output_type=types.RGB)
-        result = [fn.stack(*(view_crop(image, parts, v) for v in range(cfg.views)))]  # [V, 3, S, S]
+        out = {n: parts[n] for n in _PASSED}
+        out["views"] = fn.stack(*(view_crop(image, parts, v) for v in range(cfg.views)))  # [V, 3, S, S]
         # OA masks: the same roi and flip as each view.
         if source.view_masks:  # cut by the source (the CPU): [V, 1, S, S]
-            result.append(parts["view_masks"])
+            out["masks"] = parts["view_masks"]
         elif cfg.needs_masks:
             mask = fn.decoders.image(parts["mask"], device="mixed" if gpu else "cpu", output_type=types.GRAY)
-            result.append(fn.stack(*(view_crop(mask, parts, v) for v in range(cfg.views))))  # [V, 1, S, S]
+            out["masks"] = fn.stack(*(view_crop(mask, parts, v) for v in range(cfg.views)))  # [V, 1, S, S]
         if cfg.needs_patches:  # background patch from the same decoded image, from its own pixels only
             region = fn.slice(image, parts["bg_anchor"], parts["bg_shape"], axes=[0, 1])
             patch = fn.resize(region, roi_start=parts["bg_start"], roi_end=parts["bg_end"], roi_relative=False,
                               size=[p, p], antialias=True, interp_type=types.INTERP_LINEAR)
-            result.append(chw(patch))  # [3, P, P]
-        return (*result, *(parts[n] for n in _PASSED))
+            out["patches"] = chw(patch)  # [3, P, P]
+        return tuple(out[n] for n in pipeline_outputs(cfg))
 
     return object_aware_views()
 
@@ -216,8 +228,7 @@ class DALIEngine:
         self._pipe = None
 
     def __len__(self) -> int:
-        per_rank = -(-len(self.ds) // self.cfg.world_size)  # epoch_order pads every rank to this
-        return batches_per_epoch(per_rank, self.cfg.batch_size, self.cfg.drop_last)
+        return batches_per_epoch(per_rank(len(self.ds), self.cfg.world_size), self.cfg.batch_size, self.cfg.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -236,10 +247,8 @@ class DALIEngine:
         source = _EpochSource(self.ds, cfg, first_epoch, view_masks=device_id is None)
         self._pipe = _build_pipeline(source, cfg, device_id)
         self._pipe.build()
-        names = ["views"] + (["masks"] if cfg.needs_masks else []) + (["patches"] if cfg.needs_patches else [])
-        names += list(_PASSED)
         # No reader: the iterator runs until the source's StopIteration (a partial last batch included).
-        self._iter = DALIGenericIterator([self._pipe], names, auto_reset=True)
+        self._iter = DALIGenericIterator([self._pipe], list(pipeline_outputs(cfg)), auto_reset=True)
         self._pipe_epoch = first_epoch
 
     def __iter__(self):

@@ -19,9 +19,13 @@ import torch
 from numba import types
 from numba.extending import intrinsic
 
-from ..augment.params import mix_draw, sample_geometry, sample_geometry_batch
-from ..store.reader import DatasetError, read_manifest
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from ..augment.params import sample_geometry, sample_geometry_batch
+from ..errors import DatasetError
+from ..store.integrity import read_manifest
+from ..store.schema import BETON_FILE, ffcv_fields
+from .config import LoaderConfig, resamples_view_mask
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order
 from .jpeg import decode_rgb_into
 from .resample import crop_views_into, cut_patch_into, table_arrays
 
@@ -127,9 +131,7 @@ def _make_decoder_class():
             view_end = _INDEX_BYTES + self.view_bytes
             mask_end = view_end + self.mask_bytes
             with_masks, with_patch = self.mask_bytes > 0, self.patch_bytes > 0
-            # A view's mask is read only when the device stage mixes it (or the caller wants the
-            # masks): the others are not resampled.
-            all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)
+            all_masks, p_mix = bool(cfg.return_masks), float(cfg.bg_mixup)  # for resamples_view_mask
 
             def decode(batch_indices, storage, metadata, storage_state):
                 destination, images, windows, flips, mask_flags, first, count, weights, work = storage
@@ -159,7 +161,7 @@ def _make_decoder_class():
                         mask_out = out[view_end:view_end].reshape(0, 1, size, size)
                     mask_views = mask_flags[i]
                     for v in range(views):
-                        mask_views[v] = all_masks or mix_draw(seed, epoch, idx, v, p_mix)
+                        mask_views[v] = resamples_view_mask(all_masks, seed, epoch, idx, v, p_mix)
                     crop_views_into(image, mask, windows[i], flips[i], view_out, mask_out, mask_views, first[i], count[i],
                                     weights[i], work[i])
                     if with_patch:
@@ -180,10 +182,10 @@ class FFCVEngine:
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
 
-        beton = os.path.join(path, "data.beton")
+        beton = os.path.join(path, BETON_FILE)
         manifest = manifest or read_manifest(path)
         if "ffcv" not in manifest.get("formats", []) or not os.path.isfile(beton):
-            raise DatasetError(f"{path!r} has no data.beton; rebuild with objloader-build --formats ffcv,wds")
+            raise DatasetError(f"{path!r} has no {BETON_FILE}; rebuild with objloader-build --formats ffcv,wds")
         self.cfg, self.beton = cfg, beton
         self.tables = _RecordTables(beton, manifest)
         self.epoch = 0
@@ -192,7 +194,7 @@ class FFCVEngine:
         self._order = self._epoch_order()
         decoder = _make_decoder_class()(self.tables, cfg)
         self.packed = decoder
-        pipelines = {name: None for name in manifest_fields(manifest)}
+        pipelines = {name: None for name in ffcv_fields(bool(manifest.get("has_gt")))}  # None: not decoded
         pipelines.update(image=[decoder], label=[IntDecoder()])
 
         engine = self
@@ -320,7 +322,3 @@ def _while_alive(epoch_iter):
         except StopIteration:
             return
 
-
-def manifest_fields(manifest: dict) -> list:
-    names = ["image", "label", "mask", "boxes", "n_boxes", "bg_rect", "key"]
-    return names + (["gt_mask", "gt_boxes", "n_gt_boxes"] if manifest.get("has_gt") else [])

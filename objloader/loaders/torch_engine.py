@@ -14,10 +14,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..augment.params import mix_flags, sample_geometry_batch
+from ..augment.params import sample_geometry_batch
 from ..procs import DieWithOwner, raise_if_worker_died
-from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb
-from .common import EngineBatch, LoaderConfig, batches_per_epoch, epoch_order, has_background
+from ..errors import DatasetError
+from ..store.reader import BuiltDataset, decode_npy, decode_png, decode_rgb
+from ..store.schema import MEMBER
+from .config import LoaderConfig, view_masks_resampled
+from .device_stage import EngineBatch, has_background
+from .order import batches_per_epoch, epoch_order, per_rank
 from .resample import crop_views_into, cut_patch_into, table_arrays, tables_fit
 
 try:  # libjpeg-turbo straight from numba: the same pixels as OpenCV's decode, ~25 % sooner
@@ -27,28 +31,29 @@ except ImportError:  # no libturbojpeg on this machine: OpenCV's decode
 
 # Every field comes from the record's own members, never from the manifest's per-record lists
 # (which --verify checks, but a loader must not trust): the label from KEY.cls, n_boxes from KEY.json.
-_MEMBERS = ("jpg", "cls", "mask.png", "boxes.npy", "bg.npy", "json")
+_MEMBERS = (MEMBER.image, MEMBER.label, MEMBER.mask, MEMBER.boxes, MEMBER.bg_rect, MEMBER.meta)
 _NO_MASK = np.zeros((1, 1, 1), np.uint8)  # stands in for the mask of a record none of whose views mixes
 
 
 def decode_record(ds: BuiltDataset, i: int, with_mask: bool = True) -> dict:
     """The fields of record i the engines use: RGB image, label, mask (uint8 [M, M, 1], or None
     unless ``with_mask``), boxes, n_boxes, bg_rect."""
-    raw = ds.raw(i, _MEMBERS if with_mask else tuple(m for m in _MEMBERS if m != "mask.png"))
+    raw = ds.raw(i, _MEMBERS if with_mask else tuple(m for m in _MEMBERS if m != MEMBER.mask))
     try:
-        image = _decode_jpeg(raw["jpg"]) if _decode_jpeg is not None else decode_rgb(raw["jpg"])
+        jpeg = raw[MEMBER.image]
+        image = _decode_jpeg(jpeg) if _decode_jpeg is not None else decode_rgb(jpeg)
         if image is None:
             raise DatasetError("stored image does not decode")
-        mask = decode_png(raw["mask.png"])[:, :, None] if with_mask else None
+        mask = decode_png(raw[MEMBER.mask])[:, :, None] if with_mask else None
     except DatasetError as e:
         raise DatasetError(f"{ds.path}: record {i} ({ds.keys[i]!r}): {e}; run objloader-build --verify") from e
     return {
         "image": image,
-        "label": int(raw["cls"]),
+        "label": int(raw[MEMBER.label]),
         "mask": mask,
-        "boxes": decode_npy(raw["boxes.npy"]),
-        "n_boxes": int(json.loads(raw["json"])["n_boxes"]),
-        "bg_rect": decode_npy(raw["bg.npy"]),
+        "boxes": decode_npy(raw[MEMBER.boxes]),
+        "n_boxes": int(json.loads(raw[MEMBER.meta])["n_boxes"]),
+        "bg_rect": decode_npy(raw[MEMBER.bg_rect]),
     }
 
 
@@ -68,8 +73,7 @@ class _EpochBatches:
                            world_size=c.world_size)
 
     def __len__(self) -> int:
-        per_rank = -(-self.n // self.cfg.world_size)
-        return batches_per_epoch(per_rank, self.cfg.batch_size, self.cfg.drop_last)
+        return batches_per_epoch(per_rank(self.n, self.cfg.world_size), self.cfg.batch_size, self.cfg.drop_last)
 
     def __iter__(self):
         order, b = self.order(), self.cfg.batch_size
@@ -96,9 +100,7 @@ class _ViewsDataset(Dataset):
         cfg = self.cfg
         epoch, indices = request
         b, v, s = len(indices), cfg.views, cfg.image_size
-        # A view's mask is read only when the device stage mixes it (or the caller wants the masks).
-        mask_views = (np.ones((b, v), bool) if cfg.return_masks
-                      else mix_flags(cfg.seed, epoch, indices, views=v, p_mix=cfg.bg_mixup))
+        mask_views = view_masks_resampled(cfg, epoch, indices)  # the others' masks stay zero, unread
         recs = [decode_record(self.ds, int(i), bool(mask_views[k].any())) for k, i in enumerate(indices)]
         sizes = np.array([r["image"].shape[:2] for r in recs], np.int64)
         boxes = np.stack([r["boxes"] for r in recs])

@@ -6,11 +6,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import ObjloaderError
-
-
-class SourceError(ObjloaderError, ValueError):
-    """A source path or file that cannot be read; the message names the path."""
+from ..errors import SourceError
+from .rasterise import instances_to_mask
 
 
 @dataclass
@@ -106,8 +103,6 @@ class Sample:
             threshold = np.iinfo(m.dtype).max // 2 if lossy and m.dtype.kind == "u" else 0
             return np.where(m > threshold, 255, 0).astype(np.uint8)
         if self.gt_segments is not None:
-            from .coco import instances_to_mask
-
             return instances_to_mask(self.gt_segments, *self.gt_size, origin=self.origin or repr(self.key))
         return None
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from .base import SourceError, SourceSpec
+from ..errors import SourceError
+from .base import SourceSpec
 from .imagefolder import read_imagefolder
 
 # The eight variants of Xiao et al. 2021, in the order of their paper's tables.

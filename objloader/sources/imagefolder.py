@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .base import Sample, SourceError, file_sample, printable
+from ..errors import SourceError
+from .base import Sample, file_sample, printable
 from .survey import inside, one_record_per_file, outside_reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from typing import List
 
-from .base import Sample, SourceError, file_sample
+from ..errors import SourceError
+from .base import Sample, file_sample
 from .survey import inside, one_record_per_file, outside_reason
 
 

@@ -16,7 +16,8 @@ import json
 import os
 from typing import List, Optional
 
-from .base import SourceError, SourceSpec
+from ..errors import SourceError
+from .base import SourceSpec
 from .bgchallenge import is_bgchallenge_root, read_bgchallenge
 from .coco import read_coco
 from .imagefolder import read_imagefolder

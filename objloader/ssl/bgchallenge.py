@@ -22,7 +22,9 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from objloader.store.reader import DatasetError, read_manifest
+from objloader.errors import DatasetError
+from objloader.store.integrity import read_manifest
+from objloader.store.schema import MANIFEST_FILE
 
 from ..checkpoint import load_backbone
 from .features import extract_features
@@ -39,7 +41,7 @@ def find_eval_datasets(root: str) -> Dict[str, str]:
         raise DatasetError(f"data folder {root!r} does not exist (build the demo data with `make demo`, or a "
                            "Background-Challenge root with `objloader-build ROOT OUT`)")
     names: List[str] = []
-    if os.path.isfile(os.path.join(root, "manifest.json")):
+    if os.path.isfile(os.path.join(root, MANIFEST_FILE)):
         m = read_manifest(root)
         if m.get("kind") != "collection":
             raise DatasetError(f"{root!r} is a single dataset; the report needs a built demo folder or "

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from objloader.augment.reference import normalize
-from objloader.store.reader import BuiltDataset, DatasetError, decode_rgb
+from objloader.errors import DatasetError
+from objloader.store.reader import BuiltDataset, decode_rgb
+from objloader.store.schema import MEMBER
 
 __all__ = ["extract_features", "eval_transform"]
 
@@ -44,7 +46,7 @@ class _EvalImages(Dataset):
         if self._ds is None:
             self._ds = BuiltDataset(self.path)
         try:
-            return eval_transform(self._ds.raw(i, ("jpg",))["jpg"], self.image_size)
+            return eval_transform(self._ds.raw(i, (MEMBER.image,))[MEMBER.image], self.image_size)
         except DatasetError as e:
             raise DatasetError(f"{self.path}: record {i} ({self._ds.keys[i]!r}): {e}") from e
 

@@ -32,7 +32,10 @@ from tqdm import tqdm
 
 from ..cam.geometry import box_iou, mask_to_boxes
 from ..cam.settings import CamSettings
-from ..store.reader import BuiltDataset, DatasetError, decode_npy, decode_png, decode_rgb, read_manifest
+from ..errors import DatasetError
+from ..store.integrity import read_manifest
+from ..store.reader import BuiltDataset, decode_npy, decode_png, decode_rgb
+from ..store.schema import MEMBER
 
 __all__ = ["THRESHOLDS", "IOU_LEVELS", "mask_miou_sweep", "max_box_acc", "object_recall", "centre_prior",
            "evaluate_localisation"]
@@ -111,13 +114,13 @@ def _load_set(path: str, size: int, limit: Optional[int]):
         picked = np.unique(np.linspace(0, len(ds) - 1, limit).round().astype(int))
     images, masks, boxes = [], [], []
     for i in picked:
-        raw = ds.raw(i, ("jpg", "gt_mask.png", "gt_boxes.npy", "json"))
-        if "gt_mask.png" not in raw:
+        raw = ds.raw(i, (MEMBER.image, MEMBER.gt_mask, MEMBER.gt_boxes, MEMBER.meta))
+        if MEMBER.gt_mask not in raw:
             raise DatasetError(f"{path!r} has no ground truth (gt_mask); evaluate sets built with --masks gt")
-        images.append(prepare_rgb(decode_rgb(raw["jpg"]), size))
-        masks.append(decode_png(raw["gt_mask.png"]) >= 128)
-        k = json.loads(raw["json"])["n_gt_boxes"]
-        boxes.append(decode_npy(raw["gt_boxes.npy"])[:k])
+        images.append(prepare_rgb(decode_rgb(raw[MEMBER.image]), size))
+        masks.append(decode_png(raw[MEMBER.gt_mask]) >= 128)
+        k = json.loads(raw[MEMBER.meta])["n_gt_boxes"]
+        boxes.append(decode_npy(raw[MEMBER.gt_boxes])[:k])
     ds.close()
     return np.stack(images), np.stack(masks), boxes
 

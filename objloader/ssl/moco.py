@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import DEFAULT_WIDTH, build_backbone, feature_dim
+from ..runtime import group_rank_world
 
 __all__ = ["MoCo", "queue_size_for", "SplitBatchNorm2d", "split_batchnorm", "split_groups", "DEFAULT_BN_SPLITS"]
 
@@ -130,18 +131,13 @@ def split_batchnorm(module: nn.Module, num_splits: int = DEFAULT_BN_SPLITS) -> n
     return module
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 @torch.no_grad()
 def _gather(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows, in rank order (no gradient: keys are targets)."""
-    if _world()[0] == 1:
+    world = group_rank_world()[1]
+    if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
@@ -221,7 +217,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys of every rank's batch in rank order, this rank's keys), Shuffle-BN'd in training."""
-        world, rank = _world()
+        rank, world = group_rank_world()
         shuffle = self.shuffle_bn and self.training
         if shuffle:
             step = self._shuffle_step

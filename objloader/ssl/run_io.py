@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoint import CHECKPOINT_FORMAT, CheckpointError, checkpoint_width
 from ..fileio import FileWriteError, write_atomic
+from .methods import recipe
 
 __all__ = ["save_checkpoint", "load_checkpoint", "set_rng_state", "RunLogger", "plot_loss"]
 
@@ -35,6 +36,7 @@ def save_checkpoint(path: str, cfg, model, optimizer, scaler, step: int, epoch: 
     ckpt = {
         "format": CHECKPOINT_FORMAT, "method": cfg.method, "arch": cfg.arch, "small_stem": cfg.small_stem,
         "width": cfg.width, "image_size": cfg.image_size,
+        "head_prefix": recipe(cfg.method).head_prefix,  # where load_encoder finds the projection head
         "backbone": model.backbone.state_dict(),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},

@@ -1,9 +1,11 @@
 """One training loop for MoCo v2 and BYOL on any engine, single process or DDP under torchrun.
 
 ``train(TrainConfig(...))`` runs the loop; the commands (objloader/cli/train.py: objloader-train-moco,
-train/moco.py, ...) map their flags 1:1 onto :class:`TrainConfig`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) it joins the
-process group (gloo on CPU, nccl on CUDA), shards the data by rank and wraps the model in
-DistributedDataParallel; rank 0 logs and writes checkpoints.
+train/moco.py, ...) map their flags 1:1 onto :class:`TrainConfig`; what differs between the
+methods (model, colour preset, crop scale, base lr, EMA, head) is their recipe in
+:mod:`objloader.ssl.methods`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) it joins the
+process group (:mod:`objloader.runtime`: gloo on CPU, nccl on CUDA), shards the data by rank and
+wraps the model in DistributedDataParallel; rank 0 logs and writes checkpoints.
 
 Read top-down: the config, the setup of a run (device and process group, data, model and
 optimizer), :func:`train` and its steps (resume, one optimisation step, the epoch loop, the end
@@ -13,14 +15,13 @@ of a run). Checkpoints, metrics and the loss curve are written by
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,20 +29,20 @@ import torch.distributed as dist
 
 from ..loaders import make_loader
 from ..store.reader import read_manifest
-from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError
-from .byol import BYOL
-from .moco import DEFAULT_BN_SPLITS, MoCo, queue_size_for
+from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError, load_backbone
+from .methods import METHODS, RECIPES, recipe
+from .moco import DEFAULT_BN_SPLITS
 from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
-from ..errors import ConfigError, DivergedError, ObjloaderError, RunError
-from ..procs import dist_failure
+from ..errors import ConfigError, DivergedError
+from ..runtime import (DEFAULT_DIST_TIMEOUT, Ranks, barrier, choose_device, join_process_group,
+                       leave_process_group, raise_if_dist_failed, ranks)
 from ..ranges import DIST_TIMEOUT, IMAGE_SIZE, SEED, WORKERS, Range, check_device, check_ranges
 
-__all__ = ["TrainConfig", "train", "METHODS", "DEFAULT_BASE_LR", "load_checkpoint"]
+# each bound of TrainConfig.crop_scale (and of --crop-scale): an area fraction
+CROP_SCALE = Range(float, 0, 1, lo_open=True, why="a fraction of the image's area, each of min and max")
 
-METHODS = ("moco", "byol")
-# lr = base * global batch / 256 (Goyal et al. linear scaling). MoCo v2: 0.03 (its public code).
-# BYOL: the paper uses LARS at 0.2; we keep plain SGD (momentum 0.9, wd 1e-4) at 0.05 for simplicity.
-DEFAULT_BASE_LR = {"moco": 0.03, "byol": 0.05}
+__all__ = ["TrainConfig", "train", "METHODS", "load_checkpoint"]
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -55,19 +56,23 @@ class TrainConfig:
     oa_crop: bool = False
     bg_mixup: float = 0.0
     bg_mode: str = "soft"
+    # RandomResizedCrop (min, max) area of the views; None = the method's recipe (MoCo v2 (0.2, 1),
+    # BYOL (0.08, 1)), resolved when the config is made, so checkpoints record the scale used
+    crop_scale: Optional[Tuple[float, float]] = None
     arch: str = "resnet18"
     small_stem: bool = False
     width: int = DEFAULT_WIDTH  # base channels of the ResNet (64 = torchvision)
     image_size: int = 64
     epochs: int = 2
     batch_size: int = 128  # per rank
-    lr: Optional[float] = None  # base lr per 256 images; None = DEFAULT_BASE_LR[method]
+    lr: Optional[float] = None  # base lr per 256 images; None = the method's recipe (ssl/methods.py)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     amp: bool = False
     channels_last: bool = False  # NHWC weights and activations (faster convolutions with --amp on CUDA)
     out: str = "runs/moco"
     resume: Optional[str] = None  # "" = OUT/checkpoint.pt, else a checkpoint path
+    init: Optional[str] = None  # start the backbone from this checkpoint (any format load_backbone reads)
     seed: int = 0
     workers: Optional[int] = None
     save_every: int = 50
@@ -76,9 +81,9 @@ class TrainConfig:
     queue_size: int = 65536  # MoCo; scaled down for small datasets
     temperature: float = 0.2  # MoCo
     shuffle_bn: bool = True  # MoCo: Shuffle-BN (split BN + shuffle in one process, cross-rank shuffle under DDP)
-    ema: Optional[float] = None  # momentum of the key / target network; None = 0.999 MoCo, 0.996 BYOL
+    ema: Optional[float] = None  # momentum of the key / target network; None = the recipe's (0.999 MoCo, 0.996 BYOL)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
-    dist_timeout: float = 300.0  # seconds a rank waits in a collective for the others (torchrun)
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT  # seconds a rank waits in a collective for the others (torchrun)
     progress: bool = True
 
     # The allowed value of every numeric field, which its flag shares (objloader/ranges.py).
@@ -101,16 +106,27 @@ class TrainConfig:
         "ema": Range(float, 0, 1, why="momentum of an average"),
         "dist_timeout": DIST_TIMEOUT,
     }
+    # (crop_scale is a pair: each bound has this range, checked in __post_init__; its flag's type)
 
     def __post_init__(self):
         def bad(msg):
             raise ConfigError(f"TrainConfig: {msg}")
 
-        if self.method not in METHODS:
-            bad(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in RECIPES:
+            bad(f"method must be one of {', '.join(RECIPES)}, got {self.method!r}")
         if self.arch not in ARCHS:
             bad(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         check_ranges(self, self.RANGES, "TrainConfig")
+        scale = recipe(self.method).crop_scale if self.crop_scale is None else self.crop_scale
+        try:
+            lo, hi = (float(x) for x in scale)
+        except (TypeError, ValueError):
+            bad(f"crop_scale must be two numbers (min, max), got {self.crop_scale!r}")
+        for bound in (lo, hi):
+            CROP_SCALE.check("crop_scale", bound, "TrainConfig")
+        if lo > hi:
+            bad(f"crop_scale must be (min, max) with min <= max, got {self.crop_scale!r}")
+        object.__setattr__(self, "crop_scale", (lo, hi))  # frozen: the resolved scale, once
         try:
             check_device(self.device)
         except ConfigError as e:
@@ -118,74 +134,7 @@ class TrainConfig:
 
     @property
     def base_lr(self) -> float:
-        return DEFAULT_BASE_LR[self.method] if self.lr is None else float(self.lr)
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed setup
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device, timeout: float) -> _Dist:
-    """Join torchrun's process group. Every collective (and the rendezvous) waits at most
-    ``timeout`` seconds: a stopped or hung rank otherwise stalls all the others for ever."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if d.enabled and not dist.is_initialized():
-        try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=timeout))
-        except RuntimeError as e:
-            _raise_if_dist_failed(d, timeout, e, "joining the process group")
-            raise
-        d.owns_group = True
-    return d
-
-
-def _raise_if_dist_failed(d: _Dist, timeout: float, e: BaseException, what: str = "a collective") -> None:
-    """One-line RunError when ``e`` is a collective of this run that timed out or lost a peer;
-    otherwise nothing (the caller re-raises ``e``)."""
-    if not d.enabled or isinstance(e, ObjloaderError):
-        return
-    kind = dist_failure(e)
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    # gloo and nccl do not say which peer is missing; with two ranks it can only be the other one.
-    who = f"rank {1 - d.rank}" if d.world_size == 2 else "one of the other ranks"
-    if kind == "timeout":
-        raise RunError(f"rank {d.rank} of {d.world_size}: {what} timed out after --dist-timeout {timeout:g} s: "
-                       f"{who} did not answer (stopped, hung, or much slower); raise --dist-timeout if it is "
-                       f"only slow [{detail}]") from e
-    if kind == "lost":
-        raise RunError(f"rank {d.rank} of {d.world_size}: {what} lost its connection to {who} "
-                       f"(it exited or was killed: see that rank's own error) [{detail}]") from e
-
-
-def _pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device is not None:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _barrier(d: _Dist) -> None:
-    if d.enabled:
-        dist.barrier()
+        return recipe(self.method).base_lr if self.lr is None else float(self.lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +149,11 @@ def _dataset_size(path: str) -> int:
         return len(m["records"]["labels"])
 
 
-def _build_loader(cfg: TrainConfig, d: _Dist, device: torch.device):
+def _build_loader(cfg: TrainConfig, d: Ranks, device: torch.device):
+    r = recipe(cfg.method)
     return make_loader(cfg.data, cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                       oa_crop=cfg.oa_crop, bg_mixup=cfg.bg_mixup, bg_mode=cfg.bg_mode,
-                       color="mocov2" if cfg.method == "moco" else "byol", device=device, seed=cfg.seed,
+                       oa_crop=cfg.oa_crop, crop_scale=cfg.crop_scale, bg_mixup=cfg.bg_mixup, bg_mode=cfg.bg_mode,
+                       color=r.colour, device=device, seed=cfg.seed,
                        num_workers=cfg.workers, rank=d.rank, world_size=d.world_size)
 
 
@@ -212,14 +162,7 @@ def _build_loader(cfg: TrainConfig, d: _Dist, device: torch.device):
 
 
 def _build_model(cfg: TrainConfig, n_records: int, world_size: int = 1) -> torch.nn.Module:
-    if cfg.method == "moco":
-        # Shuffle-BN: one process splits its BatchNorms into groups and shuffles the keys among
-        # them; several ranks shuffle the keys across ranks and keep plain per-rank BatchNorm.
-        return MoCo(cfg.arch, cfg.small_stem, queue_size=queue_size_for(n_records, cfg.queue_size),
-                    momentum=0.999 if cfg.ema is None else cfg.ema, temperature=cfg.temperature,
-                    width=cfg.width, shuffle_bn=cfg.shuffle_bn,
-                    bn_splits=1 if world_size > 1 else DEFAULT_BN_SPLITS, seed=cfg.seed)
-    return BYOL(cfg.arch, cfg.small_stem, momentum=0.996 if cfg.ema is None else cfg.ema, width=cfg.width)
+    return recipe(cfg.method).build(cfg, n_records, world_size)
 
 
 def _lr_at(peak: float, step: int, total: int) -> float:
@@ -235,7 +178,7 @@ def _lr_at(peak: float, step: int, total: int) -> float:
 class _Run:
     cfg: TrainConfig  # with ``data`` resolved
     device: torch.device
-    d: _Dist
+    d: Ranks
     log: Callable  # print on rank 0, silent elsewhere
     loader: object  # make_loader's loader for this rank's shard
     steps_per_epoch: int
@@ -250,16 +193,16 @@ class _Run:
     global_batch: int
     ckpt_path: str
     saved_step: Optional[int] = None  # the step of the checkpoint at ckpt_path this run wrote or resumed
+    owns_group: bool = False  # this run joined the process group, so it leaves it at the end
 
 
 def _setup(cfg: TrainConfig) -> _Run:
     """Device and process group, data, then model and optimizer, in this order: every rank seeds
     its RNGs before the loader and the model are built, so all start from the same weights (and
     queue). The model is not yet wrapped in DDP (see _wrap_ddp)."""
-    device = _pick_device(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    d = _init_distributed(device, cfg.dist_timeout)
+    d = ranks()
+    device = choose_device(cfg.device, d)
+    owns_group = join_process_group(device, cfg.dist_timeout, d)  # also makes a CUDA device current
     log = print if d.main else (lambda *a, **k: None)
     if cfg.data is None:
         raise ConfigError("TrainConfig.data is required: a built dataset directory (the training commands "
@@ -287,14 +230,15 @@ def _setup(cfg: TrainConfig) -> _Run:
                 model=model, ddp_model=model, optimizer=optimizer,
                 scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
                 amp_dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                peak_lr=peak_lr, global_batch=global_batch, ckpt_path=os.path.join(cfg.out, CHECKPOINT_NAME))
+                peak_lr=peak_lr, global_batch=global_batch, ckpt_path=os.path.join(cfg.out, CHECKPOINT_NAME),
+                owns_group=owns_group)
 
 
 def _wrap_ddp(run: _Run) -> None:
     """Under torchrun, wrap the model in DistributedDataParallel (after a resume has loaded its
     weights). Buffers stay per rank: the queue is identical by construction (keys are
     all-gathered)."""
-    if run.d.enabled:
+    if run.d.distributed:
         run.ddp_model = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
             broadcast_buffers=False)
@@ -307,7 +251,7 @@ def _announce(run: _Run) -> None:
         return
     moco = ""
     if cfg.method == "moco":
-        shuffle = ("off" if not cfg.shuffle_bn else "across ranks" if d.enabled
+        shuffle = ("off" if not cfg.shuffle_bn else "across ranks" if d.distributed
                    else f"split BN into up to {DEFAULT_BN_SPLITS} groups")
         moco = f", queue {run.model.queue.shape[0]}, Shuffle-BN {shuffle}"
     run.log(f"{cfg.method} on {cfg.loader}: {cfg.data}, {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
@@ -327,7 +271,7 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
     """
     run = _setup(cfg)
     try:
-        step = _resume(run) if run.cfg.resume is not None else 0
+        step = _resume(run) if run.cfg.resume is not None else _init_backbone(run)
         _wrap_ddp(run)
         logger = RunLogger(run.cfg, run.stop, step, run.d.main)
         _announce(run)
@@ -337,7 +281,7 @@ def train(cfg: TrainConfig, on_batch: Optional[Callable] = None) -> dict:
         seconds = time.perf_counter() - t_start
         _finish(run, logger, step, loss_val, seconds)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
-        _raise_if_dist_failed(run.d, cfg.dist_timeout, e)
+        raise_if_dist_failed(run.d, cfg.dist_timeout, e)
         raise
     return {"step": step, "epoch": step // run.steps_per_epoch, "loss": loss_val, "checkpoint": run.ckpt_path,
             "seconds": seconds, "model": run.model}
@@ -365,8 +309,34 @@ def _resume(run: _Run) -> int:
     if old.get("batch_size") != cfg.batch_size or old.get("data") != cfg.data:
         warnings.warn(f"resuming {src!r} written with batch_size={old.get('batch_size')}, "
                       f"data={old.get('data')!r}; the step position may not match this run")
-    run.log(f"resumed from {src} at step {step} (epoch {step // run.steps_per_epoch})")
+    run.log(f"resumed from {src} at step {step} (epoch {step // run.steps_per_epoch})"
+            + (f"; --init {cfg.init} not applied (the checkpoint holds the trained weights)" if cfg.init else ""))
     return step
+
+
+# the momentum copy of the backbone each method keeps (MoCo's key encoder, BYOL's target)
+_MOMENTUM_BACKBONE = {"moco": "key_backbone", "byol": "target_backbone"}
+
+
+def _init_backbone(run: _Run) -> int:
+    """--init: the backbone (and its momentum copy) start from a pretrained encoder; heads,
+    queue and optimizer start fresh. Returns step 0. A resumed run never reaches this: its
+    checkpoint already holds the trained weights."""
+    cfg = run.cfg
+    if not cfg.init:
+        return 0
+    net, meta = load_backbone(cfg.init)
+    for key in ("arch", "small_stem", "width"):
+        if meta[key] != getattr(cfg, key):
+            raise CheckpointError(f"--init {cfg.init!r} holds a {meta['arch']} (small_stem={meta['small_stem']}, "
+                                  f"width={meta['width']}), but this run has {key}={getattr(cfg, key)!r}; "
+                                  f"pass --{key.replace('_', '-')} to match it")
+    state = net.state_dict()
+    run.model.backbone.load_state_dict(state)
+    getattr(run.model, _MOMENTUM_BACKBONE[cfg.method]).load_state_dict(state)
+    run.log(f"initialised the backbone from {cfg.init} ({meta['source_format']} {meta['arch']}); "
+            "heads, queue and optimizer start fresh")
+    return 0
 
 
 def _train_step(run: _Run, batch, step: int) -> float:
@@ -454,7 +424,7 @@ def _check_finite(run: _Run, step: int, loss_val: float) -> None:
     instead of one leaving the others waiting in their next all-reduce."""
     bad_state = _saves_at(run, step) and not _state_is_finite(run)
     mine = torch.tensor([loss_val, float(bad_state)], dtype=torch.float64, device=run.device)
-    if run.d.enabled:
+    if run.d.distributed:
         every = [torch.empty_like(mine) for _ in range(run.d.world_size)]
         dist.all_gather(every, mine)
     else:
@@ -464,7 +434,7 @@ def _check_finite(run: _Run, step: int, loss_val: float) -> None:
     if not bad:
         return
     cfg = run.cfg
-    where = "" if not run.d.enabled else f" on rank {', '.join(map(str, bad))} of {run.d.world_size}"
+    where = "" if not run.d.distributed else f" on rank {', '.join(map(str, bad))} of {run.d.world_size}"
     loss, state = every[bad[0]]
     what = f"loss {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} but the model/optimizer state is not finite"
     settings = (f"lr {cfg.base_lr:g} per 256 images (peak {run.peak_lr:.3g}, {run.optimizer.param_groups[0]['lr']:.3g} "
@@ -508,6 +478,5 @@ def _finish(run: _Run, logger: RunLogger, step: int, loss_val: float, seconds: f
             warnings.warn(f"loss curve not written: {e}")
         run.log(f"done: {step} steps in {seconds:.1f} s, final loss {loss_val:.4f}; "
                 f"{run.ckpt_path}, {logger.metrics_path}, {os.path.join(cfg.out, 'loss.png')}")
-    _barrier(d)
-    if d.owns_group:
-        dist.destroy_process_group()
+    barrier()
+    leave_process_group(run.owns_group)

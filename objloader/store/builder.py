@@ -22,24 +22,20 @@ from typing import Callable, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from ..errors import ObjloaderError
-from ..fileio import FileWriteError, file_sha256, write_failure, write_json_atomic
+from ..errors import BuildError, FileWriteError, MaskPairingError, SourceError, StageError
+from ..fileio import file_sha256, write_failure, write_json_atomic
 from ..optional import require
-from ..sources import SourceError, SourceSpec, open_source
+from ..sources import SourceSpec, open_source
 from ..sources.resolve import source_fingerprint
-from .process import MaskPairingError, SkipRecord, build_record
-from .schema import SCHEMA_VERSION, BuildOptions, MaskProvider, Record, dataset_identity, digests_of
-from .staging import CHUNK, StagedRecords, StageError, chunk_path, read_chunk, write_chunk
+from .record_builder import SkipRecord, build_record
+from .schema import (BETON_FILE, MANIFEST_FILE, SCHEMA_VERSION, BuildOptions, MaskProvider, Record, dataset_identity,
+                     digests_of)
+from .staging import CHUNK, StagedRecords, chunk_path, read_chunk, write_chunk
 
 FORMATS = ("ffcv", "wds")
-MANIFEST = "manifest.json"
 STATE = "build-state.json"
 # Inside the partial output, so an interrupted build resumes the mask run too.
 CAM_DIR = ".contracam"
-
-
-class BuildError(ObjloaderError, RuntimeError):
-    """A build that cannot go on; the message says what to do."""
 
 
 def _fingerprint(specs: List[SourceSpec], opts: BuildOptions, formats: Sequence[str], extra=None) -> str:
@@ -114,9 +110,9 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
     chunk files, survey them (one read of the chunks), write each format (the FFCV writer reads
     records by index, the shard writer once in order), then the manifest."""
     label = spec.name or os.path.basename(os.path.normpath(spec.path))
-    if os.path.exists(os.path.join(ds_dir, MANIFEST)):
+    if os.path.exists(os.path.join(ds_dir, MANIFEST_FILE)):
         log(f"{label}: already built in the partial output, kept")
-        with open(os.path.join(ds_dir, MANIFEST)) as f:
+        with open(os.path.join(ds_dir, MANIFEST_FILE)) as f:
             return json.load(f)
     opts, masks_note = _masks_for(spec, opts, label, log)
     cam_entries = cam_info = None
@@ -150,7 +146,7 @@ def _build_one(spec: SourceSpec, ds_dir: str, opts: BuildOptions, formats: Seque
                          identity)
     _remove_leftover(stage_dir, log)
     shutil.rmtree(os.path.join(ds_dir, CAM_DIR), ignore_errors=True)
-    write_json_atomic(os.path.join(ds_dir, MANIFEST), manifest)
+    write_json_atomic(os.path.join(ds_dir, MANIFEST_FILE), manifest)
     log(f"{label}: {len(staged)} records, {len(survey.skipped)} skipped{_dropped_note(manifest)}")
     return manifest
 
@@ -241,15 +237,15 @@ def _write_ffcv(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt:
     (a full disk) leaves no data.beton.tmp behind."""
     from .ffcv_writer import write_beton
 
-    tmp = os.path.join(ds_dir, "data.beton.tmp")
+    tmp = os.path.join(ds_dir, BETON_FILE + ".tmp")
     try:
         write_beton(tmp, staged, opts, with_gt, workers, identity)
-        os.replace(tmp, os.path.join(ds_dir, "data.beton"))
+        os.replace(tmp, os.path.join(ds_dir, BETON_FILE))
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise BuildError(write_failure(tmp, e)) from None
-    return {"data.beton": file_sha256(os.path.join(ds_dir, "data.beton"))}
+    return {BETON_FILE: file_sha256(os.path.join(ds_dir, BETON_FILE))}
 
 
 def _write_wds(ds_dir: str, staged: StagedRecords, opts: BuildOptions, with_gt: bool, label: str, identity: str):
@@ -529,7 +525,7 @@ def _build_locked(specs: List[SourceSpec], src: str, out: str, opts: BuildOption
         }
     top["build_seconds"] = round(seconds, 3)
     top["workers"] = workers
-    write_json_atomic(os.path.join(partial, MANIFEST), top)
+    write_json_atomic(os.path.join(partial, MANIFEST_FILE), top)
     os.remove(state_path)
     _publish(partial, out, log)  # an old output is replaced only now
     return top

@@ -21,11 +21,10 @@ import traceback
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ObjloaderError
+from ..errors import BuildError, ObjloaderError
 from ..fileio import write_failure
 from ..optional import require
-from .builder import BuildError
-from .schema import IDENTITY_PREFIX, BuildOptions, Record
+from .schema import IDENTITY_PREFIX, BuildOptions, Record, ffcv_fields
 from .staging import StagedRecords
 
 
@@ -34,22 +33,18 @@ def _fields(opts: BuildOptions, with_gt: bool) -> dict:
     from ffcv.fields import IntField, JSONField, NDArrayField
 
     M, K = opts.mask_res, opts.max_boxes
-    fields = {
-        "image": _make_jpeg_field_class()(),
-        "label": IntField(),
-        "mask": NDArrayField(np.dtype("uint8"), (M, M)),
-        "boxes": NDArrayField(np.dtype("float32"), (K, 4)),
-        "n_boxes": IntField(),
-        "bg_rect": NDArrayField(np.dtype("float32"), (4,)),
-        "key": JSONField(),
+    kinds = {
+        "image": _make_jpeg_field_class(),
+        "label": IntField, "n_boxes": IntField, "n_gt_boxes": IntField,
+        "mask": lambda: NDArrayField(np.dtype("uint8"), (M, M)),
+        "gt_mask": lambda: NDArrayField(np.dtype("uint8"), (M, M)),
+        "boxes": lambda: NDArrayField(np.dtype("float32"), (K, 4)),
+        "gt_boxes": lambda: NDArrayField(np.dtype("float32"), (K, 4)),
+        "bg_rect": lambda: NDArrayField(np.dtype("float32"), (4,)),
+        "key": JSONField,
     }
-    if with_gt:
-        fields.update({
-            "gt_mask": NDArrayField(np.dtype("uint8"), (M, M)),
-            "gt_boxes": NDArrayField(np.dtype("float32"), (K, 4)),
-            "n_gt_boxes": IntField(),
-        })
-    return fields
+    # The names and their order are the schema's; this only says how ffcv stores each.
+    return {name: kinds[name]() for name in ffcv_fields(with_gt)}
 
 
 def _make_jpeg_field_class():
@@ -92,11 +87,10 @@ class _RecordTuples:
             if not (isinstance(a, np.ndarray) and a.dtype == want.dtype and a.shape == want.shape):
                 got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
                 raise BuildError(f"{name} is {got}, expected {want.dtype} {want.shape}")
-        t = ((r.image, r.height, r.width), r.label, r.mask, r.boxes, r.n_boxes, r.bg_rect,
-             {"key": r.key, "sha1": r.sha1})
-        if self.with_gt:
-            t += (r.gt_mask, r.gt_boxes, r.n_gt_boxes)
-        return t
+        values = {"image": (r.image, r.height, r.width), "label": r.label, "mask": r.mask, "boxes": r.boxes,
+                  "n_boxes": r.n_boxes, "bg_rect": r.bg_rect, "key": {"key": r.key, "sha1": r.sha1},
+                  "gt_mask": r.gt_mask, "gt_boxes": r.gt_boxes, "n_gt_boxes": r.n_gt_boxes}
+        return tuple(values[name] for name in self.fields)  # the beton's field order
 
 
 def identity_arguments(identity: str) -> bytes:

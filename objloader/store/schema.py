@@ -13,18 +13,62 @@ from ..sources.decode import DecodeLimits  # the decoding limits a build applies
 
 SCHEMA_VERSION = 1
 
-# WebDataset member suffixes, one per field; any tar reader (DALI's readers.webdataset in --verify,
-# the .idx offsets in the torch and DALI engines) finds a field by its suffix.
-WDS_MEMBERS = {
-    "image": "jpg",
-    "label": "cls",
-    "mask": "mask.png",
-    "boxes": "boxes.npy",
-    "bg_rect": "bg.npy",
-    "meta": "json",
-    "gt_mask": "gt_mask.png",
-    "gt_boxes": "gt_boxes.npy",
-}
+# The one contract of every format's layout (DESIGN.md, "Record schema"): writers, readers,
+# engines and --verify take every file name, member name and field list from here.
+
+MANIFEST_FILE = "manifest.json"  # a dataset's (or a collection's) manifest
+BETON_FILE = "data.beton"        # the FFCV format's one file
+
+
+@dataclass(frozen=True)
+class _Members:
+    """WebDataset member suffixes, one per field: record i's field F is the tar member
+    ``record_name(i) + "." + MEMBER.F``. Any tar reader (DALI's readers.webdataset in --verify,
+    the .idx offsets in the torch and DALI engines) finds a field by its suffix."""
+
+    image: str = "jpg"
+    label: str = "cls"
+    mask: str = "mask.png"       # lossless
+    boxes: str = "boxes.npy"
+    bg_rect: str = "bg.npy"
+    meta: str = "json"           # key, sha1, height, width, n_boxes, n_gt_boxes
+    gt_mask: str = "gt_mask.png"
+    gt_boxes: str = "gt_boxes.npy"
+
+
+MEMBER = _Members()
+WDS_MEMBERS = asdict(MEMBER)  # field -> suffix, in the order a record's members are written
+_GT_FIELDS = ("gt_mask", "gt_boxes")
+
+
+def wds_members(with_gt: bool) -> Tuple[str, ...]:
+    """The member suffixes of one record, in the order the writer stores them (the gt members
+    last, present only in a dataset that keeps ground truth)."""
+    return tuple(suffix for name, suffix in WDS_MEMBERS.items() if with_gt or name not in _GT_FIELDS)
+
+
+def record_name(index: int) -> str:
+    """A record's member name stem: its zero-padded index. Source keys may hold dots and slashes,
+    which WebDataset would split on; the key travels in the meta member."""
+    return f"{index:09d}"
+
+
+# Tar and .idx layout: tars are read in 512-byte blocks; each tar's pax global header carries the
+# build's identity under PAX_IDENTITY, each .idx's first line is "INDEX_VERSION N objloader-id=ID"
+# (DALI's webdataset index, whose reader takes the first two words).
+TAR_BLOCK = 512
+PAX_IDENTITY = "objloader.dataset_id"
+INDEX_VERSION = "v1.2"
+
+# data.beton's fields in their order (ffcv's metadata slots follow it); the gt fields only in a
+# dataset that keeps ground truth.
+_FFCV_FIELDS = ("image", "label", "mask", "boxes", "n_boxes", "bg_rect", "key")
+_FFCV_GT_FIELDS = ("gt_mask", "gt_boxes", "n_gt_boxes")
+
+
+def ffcv_fields(with_gt: bool) -> Tuple[str, ...]:
+    """The names of data.beton's fields, in their order."""
+    return _FFCV_FIELDS + (_FFCV_GT_FIELDS if with_gt else ())
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,12 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ObjloaderError
+from ..errors import StageError
 from ..fileio import write_atomic
 from .schema import Record
 
 CHUNK = 512  # records per chunk file
 FORMAT = "objloader-stage/1"
-
-
-class StageError(ObjloaderError, ValueError):
-    """A staged chunk that cannot be read back as the build wrote it."""
 
 
 # A Record's integer fields, staged in the chunk's JSON; its arrays and bytes go in the npz. Every

@@ -1,5 +1,5 @@
 """objloader-build --verify: first every file against the manifest (presence, size, SHA-256, and
-the structure that reader.check_integrity checks), one line per damaged file; then, for a dataset
+the structure that integrity.check_integrity checks), one line per damaged file; then, for a dataset
 whose files are all intact, every record read back through FFCV and through DALI and each field
 checked bit-exactly against the digests in the manifest."""
 from __future__ import annotations
@@ -13,9 +13,10 @@ import numpy as np
 
 from ..optional import require
 from .builder import file_sha256
-from .reader import (MANIFEST_FILE, BuiltDataset, DatasetError, dataset_dirs, describe_problems,
-                     integrity_problems, read_manifest, stat_problems)
-from .schema import record_digest
+from ..errors import DatasetError
+from .integrity import dataset_dirs, describe_problems, integrity_problems, read_manifest, stat_problems
+from .reader import BuiltDataset
+from .schema import BETON_FILE, MANIFEST_FILE, MEMBER, ffcv_fields, record_digest, wds_members
 
 BATCH = 64
 
@@ -25,7 +26,7 @@ _LOADERS = []
 
 
 def _check(name: str, manifest: dict, got: dict) -> None:
-    """Every per-record list of the manifest (reader.RECORD_LISTS: keys, digests, labels, box
+    """Every per-record list of the manifest (integrity.RECORD_LISTS: keys, digests, labels, box
     counts) equals what the records hold, record by record; ``got``: list name -> the values read
     back. The digests cover the stored fields, but the loaders and users also read the manifest's
     own copies (a label edited there alone must not pass)."""
@@ -109,16 +110,16 @@ def verify_ffcv(ds_dir: str, manifest: dict) -> int:
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    path = os.path.join(ds_dir, "data.beton")
+    path = os.path.join(ds_dir, BETON_FILE)
     has_gt = manifest["has_gt"]
-    pipelines = {
+    decoders = {
         # Decoding through ffcv's JPEG path proves the loaders can read every image.
-        "image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0)],
-        "label": [IntDecoder()], "mask": [NDArrayDecoder()], "boxes": [NDArrayDecoder()],
-        "n_boxes": [IntDecoder()], "bg_rect": [NDArrayDecoder()], "key": [BytesDecoder()],
+        "image": lambda: CenterCropRGBImageDecoder((32, 32), ratio=1.0),
+        "label": IntDecoder, "n_boxes": IntDecoder, "n_gt_boxes": IntDecoder, "key": BytesDecoder,
+        "mask": NDArrayDecoder, "boxes": NDArrayDecoder, "bg_rect": NDArrayDecoder,
+        "gt_mask": NDArrayDecoder, "gt_boxes": NDArrayDecoder,
     }
-    if has_gt:
-        pipelines.update(gt_mask=[NDArrayDecoder()], gt_boxes=[NDArrayDecoder()], n_gt_boxes=[IntDecoder()])
+    pipelines = {name: [decoders[name]()] for name in ffcv_fields(has_gt)}
     loader = Loader(path, batch_size=BATCH, num_workers=min(4, os.cpu_count() or 1),
                     order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines)
     _LOADERS.append(loader)
@@ -147,7 +148,7 @@ def verify_dali(ds_dir: str, manifest: dict) -> int:
 
     shards = [os.path.join(ds_dir, s) for s in manifest["shards"]]
     has_gt = manifest["has_gt"]
-    ext = ["jpg", "cls", "mask.png", "boxes.npy", "bg.npy", "json"] + (["gt_mask.png", "gt_boxes.npy"] if has_gt else [])
+    ext = list(wds_members(has_gt))
     n = len(manifest["records"]["keys"])
 
     @pipeline_def(batch_size=BATCH, num_threads=min(4, os.cpu_count() or 1), device_id=None,
@@ -156,12 +157,15 @@ def verify_dali(ds_dir: str, manifest: dict) -> int:
         parts = fn.readers.webdataset(paths=shards, index_paths=[s[:-4] + ".idx" for s in shards], ext=ext,
                                       missing_component_behavior="error", random_shuffle=False,
                                       pad_last_batch=True, name="reader")
-        jpg, cls, mask, boxes, bg, meta = parts[:6]
+        part = dict(zip(ext, parts))  # the reader yields one output per ext, in ext's order
+        jpg = part[MEMBER.image]
         decoded = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)  # every image must decode
-        outs = [jpg, decoded.shape(), cls, fn.decoders.image(mask, device="cpu", output_type=types.GRAY),
-                fn.decoders.numpy(boxes), fn.decoders.numpy(bg), meta]
+        outs = [jpg, decoded.shape(), part[MEMBER.label],
+                fn.decoders.image(part[MEMBER.mask], device="cpu", output_type=types.GRAY),
+                fn.decoders.numpy(part[MEMBER.boxes]), fn.decoders.numpy(part[MEMBER.bg_rect]), part[MEMBER.meta]]
         if has_gt:
-            outs += [fn.decoders.image(parts[6], device="cpu", output_type=types.GRAY), fn.decoders.numpy(parts[7])]
+            outs += [fn.decoders.image(part[MEMBER.gt_mask], device="cpu", output_type=types.GRAY),
+                     fn.decoders.numpy(part[MEMBER.gt_boxes])]
         return tuple(outs)
 
     pipe = read_all()
@@ -221,7 +225,7 @@ def _locate_in_beton(ds_dir: str, manifest: dict) -> str:
     """Which records of a data.beton with intact structure no longer match their digests."""
     require("ffcv", "objloader-build --verify of data.beton")
     try:
-        got = _beton_digests(os.path.join(ds_dir, "data.beton"), manifest)
+        got = _beton_digests(os.path.join(ds_dir, BETON_FILE), manifest)
     except (AssertionError, ValueError, KeyError, IndexError) as e:  # what ffcv's Reader raises on a bad header
         return f"its records cannot be located: ffcv cannot read its header ({type(e).__name__}: {e})"
     bad = [i for i, (g, w) in enumerate(zip(got, manifest["records"]["digests"])) if g != w]
@@ -232,7 +236,7 @@ def file_problems(ds_dir: str, manifest: dict) -> List[str]:
     """One line per damaged file of a dataset, 'PATH: problem; problem': missing; a size other
     than manifest["sizes"] records; a SHA-256 other than manifest["checksums"] records (with the
     records the damage reaches, when the file's structure still lets them be found); anything
-    reader.check_integrity finds for any engine. Every file is hashed; records are not decoded."""
+    integrity.check_integrity finds for any engine. Every file is hashed; records are not decoded."""
     problems = integrity_problems(ds_dir, manifest)
     checksums = manifest.get("checksums")
     if not isinstance(checksums, dict):
@@ -258,9 +262,9 @@ def file_problems(ds_dir: str, manifest: dict) -> List[str]:
         if tars:
             for tar, where in _locate_in_shards(ds_dir, manifest, tars).items():
                 problems[tar][0] += f"; {where}"
-        if "data.beton" in only_checksum:
-            problems["data.beton"][0] += f"; {_locate_in_beton(ds_dir, manifest)}"
-    order = sorted(problems, key=lambda rel: (rel != MANIFEST_FILE, rel != "data.beton", rel))
+        if BETON_FILE in only_checksum:
+            problems[BETON_FILE][0] += f"; {_locate_in_beton(ds_dir, manifest)}"
+    order = sorted(problems, key=lambda rel: (rel != MANIFEST_FILE, rel != BETON_FILE, rel))
     return describe_problems(ds_dir, {rel: problems[rel] for rel in order})
 
 

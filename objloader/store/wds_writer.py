@@ -1,9 +1,7 @@
 """WebDataset writer: shards/shard-NNNNN.tar plus the .idx files DALI's readers.webdataset uses.
 
-Members per record (DESIGN.md): KEY.jpg, KEY.cls, KEY.mask.png (lossless), KEY.boxes.npy,
-KEY.bg.npy, KEY.json, and KEY.gt_mask.png / KEY.gt_boxes.npy when there is ground truth.
-KEY is the record's zero-padded index: source keys may hold dots and slashes, which WebDataset
-would split on; the source key travels in KEY.json.
+Members per record: schema.WDS_MEMBERS (KEY.jpg, KEY.cls, KEY.mask.png, ..., DESIGN.md), KEY
+the record's zero-padded index (schema.record_name).
 
 Each tar starts with a pax global header (archive-wide metadata that tar readers apply, not a
 member) holding the build's identity, and each .idx carries it after its sample count (DALI
@@ -20,11 +18,9 @@ from typing import Iterable, List
 import cv2
 import numpy as np
 
-from ..fileio import FileWriteError, write_failure
-from .schema import IDENTITY_PREFIX, WDS_MEMBERS, Record
-
-TAR_BLOCK = 512
-PAX_IDENTITY = "objloader.dataset_id"  # the pax keyword of the tar's global header
+from ..errors import FileWriteError
+from ..fileio import write_failure
+from .schema import IDENTITY_PREFIX, INDEX_VERSION, PAX_IDENTITY, TAR_BLOCK, WDS_MEMBERS, Record, record_name
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -56,10 +52,6 @@ def record_members(r: Record, with_gt: bool = True) -> List[tuple]:
     return members
 
 
-def record_name(index: int) -> str:
-    return f"{index:09d}"
-
-
 def write_shard(tar_path: str, idx_path: str, records: Iterable[tuple], with_gt: bool, identity: str) -> int:
     """Write (index, Record) pairs to one tar and its DALI index ("v1.2 N objloader-id=ID", then
     per sample 'ext offset size name' for each member, offsets pointing at the member's data).
@@ -82,7 +74,7 @@ def write_shard(tar_path: str, idx_path: str, records: Iterable[tuple], with_gt:
         raise FileWriteError(write_failure(tar_path, e)) from None
     try:
         with open(idx_path, "w") as f:
-            f.write(f"v1.2 {len(lines)} {IDENTITY_PREFIX}{identity}\n")
+            f.write(f"{INDEX_VERSION} {len(lines)} {IDENTITY_PREFIX}{identity}\n")
             f.write("\n".join(lines) + "\n")
     except OSError as e:
         raise FileWriteError(write_failure(idx_path, e)) from None

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 import cv2
 
-from ...errors import ObjloaderError
+from ...errors import DemoError
 from ...ranges import SEED, WORKERS, Range, check_ranges
 from .backgrounds import preload_photos
 from .files import _assemble, _jpeg, _png, _write, rle_encode, tight_box
@@ -93,10 +93,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-class DemoError(ObjloaderError, RuntimeError):
-    """The demo cannot be written (bad option, output exists, ...)."""
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -1,5 +1,5 @@
-"""What every engine shares: the configuration, the epoch order, the engine -> device contract
-(:class:`EngineBatch`), the device stage and the :class:`Batch` users receive.
+"""The device stage, the second half of every loader: the engine -> device contract
+(:class:`EngineBatch`), :class:`DeviceStage` and the :class:`Batch` users receive.
 
 An engine (torch, ffcv, dali) turns records into uint8 views, view masks and background patches
 (the *engine stage*, DESIGN.md); :class:`DeviceStage` then runs BG-Mixup, colour and
@@ -16,122 +16,15 @@ import numpy as np
 import torch
 
 from ..augment import AugParams
-from ..augment.params import DEFAULT_CROP_SCALE, check_crop_scale, resolve_color, sample_appearance
-from ..errors import ConfigError
-from ..ranges import IMAGE_SIZE, SEED, WORKERS
+from ..augment.params import sample_appearance
+from .config import LoaderConfig
 
-__all__ = ["LoaderConfig", "EngineBatch", "Batch", "DeviceStage", "epoch_order", "batches_per_epoch",
-           "has_background"]
-
-ENGINES = ("torch", "ffcv", "dali")
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """Arguments of :func:`objloader.make_loader`, validated once (defaults: MoCo v2 recipe)."""
-
-    batch_size: int
-    image_size: int
-    views: int = 2
-    oa_crop: bool = False
-    crop_scale: tuple = DEFAULT_CROP_SCALE  # RandomResizedCrop area range; MoCo v2's recipe: (0.2, 1)
-    bg_mixup: float = 0.0  # per-view probability p_mix (paper: 0.4 for MoCo v2)
-    bg_mode: str = "soft"  # "soft" (eq. 4) or "hard" (BG-HardMix)
-    color: str = "mocov2"
-    normalize: bool = True
-    dtype: torch.dtype = torch.float32
-    device: str = "cpu"
-    seed: int = 0
-    shuffle: bool = True
-    drop_last: bool = True
-    num_workers: int = 2
-    rank: int = 0
-    world_size: int = 1
-    patch_size: Optional[int] = None  # background patch side; None = image_size // 2
-    ring_size: int = 64  # recent background patches kept as BG-Mixup partners of last resort
-    return_masks: bool = False  # also return the view masks (inspection, tests)
-
-    def __post_init__(self):
-        def bad(msg):
-            raise ConfigError(f"make_loader: {msg}")
-
-        # Types first: a float batch size or a numpy bool would fail later inside an engine's
-        # thread or compiled code, far from the call that passed it.
-        for name in ("batch_size", "image_size", "views", "seed", "num_workers", "rank", "world_size", "ring_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                bad(f"{name} must be an integer, got {value!r}")
-        for name in ("oa_crop", "normalize", "shuffle", "drop_last", "return_masks"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                bad(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.batch_size < 1:
-            bad(f"batch_size must be >= 1, got {self.batch_size}")
-        if not IMAGE_SIZE.contains(self.image_size):  # the range the trainers' --image-size shares
-            bad(f"image_size {IMAGE_SIZE.limits()}, got {self.image_size}")
-        if self.views < 1:
-            bad(f"views must be >= 1, got {self.views}")
-        if not 0.0 <= self.bg_mixup <= 1.0:
-            bad(f"bg_mixup is a probability in [0, 1], got {self.bg_mixup}")
-        if self.bg_mode not in ("soft", "hard"):
-            bad(f"bg_mode must be 'soft' or 'hard', got {self.bg_mode!r}")
-        resolve_color(self.color)
-        object.__setattr__(self, "crop_scale", check_crop_scale(self.crop_scale))  # a plain pair of floats
-        if not 0 <= self.rank < self.world_size:
-            bad(f"rank {self.rank} outside world_size {self.world_size}")
-        if not WORKERS.contains(self.num_workers):
-            bad(f"num_workers {WORKERS.limits()}, got {self.num_workers}")
-        if self.dtype == torch.uint8 and self.normalize:
-            bad("uint8 views cannot be normalised; pass normalize=False")
-        if not SEED.contains(self.seed):  # one range with the trainers, which seed numpy with it
-            bad(f"seed {SEED.limits()}, got {self.seed}")
-        if self.world_size < 1:
-            bad(f"world_size must be >= 1, got {self.world_size}")
-        if self.patch_size is not None and (isinstance(self.patch_size, bool) or not isinstance(self.patch_size, (int, np.integer))
-                                            or not 1 <= self.patch_size <= self.image_size):
-            bad(f"patch_size must be None or an integer in [1, image_size={self.image_size}], got {self.patch_size!r}")
-        if self.ring_size < 1:
-            bad(f"ring_size must be >= 1, got {self.ring_size}")
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
-            bad(f"dtype must be torch.float32, float16, bfloat16 or uint8, got {self.dtype}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            bad(f"device {self.device!r} is not a torch device ({e})")
-
-    @property
-    def patch(self) -> int:
-        return self.patch_size or max(self.image_size // 2, 1)
-
-    @property
-    def needs_masks(self) -> bool:
-        return self.bg_mixup > 0 or self.return_masks
-
-    @property
-    def needs_patches(self) -> bool:
-        return self.bg_mixup > 0
-
-
-def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int) -> np.ndarray:
-    """The record indices this rank visits in ``epoch``, in order (torch and FFCV engines).
-
-    Shuffled by a generator keyed by (seed, epoch), so every rank computes the same permutation
-    and takes every world_size-th element: shards are disjoint and, together, complete. Like
-    DistributedSampler, the permutation is padded by wrapping so every rank gets as many.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    per_rank = -(-n // world_size)
-    if per_rank * world_size > n:
-        order = np.concatenate([order, order[: per_rank * world_size - n]])
-    return order[rank::world_size].astype(np.int64)
+__all__ = ["EngineBatch", "Batch", "DeviceStage", "has_background"]
 
 
 def has_background(bg_rect: np.ndarray) -> np.ndarray:
     """bool [...]: the background rectangle (x0, y0, x1, y1) has positive area."""
     return (bg_rect[..., 2] > bg_rect[..., 0]) & (bg_rect[..., 3] > bg_rect[..., 1])
-
-
-def batches_per_epoch(n_per_rank: int, batch_size: int, drop_last: bool) -> int:
-    return n_per_rank // batch_size if drop_last else -(-n_per_rank // batch_size)
 
 
 @dataclass
@@ -224,7 +117,7 @@ class DeviceStage:
         else:
             # The engine's views are this batch's own unless aliased (then the engine reuses them).
             out = self._apply(views, masks, patches, params, hard=self.hard, dtype=cfg.dtype,
-                              normalise=cfg.normalize, reuse_views=not (eb.aliased and views is eb.views))
+                              normalize=cfg.normalize, reuse_views=not (eb.aliased and views is eb.views))
         if masks is not None and (not cfg.return_masks):
             masks = None
         elif masks is not None and eb.aliased and masks is eb.masks:

@@ -9,16 +9,12 @@ import cv2
 import numpy as np
 
 from ..cam.geometry import bg_rect, mask_to_boxes, pad_boxes
-from ..sources.base import Sample, SourceError
+from ..sources.base import Sample
 from ..sources.decode import SkipRecord, decode_image
-from ..errors import ConfigError, ObjloaderError
+from ..errors import ConfigError, MaskPairingError, SourceError
 from .schema import BuildOptions, Record
 
 __all__ = ["MaskPairingError", "SkipRecord", "build_record"]  # SkipRecord: sources.decode's, re-exported
-
-
-class MaskPairingError(ObjloaderError, RuntimeError):
-    """A ContraCAM mask that cannot be paired with its image: never skipped, always an error."""
 
 
 def resize_long_side(img: np.ndarray, max_side: int) -> np.ndarray:
