@@ -110,7 +110,7 @@ def run_candidate(work: str, name: str, data_name: str, changes: dict) -> dict:
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
+        metrics = [m for m in (json.loads(line) for line in f if line.strip()) if "loss" in m]  # not kNN lines
     top1 = {k: round(100 * v["top1"], 2) for k, v in report["accuracy"].items()}
     return {"name": name, "data": {"variant": data_name, **DATA[data_name]}, "train": settings,
             "train_seconds": _train_seconds(log), "final_loss": round(metrics[-1]["loss"], 3) if metrics else None,

@@ -233,3 +233,30 @@ def test_ddp_three_processes_with_uneven_records_end(tiny, tmp_path, engine):
     seen = [json.load(open(tmp_path / f"seen{r}.json")) for r in range(3)]
     assert [s["step"] for s in seen] == [3, 3, 3]
     assert set().union(*(s["seen"] for s in seen)) == set(range(N_RECORDS))  # padding repeats, never drops
+
+
+@pytest.mark.filterwarnings("ignore:MoCo queue")
+def test_knn_monitor_logs_each_epoch_when_a_labelled_val_split_is_beside_the_data(tiny, tmp_path):
+    """`train` and `val` side by side (the layout objloader-build gives a demo or split source):
+    the monitor is on by default, logs a kNN top-1 after every epoch to metrics.jsonl and
+    TensorBoard, and equals the protocol on the final backbone's features; --knn-every 0 is off."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from objloader.ssl.knn import KnnMonitor
+
+    root = tmp_path / "built"
+    shutil.copytree(tiny, root / "train")
+    shutil.copytree(tiny, root / "val")
+    res = train(_cfg(str(root / "train"), tmp_path / "on", epochs=2, knn_bank=8))
+    lines = [json.loads(ln) for ln in open(tmp_path / "on" / "metrics.jsonl")]
+    knn = [ln for ln in lines if "knn_top1" in ln]
+    assert [ln["epoch"] for ln in knn] == [1, 2] and all(0.0 <= ln["knn_top1"] <= 1.0 for ln in knn)
+    again = KnnMonitor(str(root / "train"), str(root / "val"), 32, bank_size=8)(res["model"].backbone)
+    assert knn[-1]["knn_top1"] == pytest.approx(again)
+    events = EventAccumulator(str(tmp_path / "on" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/knn_top1")] == [ln["step"] for ln in knn]
+    train(_cfg(str(root / "train"), tmp_path / "off", epochs=2, knn_every=0))
+    assert not any("knn_top1" in json.loads(ln) for ln in open(tmp_path / "off" / "metrics.jsonl"))

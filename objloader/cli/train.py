@@ -111,6 +111,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                         "divided by torchrun's processes on this machine, LOCAL_WORLD_SIZE, at least 1)")
     p.add_argument("--save-every", type=R["save_every"], default=D.save_every, metavar="N",
                    help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--knn-every", type=R["knn_every"], default=D.knn_every, metavar="E",
+                   help="kNN top-1 on the val split every E epochs (k 20, T 0.07; 0: off); on when a labelled "
+                        "val split is found (--knn-val, or 'val' beside --data)")
+    p.add_argument("--knn-bank", type=R["knn_bank"], default=D.knn_bank, metavar="N",
+                   help="train records (evenly spread) whose features form the kNN bank")
+    p.add_argument("--knn-val", default=None, metavar="PATH", help="the kNN monitor's labelled query split")
     p.add_argument("--log-every", type=R["log_every"], default=D.log_every, metavar="N", help="metrics.jsonl line every N steps")
     p.add_argument("--max-steps", type=R["max_steps"], default=None, metavar="N",
                    help="stop after N steps (the schedule still spans --epochs)")

@@ -162,6 +162,19 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}",
                                  wait=f"{rec['data_wait']:.0%}", refresh=False)
 
+    def log_eval(self, rec: dict) -> None:
+        """An evaluation line (the kNN monitor's ``knn_top1``): metrics.jsonl, TensorBoard, the bar."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("eval/knn_top1", rec["knn_top1"], rec["step"])
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"knn {100 * rec['knn_top1']:.1f} %", refresh=False)
+        print(f"epoch {rec['epoch']}: kNN top-1 {100 * rec['knn_top1']:.2f} % ({rec['knn_seconds']:.1f} s)",
+              file=sys.stderr if self.bar is not None else sys.stdout, flush=True)
+
     def close(self) -> None:
         for h in (self.bar, self.tb, self.file):
             if h is not None:
@@ -175,11 +188,17 @@ def plot_loss(metrics_path: str, png: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     with open(metrics_path, encoding="utf-8") as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
+        lines = [json.loads(ln) for ln in f if ln.strip()]
+    recs = [r for r in lines if "loss" in r]
+    knn = [r for r in lines if "knn_top1" in r]  # the kNN monitor's lines
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    if knn:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in knn], [100 * r["knn_top1"] for r in knn], "C1o-")
+        ax2.set_ylabel("kNN top-1 on val (%)", color="C1")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ..loaders import make_loader
 from ..store.reader import read_manifest
 from ..checkpoint import ARCHS, DEFAULT_WIDTH, CheckpointError, load_backbone
+from .knn import KnnMonitor, default_val_dir
 from .methods import METHODS, RECIPES, recipe
 from .moco import DEFAULT_BN_SPLITS
 from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_rng_state
@@ -84,6 +85,11 @@ class TrainConfig:
     ema: Optional[float] = None  # momentum of the key / target network; None = the recipe's (0.999 MoCo, 0.996 BYOL)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     dist_timeout: float = DEFAULT_DIST_TIMEOUT  # seconds a rank waits in a collective for the others (torchrun)
+    # online kNN monitor (ssl/knn.py): every knn_every epochs (0: off), when a labelled val split
+    # is found (knn_val, or the ``val`` split beside ``data``); a bank of knn_bank train records
+    knn_every: int = 1
+    knn_bank: int = 1000
+    knn_val: Optional[str] = None
     progress: bool = True
 
     # The allowed value of every numeric field, which its flag shares (objloader/ranges.py).
@@ -105,6 +111,8 @@ class TrainConfig:
         "temperature": Range(float, 0, 10, lo_open=True),
         "ema": Range(float, 0, 1, why="momentum of an average"),
         "dist_timeout": DIST_TIMEOUT,
+        "knn_every": Range(int, 0, 10 ** 6, why="epochs; 0: off"),
+        "knn_bank": Range(int, 1, 10 ** 7, why="train records in the kNN bank"),
     }
     # (crop_scale is a pair: each bound has this range, checked in __post_init__; its flag's type)
 
@@ -194,6 +202,20 @@ class _Run:
     ckpt_path: str
     saved_step: Optional[int] = None  # the step of the checkpoint at ckpt_path this run wrote or resumed
     owns_group: bool = False  # this run joined the process group, so it leaves it at the end
+    knn: Optional[KnnMonitor] = None  # the online kNN monitor, when on
+
+
+def _knn_monitor(cfg: TrainConfig, d: Ranks, device: torch.device, log: Callable) -> Optional[KnnMonitor]:
+    """The kNN monitor of this run, or None: off (--knn-every 0), or no labelled val split."""
+    if not cfg.knn_every:
+        return None
+    val = cfg.knn_val or default_val_dir(cfg.data)
+    if val is None:
+        log("kNN monitor off: no labelled val split beside the data (pass --knn-val DIR)")
+        return None
+    log(f"kNN monitor every {cfg.knn_every} epoch(s): bank {cfg.knn_bank} records of {cfg.data}, queries {val}")
+    return KnnMonitor(cfg.data, val, cfg.image_size, bank_size=cfg.knn_bank, device=str(device),
+                      rank=d.rank, world=d.world_size)
 
 
 def _setup(cfg: TrainConfig) -> _Run:
@@ -225,7 +247,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     use_scaler = cfg.amp and device.type == "cuda"
-    return _Run(cfg=cfg, device=device, d=d, log=log, loader=loader, steps_per_epoch=steps_per_epoch,
+    knn = _knn_monitor(cfg, d, device, log)
+    return _Run(knn=knn, cfg=cfg, device=device, d=d, log=log, loader=loader, steps_per_epoch=steps_per_epoch,
                 total=total, stop=total if cfg.max_steps is None else min(cfg.max_steps, total),
                 model=model, ddp_model=model, optimizer=optimizer,
                 scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
@@ -399,11 +422,23 @@ def _train_until_stop(run: _Run, step: int, logger: RunLogger, on_batch: Optiona
             logger.step()
             _check_finite(run, step, loss_val)
             _log_and_save(run, logger, window, step, epoch)
+            if run.knn is not None and step % run.steps_per_epoch == 0 and (step // run.steps_per_epoch) % run.cfg.knn_every == 0:
+                _log_knn(run, logger, step, window)
             if step >= run.stop:
                 break
             t_wait = time.perf_counter()
         del it  # closes the engine's epoch iterator when we stop mid-epoch
     return step, loss_val
+
+
+def _log_knn(run: _Run, logger: RunLogger, step: int, window: _Window) -> None:
+    """kNN top-1 after the epoch that ends at ``step`` (every rank extracts its share), logged by
+    rank 0; its time is left out of the next metrics line's images/s."""
+    t = time.perf_counter()
+    top1 = run.knn(run.model.backbone)
+    seconds = time.perf_counter() - t
+    logger.log_eval({"step": step, "epoch": step // run.steps_per_epoch, "knn_top1": top1, "knn_seconds": seconds})
+    window.t += seconds
 
 
 def _saves_at(run: _Run, step: int) -> bool:
