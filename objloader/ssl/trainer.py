@@ -87,8 +87,8 @@ class TrainConfig:
     dist_timeout: float = DEFAULT_DIST_TIMEOUT  # seconds a rank waits in a collective for the others (torchrun)
     # online kNN monitor (ssl/knn.py): every knn_every epochs (0: off), when a labelled val split
     # is found (knn_val, or the ``val`` split beside ``data``); a bank of knn_bank train records
-    knn_every: int = 1
-    knn_bank: int = 1000
+    knn_every: int = 2  # one evaluation (bank 500) costs ~7 % of an epoch at the demo recipe: every other one, 3.7 % (benchmarks/results/knn_cost.md)
+    knn_bank: int = 500
     knn_val: Optional[str] = None
     progress: bool = True
 
