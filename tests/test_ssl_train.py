@@ -186,7 +186,8 @@ seen = []
 engine = sys.argv[4] if len(sys.argv) > 4 else "torch"
 cfg = TrainConfig(method=sys.argv[3], loader=engine, data=sys.argv[2], image_size=32,
                   batch_size=int(sys.argv[5]) if len(sys.argv) > 5 else 4, epochs=1, workers=0 if engine == "torch" else 1,
-                  out=os.path.join(out, "run"), progress=False, save_every=0, device="cpu", oa_crop=True, bg_mixup=0.4)
+                  out=os.path.join(out, "run"), progress=False, save_every=0, device="cpu", oa_crop=True, bg_mixup=0.4,
+                  knn_every=1 if os.environ.get("KNN_VAL") else 0, knn_val=os.environ.get("KNN_VAL"), knn_bank=8)
 res = train(cfg, on_batch=lambda step, b: seen.extend(b.index.tolist()))
 torch.save(res["model"].state_dict(), os.path.join(out, f"state{rank}.pt"))
 with open(os.path.join(out, f"seen{rank}.json"), "w") as f:
@@ -200,7 +201,7 @@ def test_ddp_two_processes_gloo(tiny, tmp_path, method):
     """torchrun --nproc_per_node 2 on CPU: disjoint, complete shards; identical parameters after steps."""
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", KNN_VAL=tiny)  # the kNN monitor under DDP too
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path), tiny, method]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -215,6 +216,12 @@ def test_ddp_two_processes_gloo(tiny, tmp_path, method):
     diff = [k for k in params if not torch.equal(a[k], b[k])]
     assert not diff, f"ranks differ: {diff[:5]}"
     assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
+    # the monitor's figure from sharded extraction + gathered features = one process's on rank 0's encoder
+    from objloader.ssl.knn import KnnMonitor
+
+    knn = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "knn_top1" in r]
+    backbone, _ = load_backbone(str(tmp_path / "run" / "checkpoint.pt"))
+    assert len(knn) == 1 and knn[0]["knn_top1"] == pytest.approx(KnnMonitor(tiny, tiny, 32, bank_size=8)(backbone))
 
 
 @pytest.mark.filterwarnings("ignore:MoCo queue")

@@ -435,6 +435,12 @@ def _log_knn(run: _Run, logger: RunLogger, step: int, window: _Window) -> None:
     """kNN top-1 after the epoch that ends at ``step`` (every rank extracts its share), logged by
     rank 0; its time is left out of the next metrics line's images/s."""
     t = time.perf_counter()
+    if run.d.distributed:
+        # BatchNorm's running statistics differ between ranks (each saw its own shard); every
+        # rank extracts its share of the features with rank 0's, the ones checkpoints hold.
+        # Harmless to training, which normalises with each batch's own statistics.
+        for buf in run.model.backbone.buffers():
+            dist.broadcast(buf, src=0)
     top1 = run.knn(run.model.backbone)
     seconds = time.perf_counter() - t
     logger.log_eval({"step": step, "epoch": step // run.steps_per_epoch, "knn_top1": top1, "knn_seconds": seconds})
