@@ -150,26 +150,28 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def log(self, rec: dict) -> None:
+    def _write(self, rec: dict, scalars: dict) -> bool:
+        """One metrics.jsonl line and its TensorBoard scalars ({tag: value}); False when disabled."""
         if not self.enabled:
-            return
+            return False
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for k in ("loss", "lr", "img_per_s", "data_wait"):
-                self.tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, rec["step"])
+        return True
+
+    def log(self, rec: dict) -> None:
+        if not self._write(rec, {f"train/{k}": rec[k] for k in ("loss", "lr", "img_per_s", "data_wait")}):
+            return
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}",
                                  wait=f"{rec['data_wait']:.0%}", refresh=False)
 
     def log_eval(self, rec: dict) -> None:
         """An evaluation line (the kNN monitor's ``knn_top1``): metrics.jsonl, TensorBoard, the bar."""
-        if not self.enabled:
+        if not self._write(rec, {"eval/knn_top1": rec["knn_top1"]}):
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            self.tb.add_scalar("eval/knn_top1", rec["knn_top1"], rec["step"])
         if self.bar is not None:
             self.bar.set_postfix_str(f"knn {100 * rec['knn_top1']:.1f} %", refresh=False)
         print(f"epoch {rec['epoch']}: kNN top-1 {100 * rec['knn_top1']:.2f} % ({rec['knn_seconds']:.1f} s)",
