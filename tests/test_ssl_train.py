@@ -187,7 +187,8 @@ engine = sys.argv[4] if len(sys.argv) > 4 else "torch"
 cfg = TrainConfig(method=sys.argv[3], loader=engine, data=sys.argv[2], image_size=32,
                   batch_size=int(sys.argv[5]) if len(sys.argv) > 5 else 4, epochs=1, workers=0 if engine == "torch" else 1,
                   out=os.path.join(out, "run"), progress=False, save_every=0, device="cpu", oa_crop=True, bg_mixup=0.4,
-                  knn_every=1 if os.environ.get("KNN_VAL") else 0, knn_val=os.environ.get("KNN_VAL"), knn_bank=8)
+                  knn_every=1 if os.environ.get("KNN_VAL") else 0, knn_val=os.environ.get("KNN_VAL"), knn_bank=8,
+                  bg_negatives=bool(os.environ.get("BG_NEG")))
 res = train(cfg, on_batch=lambda step, b: seen.extend(b.index.tolist()))
 torch.save(res["model"].state_dict(), os.path.join(out, f"state{rank}.pt"))
 with open(os.path.join(out, f"seen{rank}.json"), "w") as f:
@@ -201,7 +202,8 @@ def test_ddp_two_processes_gloo(tiny, tmp_path, method):
     """torchrun --nproc_per_node 2 on CPU: disjoint, complete shards; identical parameters after steps."""
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))
-    env = dict(os.environ, OMP_NUM_THREADS="1", KNN_VAL=tiny)  # the kNN monitor under DDP too
+    # the kNN monitor and (MoCo) background negatives under DDP too
+    env = dict(os.environ, OMP_NUM_THREADS="1", KNN_VAL=tiny, BG_NEG="1" if method == "moco" else "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path), tiny, method]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

@@ -73,6 +73,7 @@ def make_loader(
     patch_size: int | None = None,
     ring_size: int = 64,
     return_masks: bool = False,
+    return_backgrounds: bool = False,
 ) -> ObjectAwareLoader:
     """A loader of object-aware multi-view batches from a dataset built by objloader-build.
 
@@ -98,6 +99,9 @@ def make_loader(
         patch_size: background patch side (default image_size // 2); ring_size: how many recent
             background patches serve as BG-Mixup partners when a batch has no other background.
         return_masks: also return the uint8 view masks in ``batch.masks``.
+        return_backgrounds: also each sample's background-only image (its own background patch
+            tiled at the views' pixel scale, normalised like the views) in ``batch.backgrounds``
+            and ``batch.has_bg`` (MoCo's --bg-negatives).
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -112,7 +116,8 @@ def make_loader(
                        normalize=normalize, dtype=dtype,
                        device=str(device), seed=seed, shuffle=shuffle, drop_last=drop_last,
                        num_workers=num_workers, rank=rank, world_size=world_size,
-                       patch_size=patch_size, ring_size=ring_size, return_masks=return_masks)
+                       patch_size=patch_size, ring_size=ring_size, return_masks=return_masks,
+                       return_backgrounds=return_backgrounds)
     manifest = read_manifest(path)
     if manifest.get("kind") == "collection":
         names = ", ".join(manifest["datasets"])
@@ -148,11 +153,12 @@ def _check_object_knowledge(path: str, manifest: dict, cfg: LoaderConfig) -> Non
     options = manifest.get("options")
     if not isinstance(options, dict) or options.get("masks") != "none":
         return
-    wanted = [op for op, on in (("oa_crop=True", cfg.oa_crop), (f"bg_mixup={cfg.bg_mixup}", cfg.bg_mixup > 0)) if on]
+    wanted = [op for op, on in (("oa_crop=True", cfg.oa_crop), (f"bg_mixup={cfg.bg_mixup}", cfg.bg_mixup > 0),
+                                ("return_backgrounds=True", cfg.return_backgrounds)) if on]
     if wanted:
         raise ConfigError(f"make_loader: {path!r} was built with masks {manifest.get('masks', 'none')!r}: it has no "
                           f"object masks or boxes, so {' and '.join(wanted)} would change nothing; rebuild it with "
-                          "objloader-build --masks gt or --masks contracam, or pass oa_crop=False, bg_mixup=0")
+                          "objloader-build --masks gt or --masks contracam, or turn them off")
 
 
 def _check_batches(path: str, manifest: dict, cfg: LoaderConfig) -> None:

@@ -43,6 +43,7 @@ class LoaderConfig:
     patch_size: Optional[int] = None  # background patch side; None = image_size // 2
     ring_size: int = 64  # recent background patches kept as BG-Mixup partners of last resort
     return_masks: bool = False  # also return the view masks (inspection, tests)
+    return_backgrounds: bool = False  # also each sample's background image (MoCo --bg-negatives)
 
     def __post_init__(self):
         def bad(msg):
@@ -54,7 +55,7 @@ class LoaderConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 bad(f"{name} must be an integer, got {value!r}")
-        for name in ("oa_crop", "normalize", "shuffle", "drop_last", "return_masks"):
+        for name in ("oa_crop", "normalize", "shuffle", "drop_last", "return_masks", "return_backgrounds"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 bad(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size < 1:
@@ -101,7 +102,7 @@ class LoaderConfig:
 
     @property
     def needs_patches(self) -> bool:
-        return self.bg_mixup > 0
+        return self.bg_mixup > 0 or self.return_backgrounds
 
 
 # A view's mask is resampled only when the device stage mixes it (the engines draw the same seeded

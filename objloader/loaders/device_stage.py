@@ -17,6 +17,7 @@ import torch
 
 from ..augment import AugParams
 from ..augment.params import sample_appearance
+from ..augment.reference import normalize as normalize_views
 from .config import LoaderConfig
 
 __all__ = ["EngineBatch", "Batch", "DeviceStage", "has_background"]
@@ -66,6 +67,12 @@ class Batch:
     masks: Optional[torch.Tensor]
     params: AugParams
     epoch: int
+    # with return_backgrounds: each sample's background-only image x^bg (its own patch tiled at
+    # the views' pixel scale, as BG-Mixup blends it in; normalised like the views) [B, 3, H, W],
+    # and whether the sample has a background rectangle at all (bool [B]; where not, its patch
+    # is all zeros and a consumer leaves it out)
+    backgrounds: Optional[torch.Tensor] = None
+    has_bg: Optional[torch.Tensor] = None
 
     def __getitem__(self, name: str):
         return getattr(self, name)
@@ -122,9 +129,14 @@ class DeviceStage:
             masks = None
         elif masks is not None and eb.aliased and masks is eb.masks:
             masks = masks.clone()  # outlives the engine's buffer
+        backgrounds = has_bg = None
+        if cfg.return_backgrounds:
+            has_bg = torch.from_numpy(np.asarray(eb.has_bg, bool)).to(dev)
+            backgrounds = background_images(patches[:len(eb.index)], cfg.image_size, normalize=cfg.normalize,
+                                            dtype=cfg.dtype)
         return Batch(views=out, labels=eb.labels.to(dev, non_blocking=True),
                      index=torch.from_numpy(np.asarray(eb.index, np.int64)).to(dev), masks=masks,
-                     params=params, epoch=eb.epoch)
+                     params=params, epoch=eb.epoch, backgrounds=backgrounds, has_bg=has_bg)
 
     def _remember(self, patches: torch.Tensor, has_bg: np.ndarray) -> None:
         """Append this batch's background patches to the ring (oldest overwritten first)."""
@@ -142,6 +154,20 @@ class DeviceStage:
             self._ring[torch.from_numpy(slots).to(patches.device)] = patches[torch.from_numpy(rows).to(patches.device)]
         self._ring_next = int((self._ring_next + len(rows)) % size)
         self._ring_count = min(self._ring_count + len(rows), size)
+
+
+def background_images(patches: torch.Tensor, size: int, *, normalize: bool = True,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each sample's background-only image (eq. 4's x^bg for its own patch): uint8 patches
+    [B, 3, P, P] tiled to [B, 3, size, size] (pixel (y, x) = patch[y % P, x % P], as the BG-Mixup
+    kernels tile), then ImageNet-normalised like the views (or left in [0, 1] / uint8)."""
+    p = patches.shape[-1]
+    reps = -(-size // p)
+    tiled = patches.repeat(1, 1, reps, reps)[:, :, :size, :size]
+    if dtype == torch.uint8 and not normalize:
+        return tiled.contiguous()
+    x = tiled.float().div_(255.0)
+    return (normalize_views(x) if normalize else x).to(dtype)
 
 
 def _concat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

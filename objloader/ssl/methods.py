@@ -51,6 +51,11 @@ def _moco_flags(p: argparse.ArgumentParser, D, R: dict) -> None:
     p.add_argument("--queue-size", type=R["queue_size"], default=D.queue_size,
                    help="negatives in the queue; scaled down to a power of two <= records / 2 for small datasets")
     p.add_argument("--temperature", type=R["temperature"], default=D.temperature, help="InfoNCE temperature")
+    p.add_argument("--bg-negatives", action="store_true",
+                   help="encode each sample's background-only image (its background patch tiled, as BG-Mixup "
+                        "blends it in) with the key encoder and add every background of the batch to each "
+                        "query's negatives for the step, not to the queue (after CLAD, Wang et al. 2022); "
+                        "needs a dataset with object masks")
     p.add_argument("--no-shuffle-bn", dest="shuffle_bn", action="store_false",
                    help="turn Shuffle-BN off. Shuffle-BN (MoCo Sec. 3.3) normalises the keys in another "
                         "grouping of the batch than their queries: in one process BatchNorm is split into up "

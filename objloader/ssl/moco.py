@@ -43,7 +43,7 @@ from torch import nn
 from ..checkpoint import DEFAULT_WIDTH, build_backbone, feature_dim
 from ..runtime import group_rank_world
 
-__all__ = ["MoCo", "queue_size_for", "SplitBatchNorm2d", "split_batchnorm", "split_groups", "DEFAULT_BN_SPLITS"]
+__all__ = ["MoCo", "info_nce", "queue_size_for", "SplitBatchNorm2d", "split_batchnorm", "split_groups", "DEFAULT_BN_SPLITS"]
 
 DEFAULT_BN_SPLITS = 8  # the MoCo CIFAR demo's number of BN groups
 
@@ -58,6 +58,21 @@ def queue_size_for(n_records: int, requested: int = 65536) -> int:
     warnings.warn(f"MoCo queue: the dataset has {n_records} records, fewer than the queue's {requested}; "
                   f"using a queue of {k} (largest power of two <= {n_records} // 2)", stacklevel=2)
     return k
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+             k_bg: torch.Tensor | None = None, bg_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """MoCo's InfoNCE (eq. 1): query i's positive is key i, its negatives the queue's keys and,
+    with ``k_bg`` [M, D], the background keys whose ``bg_valid`` is set (the others' logits are
+    -inf, so they take no part). All embeddings L2-normalised; the positive is logit 0."""
+    logits = [(q * k).sum(1, keepdim=True), q @ queue.t()]
+    if k_bg is not None:
+        l_bg = q @ k_bg.t()
+        if bg_valid is not None:
+            l_bg = l_bg.masked_fill(~bg_valid.view(1, -1), float("-inf"))
+        logits.append(l_bg)
+    logits = torch.cat(logits, 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 def _mlp_head(d_in: int, hidden: int, d_out: int) -> nn.Module:
@@ -243,16 +258,28 @@ class MoCo(nn.Module):
         k = self._encode_keys(x)
         return _gather(k), k
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
+    def forward(self, views: torch.Tensor, backgrounds: torch.Tensor | None = None,
+                has_bg: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE of the first view's query against the second view's key and the queue; with
+        ``backgrounds`` [B, 3, H, W] (each sample's background-only image, ``has_bg`` bool [B]
+        which samples have one), also against the key encoder's embedding of every background
+        of the step's global batch (background negatives after CLAD, Wang et al. 2022: not
+        queued), so a query that matches a background, its own or another's, is pushed away."""
         if views.dim() != 5 or views.shape[1] < 2:
             raise ValueError(f"MoCo expects views [B, 2, 3, H, W], got {tuple(views.shape)}")
         q = F.normalize(self.head(self.backbone(views[:, 0])), dim=1)
         k_all, k = self._keys(views[:, 1])
-        q, k = q.float(), k.float()
-        l_pos = (q * k).sum(1, keepdim=True)
-        l_neg = q @ self.queue.clone().t()  # clone: the queue is updated in place below
-        logits = torch.cat([l_pos, l_neg], 1) / self.temperature
-        loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        k_bg = valid = None
+        if backgrounds is not None:
+            k_bg, valid = self._background_keys(backgrounds, has_bg)
+        loss = info_nce(q.float(), k.float(), self.queue.clone(), self.temperature, k_bg, valid)  # clone: enqueued below
         if self.training:
             self._enqueue(k_all)
         return loss
+
+    @torch.no_grad()
+    def _background_keys(self, backgrounds: torch.Tensor, has_bg: torch.Tensor | None):
+        """(key embeddings of every rank's backgrounds, which are real), gathered in rank order."""
+        valid = torch.ones(len(backgrounds), dtype=torch.bool, device=backgrounds.device) if has_bg is None else has_bg
+        keys = self._encode_keys(backgrounds).float()
+        return _gather(keys), _gather(valid.to(keys.device).float()) > 0.5

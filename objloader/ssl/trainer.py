@@ -81,6 +81,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop (and save) after this many steps; the schedule still spans --epochs
     queue_size: int = 65536  # MoCo; scaled down for small datasets
     temperature: float = 0.2  # MoCo
+    bg_negatives: bool = False  # MoCo: each sample's background-only image as extra negatives (after CLAD)
     shuffle_bn: bool = True  # MoCo: Shuffle-BN (split BN + shuffle in one process, cross-rank shuffle under DDP)
     ema: Optional[float] = None  # momentum of the key / target network; None = the recipe's (0.999 MoCo, 0.996 BYOL)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
@@ -122,6 +123,8 @@ class TrainConfig:
 
         if self.method not in RECIPES:
             bad(f"method must be one of {', '.join(RECIPES)}, got {self.method!r}")
+        if self.bg_negatives and self.method != "moco":
+            bad(f"bg_negatives (background negatives) is a MoCo option; {self.method} has no negatives")
         if self.arch not in ARCHS:
             bad(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         check_ranges(self, self.RANGES, "TrainConfig")
@@ -162,7 +165,8 @@ def _build_loader(cfg: TrainConfig, d: Ranks, device: torch.device):
     return make_loader(cfg.data, cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
                        oa_crop=cfg.oa_crop, crop_scale=cfg.crop_scale, bg_mixup=cfg.bg_mixup, bg_mode=cfg.bg_mode,
                        color=r.colour, device=device, seed=cfg.seed,
-                       num_workers=cfg.workers, rank=d.rank, world_size=d.world_size)
+                       num_workers=cfg.workers, rank=d.rank, world_size=d.world_size,
+                       return_backgrounds=cfg.bg_negatives)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +373,10 @@ def _train_step(run: _Run, batch, step: int) -> float:
     for g in optimizer.param_groups:
         g["lr"] = _lr_at(run.peak_lr, step, run.total)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.cfg.amp):
-        loss = run.ddp_model(batch.views)
+        if run.cfg.bg_negatives:
+            loss = run.ddp_model(batch.views, batch.backgrounds, batch.has_bg)
+        else:
+            loss = run.ddp_model(batch.views)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
