@@ -55,6 +55,9 @@ PROFILES = {
 LRS = {"moco": 0.06, "byol": 0.05}  # base lr per 256 images: MoCo from the recipe search, BYOL its default
 P_MIX = 0.4  # the paper's BG-Mixup probability for MoCo v2
 LOADER = "ffcv"
+# The crop scale the committed runs (and the recipe search) trained with; the trainers' MoCo v2
+# default became its published (0.2, 1) later, so it is pinned here to keep runs comparable.
+CROP_SCALE = (0.08, 1.0)
 TOP1_COLUMNS = ("val", "original", "only_fg", "mixed_same", "mixed_rand", "only_bg_t")
 
 
@@ -67,13 +70,15 @@ class Run:
     bg_mode: str = "soft"    # soft | hard
     masks: str = "none"      # none | gt | contracam
     seed: int = 0
+    bg_negatives: bool = False  # MoCo --bg-negatives (background images as extra negatives, after CLAD)
 
     @property
     def label(self) -> str:
+        neg = "+bg-negatives" if self.bg_negatives else ""
         if not self.oa_crop and not self.bg_mixup:
-            return "vanilla"
+            return neg or "vanilla"
         mix = "+BG-HardMix" if self.bg_mode == "hard" else "+BG-Mixup"
-        return "+both" if self.oa_crop and self.bg_mixup else ("+OA-Crop" if self.oa_crop else mix)
+        return neg + ("+both" if self.oa_crop and self.bg_mixup else ("+OA-Crop" if self.oa_crop else mix))
 
     @property
     def config(self) -> str:
@@ -83,6 +88,8 @@ class Run:
             parts.append("oacrop")
         if self.bg_mixup:
             parts.append(f"{self.bg_mode}mix{self.bg_mixup:g}")
+        if self.bg_negatives:
+            parts.append("bgneg")
         if self.masks != "none":
             parts.append(self.masks)
         return "-".join(parts)
@@ -106,6 +113,9 @@ def plan(profile: dict) -> List[Run]:
                  Run(bg_mixup=P_MIX, bg_mode="hard", seed=s, **cc)]
     for s in profile["extra_seeds"]:
         runs += [Run(oa_crop=True, masks="gt", seed=s), Run(oa_crop=True, bg_mixup=P_MIX, masks="gt", seed=s)]
+    for s in profile["extra_seeds"]:  # background negatives (issue 23): against vanilla of the same seeds
+        for m in ("gt", "contracam"):
+            runs += [Run(bg_negatives=True, masks=m, seed=s), Run(bg_negatives=True, bg_mixup=P_MIX, masks=m, seed=s)]
     return runs
 
 
@@ -208,11 +218,14 @@ class Bench:
         argv = ["--loader", LOADER, "--data", data, "--out", out, "--seed", str(run.seed),
                 "--width", str(self.p["width"]), "--image-size", str(self.p["image_size"]),
                 "--batch-size", str(self.p["batch_size"]), "--lr", str(LRS[run.method]),
-                "--epochs", str(self.epochs(run)), "--no-progress", *self._workers()]
+                "--epochs", str(self.epochs(run)), "--crop-scale", *map(str, CROP_SCALE), "--no-progress",
+                *self._workers()]
         if run.oa_crop:
             argv.append("--oa-crop")
         if run.bg_mixup:
             argv += ["--bg-mixup", str(run.bg_mixup), "--bg-mode", run.bg_mode]
+        if run.bg_negatives:
+            argv.append("--bg-negatives")
         if os.path.isfile(ckpt):
             argv.append("--resume")
         t0 = time.time()
@@ -299,12 +312,12 @@ def _cell(values: List[float]) -> str:
 def _group(runs: List[dict]) -> Dict[str, List[dict]]:
     groups: Dict[str, List[dict]] = {}
     for r in runs:
-        groups.setdefault(Run(**{k: r[k] for k in Run.__dataclass_fields__}).config, []).append(r)
+        groups.setdefault(Run(**{k: r[k] for k in Run.__dataclass_fields__ if k in r}).config, []).append(r)
     return groups
 
 
 def _row_name(r: dict) -> str:
-    run = Run(**{k: r[k] for k in Run.__dataclass_fields__})
+    run = Run(**{k: r[k] for k in Run.__dataclass_fields__ if k in r})
     masks = {"none": "", "gt": ", ground-truth masks", "contracam": ", ContraCAM masks"}[run.masks]
     return f"{run.method.upper() if run.method == 'byol' else 'MoCo v2'} {run.label}{masks}"
 
