@@ -188,7 +188,8 @@ cfg = TrainConfig(method=sys.argv[3], loader=engine, data=sys.argv[2], image_siz
                   batch_size=int(sys.argv[5]) if len(sys.argv) > 5 else 4, epochs=1, workers=0 if engine == "torch" else 1,
                   out=os.path.join(out, "run"), progress=False, save_every=0, device="cpu", oa_crop=True, bg_mixup=0.4,
                   knn_every=1 if os.environ.get("KNN_VAL") else 0, knn_val=os.environ.get("KNN_VAL"), knn_bank=8,
-                  bg_negatives=bool(os.environ.get("BG_NEG")))
+                  bg_negatives=bool(os.environ.get("BG_NEG")),
+                  dist_timeout=90)  # a rank stuck in a collective ends the run with its line, inside the test's timeout
 res = train(cfg, on_batch=lambda step, b: seen.extend(b.index.tolist()))
 torch.save(res["model"].state_dict(), os.path.join(out, f"state{rank}.pt"))
 with open(os.path.join(out, f"seen{rank}.json"), "w") as f:
