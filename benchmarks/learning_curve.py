@@ -141,15 +141,17 @@ def render_png(doc: dict, path: str) -> None:
     by_run: Dict[str, List[dict]] = {}
     for e in doc["evaluations"]:
         by_run.setdefault(e["label"], []).append(e)
-    styles = {"vanilla": "-", "+OA-Crop": "--", "+BG-Mixup": ":"}
+    # a run is a line style and a marker (a run with one budget so far is a lone marker), a metric a colour
+    styles = {"vanilla": ("-", "o", "k"), "+OA-Crop": ("--", "s", "C4"), "+BG-Mixup": (":", "^", "C5")}
     for label, evals in by_run.items():
         evals.sort(key=lambda e: e["epochs"])
         x = [e["epochs"] for e in evals]
+        line, marker, colour_of_run = styles.get(label, ("-", "o", "k"))
         for c, colour in zip(("val", "only_fg", "mixed_rand"), ("C0", "C1", "C2")):
-            axes[0].plot(x, [e["top1"].get(c) for e in evals], styles.get(label, "-"), color=colour, marker="o",
+            axes[0].plot(x, [e["top1"].get(c) for e in evals], line, color=colour, marker=marker,
                          label=f"{c} ({label})")
-        axes[1].plot(x, [e["bg_gap"] for e in evals], styles.get(label, "-"), color="k", marker="o", label=label)
-        axes[2].plot(x, [e["fg_probe"] for e in evals], styles.get(label, "-"), color="C3", marker="o", label=label)
+        axes[1].plot(x, [e["bg_gap"] for e in evals], line, color=colour_of_run, marker=marker, label=label)
+        axes[2].plot(x, [e["fg_probe"] for e in evals], line, color=colour_of_run, marker=marker, label=label)
     for ax, title in zip(axes, ("linear probe top-1 (%)", "BG-gap (points, lower = less biased)",
                                 "foreground probe on mixed_rand (%)")):
         ax.set_xscale("log")
@@ -178,12 +180,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the tiny profile, budgets 1,2: a smoke run")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
+    ap.add_argument("--render", action="store_true", help="rewrite the .md and .png from the results' JSON and exit")
     args = ap.parse_args(argv)
     profile = PROFILES["tiny" if args.quick else "full"]
     budgets = [1, 2] if args.quick else [int(b) for b in args.budgets.split(",") if b.strip()]
     if not budgets or min(budgets) < 1:
         ap.error("--budgets: positive epoch counts, e.g. 10,30,100,300")
     plan = [(run, b) for b in sorted(budgets) for run in RUNS]
+    if args.render:
+        with open(os.path.join(args.results, "learning_curve.json"), encoding="utf-8") as f:
+            write_results(json.load(f), args.results)
+        return 0
     if args.list:
         for run, b in plan:
             print(f"{run.name} to epoch {b}")
