@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import git_state, machine  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 256  # the fidelity recipe's batch
 
 
 def _train(data: str, out: str, epochs: int, knn_every: int, knn_bank: int) -> float:
@@ -31,7 +32,7 @@ def _train(data: str, out: str, epochs: int, knn_every: int, knn_bank: int) -> f
 
     t = time.perf_counter()
     rc = train_main("moco", ["--loader", "ffcv", "--data", data, "--out", out, "--width", "32", "--image-size", "64",
-                             "--batch-size", "256", "--lr", "0.06", "--epochs", str(epochs), "--knn-every", str(knn_every),
+                             "--batch-size", str(BATCH), "--lr", "0.06", "--epochs", str(epochs), "--knn-every", str(knn_every),
                              "--knn-bank", str(knn_bank), "--save-every", "0", "--no-progress"])
     if rc:
         raise SystemExit(f"knn_cost: training failed (rc {rc})")
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
             steps = [r for r in (json.loads(ln) for ln in f if ln.strip()) if "loss" in r]
     from objloader.store.reader import BuiltDataset
 
-    records = len(BuiltDataset(args.data)) // 256 * 256
+    records = len(BuiltDataset(args.data)) // BATCH * BATCH
     rates = sorted(r["img_per_s"] for r in steps[1:])  # the first line holds the pipeline's start
     epoch_s = records / rates[len(rates) // 2]
     per_eval = [r["knn_seconds"] for r in knn]

@@ -97,9 +97,7 @@ class _EpochSource:
             try:
                 sizes[k] = jpeg_shape(raw[MEMBER.image])
             except DatasetError as e:
-                i = int(index[k])
-                raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
-                                   "run objloader-build --verify") from None
+                raise self._damaged(int(index[k]), e) from None
         labels = np.array([int(raw[MEMBER.label]) for raw in raws], np.int64)
         n_boxes = np.array([json.loads(raw[MEMBER.meta])["n_boxes"] for raw in raws], np.int64)
         boxes = np.stack([decode_npy(raw[MEMBER.boxes]) for raw in raws]).astype(np.float32)
@@ -126,6 +124,10 @@ class _EpochSource:
         # Dense arrays are batches (first axis: the sample); DALI needs them contiguous.
         return tuple(out[n] if isinstance(out[n], list) else np.ascontiguousarray(out[n]) for n in self.names)
 
+    def _damaged(self, i: int, e: DatasetError) -> DatasetError:
+        """Record i's decode failure, naming the record and what to run."""
+        return DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; run objloader-build --verify")
+
     def _cut_view_masks(self, index, raws, window, flip, mask_views) -> np.ndarray:
         """uint8 [B, V, 1, S, S]: each record's mask cut with each view's window and flip where
         ``mask_views`` (the torch engine's crop_views_into, masks only), zeros elsewhere."""
@@ -135,9 +137,7 @@ class _EpochSource:
             try:
                 mask = decode_png(raws[k][MEMBER.mask])
             except DatasetError as e:
-                i = int(index[k])
-                raise DatasetError(f"{self.ds.path}: record {i} ({self.ds.keys[i]!r}): {e}; "
-                                   "run objloader-build --verify") from None
+                raise self._damaged(int(index[k]), e) from None
             mask = np.ascontiguousarray(mask.reshape(mask.shape[0], mask.shape[1], 1))
             if self._tables is None or not tables_fit(self._tables, s, 1, max(mask.shape[:2]), s):
                 self._tables = table_arrays(s, 1, max(max(mask.shape[:2]), 256), s)

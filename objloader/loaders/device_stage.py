@@ -114,7 +114,7 @@ class DeviceStage:
         params = AugParams(window=eb.window, flip=eb.flip, box_index=eb.box_index, **appearance)
         views = eb.views.to(dev, non_blocking=True)
         masks = eb.masks.to(dev, non_blocking=True) if eb.masks is not None else None
-        patches = None
+        patches = own = None
         if cfg.needs_patches and eb.patches is not None:
             own = eb.patches.to(dev, non_blocking=True)
             patches = _concat_rows(own, self._ring[:ring_count]) if ring_count else own
@@ -132,7 +132,7 @@ class DeviceStage:
         backgrounds = has_bg = None
         if cfg.return_backgrounds:
             has_bg = torch.from_numpy(np.asarray(eb.has_bg, bool)).to(dev)
-            backgrounds = background_images(patches[:len(eb.index)], cfg.image_size, normalize=cfg.normalize,
+            backgrounds = background_images(own, cfg.image_size, normalize=cfg.normalize,
                                             dtype=cfg.dtype)
         return Batch(views=out, labels=eb.labels.to(dev, non_blocking=True),
                      index=torch.from_numpy(np.asarray(eb.index, np.int64)).to(dev), masks=masks,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from objloader.augment.reference import normalize
@@ -20,7 +20,7 @@ from objloader.errors import DatasetError
 from objloader.store.reader import BuiltDataset, decode_rgb
 from objloader.store.schema import MEMBER
 
-__all__ = ["extract_features", "eval_transform"]
+__all__ = ["extract_features", "encode_records", "eval_transform"]
 
 
 def eval_transform(jpeg: bytes, image_size: int) -> torch.Tensor:
@@ -66,6 +66,24 @@ def _worker_context():
     return ctx
 
 
+def encode_records(backbone: nn.Module, dataset_dir: str, image_size: int, indices=None, *, batch_size: int = 256,
+                   workers: int = 0, device: str = "cpu", progress: bool = False) -> torch.Tensor:
+    """``backbone``'s features float32 [n, D] (on ``device``) of records ``indices`` (default: all,
+    in record order) under the eval transform; the backbone's mode is the caller's."""
+    images = _EvalImages(dataset_dir, image_size)
+    if indices is not None:
+        images = Subset(images, [int(i) for i in indices])
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        multiprocessing_context=_worker_context() if workers > 0 else None,
+                        worker_init_fn=_worker_init if workers > 0 else None,
+                        pin_memory=str(device).startswith("cuda"))
+    feats = []
+    with torch.no_grad():
+        for x in tqdm(loader, desc=f"features {dataset_dir}", unit="batch", disable=not progress, leave=False):
+            feats.append(backbone(x.to(device, non_blocking=True)).float().flatten(1))
+    return torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
+
+
 def extract_features(backbone: nn.Module, dataset_dir: str, image_size: int, batch_size: int = 256,
                      workers: int = 2, device: str = "cpu", allow_unlabelled: bool = False,
                      progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
@@ -79,20 +97,11 @@ def extract_features(backbone: nn.Module, dataset_dir: str, image_size: int, bat
         raise DatasetError(f"{dataset_dir!r}: {n} of {len(labels)} records are unlabelled (label -1); "
                            "the linear probe needs a class for every record (build from an ImageFolder "
                            "with class folders)")
-    images = _EvalImages(dataset_dir, image_size)
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        multiprocessing_context=_worker_context() if workers > 0 else None,
-                        worker_init_fn=_worker_init if workers > 0 else None,
-                        pin_memory=str(device).startswith("cuda"))
-    backbone = backbone.to(device).eval()
-    feats = []
-    with torch.no_grad():
-        for x in tqdm(loader, desc=f"features {dataset_dir}", unit="batch", disable=not progress, leave=False):
-            f = backbone(x.to(device, non_blocking=True))
-            feats.append(f.float().flatten(1).cpu())
-    if not feats:
+    feats = encode_records(backbone.to(device).eval(), dataset_dir, image_size, batch_size=batch_size,
+                           workers=workers, device=device, progress=progress)
+    if not len(feats):
         raise DatasetError(f"{dataset_dir!r} holds no records")
-    out = torch.cat(feats).numpy().astype(np.float32, copy=False)
+    out = feats.cpu().numpy().astype(np.float32, copy=False)
     if len(out) != len(labels):
         raise DatasetError(f"{dataset_dir!r}: extracted {len(out)} features for {len(labels)} records")
     return out, labels

@@ -16,14 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from objloader.errors import ConfigError
 from objloader.loaders.order import per_rank
 from objloader.store.reader import BuiltDataset
 from objloader.store.schema import MANIFEST_FILE
 
-from .features import _EvalImages, _worker_context, _worker_init
+from .features import encode_records
 
 __all__ = ["knn_predict", "KnnMonitor"]
 
@@ -72,13 +71,8 @@ class KnnMonitor:
     def _features(self, backbone: nn.Module, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of set ``name`` (every world-th record), all-gathered."""
         path, index, labels = self.sets[name]
-        mine = np.arange(self.rank, len(index), self.world)
-        images = Subset(_EvalImages(path, self.image_size), index[mine].tolist())
-        loader = DataLoader(images, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
-                            multiprocessing_context=_worker_context() if self.workers > 0 else None,
-                            worker_init_fn=_worker_init if self.workers > 0 else None)
-        feats = [backbone(x.to(self.device)).float().flatten(1) for x in loader]
-        f = torch.cat(feats) if feats else torch.zeros(0, 1, device=self.device)
+        f = encode_records(backbone, path, self.image_size, index[self.rank::self.world], batch_size=self.batch_size,
+                           workers=self.workers, device=self.device)
         if self.world > 1:
             f = _gather_strided(f, len(index), self.world)
         return f, labels.to(f.device)

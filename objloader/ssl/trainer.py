@@ -37,6 +37,7 @@ from .run_io import RunLogger, load_checkpoint, plot_loss, save_checkpoint, set_
 from ..errors import ConfigError, DivergedError
 from ..runtime import (DEFAULT_DIST_TIMEOUT, Ranks, barrier, choose_device, join_process_group,
                        leave_process_group, raise_if_dist_failed, ranks)
+from ..augment.params import check_crop_scale
 from ..ranges import DIST_TIMEOUT, IMAGE_SIZE, SEED, WORKERS, Range, check_device, check_ranges
 
 # each bound of TrainConfig.crop_scale (and of --crop-scale): an area fraction
@@ -115,7 +116,8 @@ class TrainConfig:
         "knn_every": Range(int, 0, 10 ** 6, why="epochs; 0: off"),
         "knn_bank": Range(int, 1, 10 ** 7, why="train records in the kNN bank"),
     }
-    # (crop_scale is a pair: each bound has this range, checked in __post_init__; its flag's type)
+    # (crop_scale is a pair, checked by make_loader's check_crop_scale in __post_init__; each bound of
+    # its flag has the range CROP_SCALE)
 
     def __post_init__(self):
         def bad(msg):
@@ -128,16 +130,11 @@ class TrainConfig:
         if self.arch not in ARCHS:
             bad(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         check_ranges(self, self.RANGES, "TrainConfig")
-        scale = recipe(self.method).crop_scale if self.crop_scale is None else self.crop_scale
-        try:
-            lo, hi = (float(x) for x in scale)
-        except (TypeError, ValueError):
-            bad(f"crop_scale must be two numbers (min, max), got {self.crop_scale!r}")
-        for bound in (lo, hi):
-            CROP_SCALE.check("crop_scale", bound, "TrainConfig")
-        if lo > hi:
-            bad(f"crop_scale must be (min, max) with min <= max, got {self.crop_scale!r}")
-        object.__setattr__(self, "crop_scale", (lo, hi))  # frozen: the resolved scale, once
+        try:  # make_loader's own rule: 0 < min <= max <= 1 (each bound is CROP_SCALE, the flag's range)
+            scale = check_crop_scale(recipe(self.method).crop_scale if self.crop_scale is None else self.crop_scale)
+        except ConfigError as e:
+            bad(str(e))
+        object.__setattr__(self, "crop_scale", scale)  # frozen: the resolved scale, once
         try:
             check_device(self.device)
         except ConfigError as e:
