@@ -122,8 +122,8 @@ def plan(profile: dict) -> List[Run]:
 class Bench:
     """One benchmark's work folder: data, built datasets, runs; every step idempotent."""
 
-    def __init__(self, work: str, profile: dict, log=print):
-        self.work, self.p, self.log = work, profile, log
+    def __init__(self, work: str, profile: dict, log=print, commit: Optional[str] = None):
+        self.work, self.p, self.log, self.commit = work, profile, log, commit
         self.data = os.path.join(work, "data")
         self.built = os.path.join(work, "built")
 
@@ -260,14 +260,37 @@ class Bench:
             entry["crop_probe"] = {k: v for k, v in res.items() if k != "top1"}
         with open(os.path.join(self.run_dir(run), "train_seconds.txt"), encoding="utf-8") as f:
             entry["train_seconds"] = round(sum(float(line) for line in f if line.strip()), 1)
+        entry["commit"] = self.commit
         _write_json(path, entry)
         return entry
+
+    def reuse(self, earlier: dict, rerun: List[str]) -> int:
+        """Seed this work folder with the finished runs of an earlier fidelity.json (each keeps the
+        commit it was made at), except those named in ``rerun``; returns how many were taken."""
+        taken = 0
+        for entry in earlier["runs"]:
+            run = Run(**{k: entry[k] for k in Run.__dataclass_fields__ if k in entry})
+            path = os.path.join(self.run_dir(run), "result.json")
+            if run.name in rerun or os.path.isfile(path):
+                continue
+            os.makedirs(self.run_dir(run), exist_ok=True)
+            _write_json(path, {**entry, "commit": entry.get("commit", earlier["commit"])})
+            taken += 1
+        loc_path = os.path.join(self.work, "localisation", "reused.json")
+        if earlier.get("localisation") and "localisation" not in rerun and not os.path.isfile(loc_path):
+            os.makedirs(os.path.dirname(loc_path), exist_ok=True)
+            _write_json(loc_path, {**earlier["localisation"],
+                                   "commit": earlier["localisation"].get("commit", earlier["commit"])})
+        return taken
 
     def localisation(self) -> dict:
         """Table 1 in miniature from the vanilla encoder of the first seed (cached)."""
         from objloader.cli import cam as cam_cli
 
         out = os.path.join(self.work, "localisation")
+        if os.path.isfile(os.path.join(out, "reused.json")):  # see reuse()
+            with open(os.path.join(out, "reused.json"), encoding="utf-8") as f:
+                return json.load(f)
         path = os.path.join(out, "contracam_eval.json")
         if not os.path.isfile(path):
             ckpt = self.train(Run(seed=self.p["seeds"][0]))
@@ -283,6 +306,7 @@ class Bench:
                                if isinstance(r, dict)}
         loc["settings"] = {"iterations": report["settings"]["iterations"], "limit": report["limit"],
                            "input_size": report["input_size"]}
+        loc["commit"] = self.commit
         return loc
 
 
@@ -366,6 +390,18 @@ def targets(runs: List[dict], loc: Optional[dict]) -> List[dict]:
         t.update(figures={"oa_crop": round(sum(a) / len(a), 2), "vanilla": round(sum(b) / len(b), 2),
                           "seeds": [len(b), len(a)]}, met=sum(a) / len(a) > sum(b) / len(b))
     out.append(t)
+    for masks in ("gt", "contracam"):  # issue 23 §3: two seeds, so no every-seed condition
+        t = {"target": f"Background negatives ({masks} masks) lower the BG-gap against vanilla of the same seeds "
+                       "(mean), val top-1 at most 1 point lower", "met": None}
+        neg = cfg(bg_negatives=True, masks=masks)
+        seeds = {r["seed"] for r in neg}
+        same = [r for r in van if r["seed"] in seeds]
+        if neg and len(same) == len(seeds):
+            d_gap = sum(r["bg_gap"] for r in neg) / len(neg) - sum(r["bg_gap"] for r in same) / len(same)
+            d_val = _mean(neg, "val") - _mean(same, "val")
+            t.update(figures={"bg_gap_change": round(d_gap, 2), "val_change": round(d_val, 2),
+                              "seeds": sorted(seeds)}, met=bool(d_gap < 0 and d_val >= -1))
+        out.append(t)
     return out
 
 
@@ -410,6 +446,13 @@ def render_md(doc: dict) -> str:
     for t in doc["targets"]:
         state = {True: "met", False: "**missed**", None: "not measured yet"}[t["met"]]
         lines.append(f"- {t['target']}: {state}" + (f" — {json.dumps(t['figures'])}" if "figures" in t else ""))
+    commits: Dict[str, int] = {}
+    for r in runs:
+        commits[r.get("commit", "?")] = commits.get(r.get("commit", "?"), 0) + 1
+    if len(commits) > 1 or (loc and loc.get("commit", doc["commit"]) != doc["commit"]):
+        lines += ["", "Runs were made at more than one commit (each run's own is in the json): "
+                  + ", ".join(f"{c}: {n} runs" for c, n in commits.items())
+                  + (f"; localisation: {loc.get('commit', '?')}" if loc else "") + "."]
     if doc["pending"]:
         lines += ["", f"Not run yet ({len(doc['pending'])}): " + ", ".join(doc["pending"])]
     return "\n".join(lines) + "\n"
@@ -462,7 +505,14 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=RESULTS, help="folder for fidelity.json, .md and .png")
     p.add_argument("--max-runs", type=int, default=None, help="stop after finishing N more runs (the rest stays pending)")
     p.add_argument("--list", action="store_true", help="list the runs in order and exit")
+    p.add_argument("--reuse", metavar="FIDELITY_JSON", default=None,
+                   help="take the finished runs (and localisation) of an earlier fidelity.json instead of running "
+                        "them again; each keeps the commit it was made at")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="NAME",
+                   help="with --reuse: run these again (names as --list prints them; 'localisation' for it)")
     args = p.parse_args(argv)
+    if args.rerun and not args.reuse:
+        p.error("--rerun goes with --reuse")
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
     profile = PROFILES[name]
     runs = plan(profile)
@@ -473,10 +523,21 @@ def main(argv=None) -> int:
     from throughput import git_state, machine
 
     work = os.path.abspath(args.work or os.path.join("runs", "fidelity" if name == "full" else f"fidelity_{name}"))
-    bench = Bench(work, profile, log=lambda m: print(m, flush=True))
+    state = git_state()
+    bench = Bench(work, profile, log=lambda m: print(m, flush=True), commit=state["commit"])
     bench.ensure_data()
+    if args.reuse:
+        with open(args.reuse, encoding="utf-8") as f:
+            earlier = json.load(f)
+        if earlier.get("profile") != name:
+            raise SystemExit(f"fidelity: {args.reuse} holds runs of the {earlier.get('profile')} profile, not {name}")
+        unknown = sorted(set(args.rerun) - {r.name for r in runs} - {"localisation"})
+        if unknown:
+            raise SystemExit(f"fidelity: --rerun names no planned run: {', '.join(unknown)} (see --list)")
+        print(f"reusing {bench.reuse(earlier, args.rerun)} finished runs of {args.reuse} "
+              f"(commit {earlier['commit']})", flush=True)
     recipe = {k: profile[k] for k in ("width", "image_size", "batch_size", "epochs")}
-    doc = {"machine": machine(), "date": None, **git_state(), "profile": name,
+    doc = {"machine": machine(), "date": None, **state, "profile": name,
            "recipe": {**recipe, "lr": LRS, "loader": LOADER, "p_mix": P_MIX}, "plan_seeds": profile["seeds"],
            "runs": [], "localisation": None, "targets": [], "pending": []}
     finished = 0

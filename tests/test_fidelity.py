@@ -42,7 +42,9 @@ def test_tiny_benchmark_end_to_end_then_resumes(tmp_path, capsys):
     loc = doc["localisation"]
     assert set(loc["multi_recall"]) == set(loc["val"]) == set(loc["multi"]) and "iterative + CRF" in loc["val"]
     assert all(0 <= v <= 1 for v in loc["multi_recall"].values())
-    assert len(doc["targets"]) == 5 and all(t["met"] is not None for t in doc["targets"])
+    # the tiny profile has no background-negative runs (they take the extra seeds): those two wait
+    assert len(doc["targets"]) == 7 and [t["met"] is None for t in doc["targets"]] == [False] * 5 + [True] * 2
+    assert all("commit" in r for r in doc["runs"]) and "commit" in loc
     md = open(os.path.join(results, "fidelity_tiny.md")).read()
     assert "## Localisation" in md and "## Debiasing" in md and "## Multi-object" in md and "## Targets" in md
     assert os.path.getsize(os.path.join(results, "fidelity_tiny.png")) > 1000
@@ -79,6 +81,34 @@ def test_targets_need_every_seed_below_and_val_kept():
     assert fid.targets(vanilla + worse, None)[0]["met"] is False
     # nothing to compare yet: not measured, not missed
     assert fid.targets(vanilla, None)[0]["met"] is None and fid.targets([], None)[1]["met"] is None
+
+
+def test_bg_negative_targets_compare_the_same_seeds():
+    fid = _fidelity()
+    vanilla = [_run(fid, s, g, val=50.0) for s, g in enumerate((20.0, 22.0, 30.0))]
+    neg = [_run(fid, s, g, val=49.5, bg_negatives=True, masks="gt") for s, g in enumerate((19.0, 20.0))]
+    gt, cc = fid.targets(vanilla + neg, None)[-2:]
+    # against seeds 0 and 1 only (mean 21), not seed 2's 30
+    assert gt["met"] is True and gt["figures"]["bg_gap_change"] == pytest.approx(-1.5) and gt["figures"]["seeds"] == [0, 1]
+    assert cc["met"] is None
+    lower_val = [_run(fid, s, g, val=48.0, bg_negatives=True, masks="gt") for s, g in enumerate((19.0, 20.0))]
+    assert fid.targets(vanilla + lower_val, None)[-2]["met"] is False
+
+
+def test_reuse_seeds_earlier_runs_with_their_commit_except_reruns(tmp_path):
+    fid = _fidelity()
+    bench = fid.Bench(str(tmp_path), fid.PROFILES["tiny"], commit="new")
+    old_vanilla, old_mix = _run(fid, 0, 20.0), _run(fid, 0, 15.0, bg_mixup=0.4, masks="gt")
+    old_mix["commit"] = "older"
+    earlier = {"commit": "old", "runs": [old_vanilla, old_mix], "localisation": {"val": {}, "commit": "old"}}
+    assert bench.reuse(earlier, rerun=["moco-train-s0"]) == 1
+    assert not os.path.exists(os.path.join(bench.run_dir(fid.Run(seed=0)), "result.json"))
+    mix = bench.evaluate(fid.Run(bg_mixup=0.4, masks="gt", seed=0))  # cached: nothing trained
+    assert mix["commit"] == "older" and mix["bg_gap"] == 15.0
+    assert bench.localisation() == {"val": {}, "commit": "old"}
+    # a second call keeps what is there
+    assert bench.reuse({**earlier, "runs": [{**old_mix, "bg_gap": 99.0}]}, rerun=[]) == 0
+    assert bench.evaluate(fid.Run(bg_mixup=0.4, masks="gt", seed=0))["bg_gap"] == 15.0
 
 
 def test_object_crops_are_the_boxes_with_their_classes(tmp_path):
