@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import shutil
 import sys
@@ -126,9 +127,41 @@ def render_md(doc: dict) -> str:
         gap = "–" if e["bg_gap"] is None else f"{e['bg_gap']:.1f}"
         fg = "–" if e["fg_probe"] is None else f"{e['fg_probe']:.1f}"
         lines.append(f"| {e['label']} | {e['epochs']} | {e['steps']} | {cells} | {gap} | {fg} |")
+    steps = rates(doc["evaluations"])
+    if steps:
+        lines += ["", "Rate between budgets: change in points per doubling of epochs, (y_b - y_a) / log2(b / a).", "",
+                  "| run | epochs | " + " | ".join(RATE_COLUMNS) + " |", "|---|---|" + "---:|" * len(RATE_COLUMNS)]
+        for r in steps:
+            lines.append(f"| {r['label']} | {r['from']} -> {r['to']} | "
+                         + " | ".join(f"{r[c]:+.1f}" for c in RATE_COLUMNS) + " |")
     if doc["missing"]:
         lines += ["", "Not yet run: " + ", ".join(doc["missing"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+RATE_COLUMNS = ("val", "mixed_rand", "BG-gap", "fg probe")
+
+
+def _metric(e: dict, col: str):
+    return {"BG-gap": e["bg_gap"], "fg probe": e["fg_probe"]}.get(col, e["top1"].get(col))
+
+
+def rates(evaluations: List[dict]) -> List[dict]:
+    """Per run, the change of each metric per doubling of epochs between consecutive budgets."""
+    by_run: Dict[str, List[dict]] = {}
+    for e in evaluations:
+        by_run.setdefault(e["label"], []).append(e)
+    out = []
+    for label, evals in by_run.items():
+        evals = sorted(evals, key=lambda e: e["epochs"])
+        for a, b in zip(evals, evals[1:]):
+            doublings = math.log2(b["epochs"] / a["epochs"])
+            row = {"label": label, "from": a["epochs"], "to": b["epochs"]}
+            for c in RATE_COLUMNS:
+                ya, yb = _metric(a, c), _metric(b, c)
+                row[c] = float("nan") if ya is None or yb is None else (yb - ya) / doublings
+            out.append(row)
+    return out
 
 
 def render_png(doc: dict, path: str) -> None:

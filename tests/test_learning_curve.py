@@ -1,0 +1,62 @@
+"""benchmarks/learning_curve.py: its rate arithmetic, and the whole script on the tiny profile
+(three runs along one schedule, a checkpoint kept per budget, resumed without retraining)."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _curve():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    spec = importlib.util.spec_from_file_location("learning_curve", os.path.join(REPO, "benchmarks", "learning_curve.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["learning_curve"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _eval(label, epochs, val, gap, fg):
+    return {"label": label, "epochs": epochs, "top1": {"val": val, "mixed_rand": val / 2}, "bg_gap": gap,
+            "fg_probe": fg}
+
+
+def test_rates_are_points_per_doubling_between_consecutive_budgets():
+    lc = _curve()
+    evals = [_eval("vanilla", 40, 30.0, 20.0, 18.0), _eval("vanilla", 10, 20.0, 22.0, 14.0),
+             _eval("vanilla", 30, 27.0, 21.0, None), _eval("+OA-Crop", 10, 19.0, 21.0, 15.0)]
+    rows = lc.rates(evals)
+    assert [(r["label"], r["from"], r["to"]) for r in rows] == [("vanilla", 10, 30), ("vanilla", 30, 40)]
+    first, second = rows
+    assert first["val"] == pytest.approx(7.0 / math.log2(3)) and first["BG-gap"] == pytest.approx(-1.0 / math.log2(3))
+    assert first["mixed_rand"] == pytest.approx(3.5 / math.log2(3))
+    assert math.isnan(first["fg probe"]) and math.isnan(second["fg probe"])  # a missing probe is no rate
+    assert second["val"] == pytest.approx(3.0 / math.log2(4 / 3))
+
+
+def test_quick_run_keeps_a_checkpoint_per_budget_and_resumes(tmp_path, capsys):
+    lc = _curve()
+    work = str(tmp_path / "work")
+    assert lc.main(["--quick", "--work", work]) == 0
+    doc = json.load(open(os.path.join(work, "results", "learning_curve.json")))
+    got = sorted((e["label"], e["epochs"]) for e in doc["evaluations"])
+    assert got == sorted((r.label, b) for b in (1, 2) for r in lc.RUNS) and doc["missing"] == []
+    spe = doc["settings"]["steps_per_epoch"]
+    assert spe >= 1 and all(e["steps"] == e["epochs"] * spe for e in doc["evaluations"])
+    for run in lc.RUNS:
+        for b in (1, 2):
+            assert os.path.isfile(os.path.join(work, "runs", run.name, f"ckpt_e{b}.pt"))
+        # one schedule: the metrics of the 2-epoch budget continue the 1-epoch part (no second warm-up)
+        steps = [json.loads(line)["step"] for line in open(os.path.join(work, "runs", run.name, "metrics.jsonl"))
+                 if '"step"' in line and '"loss"' in line]
+        assert steps == sorted(steps) and steps[-1] <= 2 * spe
+    md = open(os.path.join(work, "results", "learning_curve.md")).read()
+    assert "| vanilla | 1 -> 2 |" in md and "Rate between budgets" in md
+    assert os.path.getsize(os.path.join(work, "results", "learning_curve.png")) > 1000
+    capsys.readouterr()
+    assert lc.main(["--quick", "--work", work]) == 0  # everything there: nothing trained again
+    assert "training" not in capsys.readouterr().out
