@@ -113,10 +113,31 @@ def plan(profile: dict) -> List[Run]:
                  Run(bg_mixup=P_MIX, bg_mode="hard", seed=s, **cc)]
     for s in profile["extra_seeds"]:
         runs += [Run(oa_crop=True, masks="gt", seed=s), Run(oa_crop=True, bg_mixup=P_MIX, masks="gt", seed=s)]
-    for s in profile["extra_seeds"]:  # background negatives (issue 23): against vanilla of the same seeds
-        for m in ("gt", "contracam"):
-            runs += [Run(bg_negatives=True, masks=m, seed=s), Run(bg_negatives=True, bg_mixup=P_MIX, masks=m, seed=s)]
     return runs
+
+
+def plan_bg_negatives(profile: dict) -> List[Run]:
+    """MoCo v2 --bg-negatives (after CLAD) beside its baselines, trained in the same work folder at
+    the same commit on the same machine (trained weights depend on the CPU's kernels, so runs of
+    the main study made elsewhere are no baseline): per seed, seed-major, vanilla, then for
+    ground-truth and ContraCAM masks +BG-Mixup, +bg-negatives and +bg-negatives +BG-Mixup. Seeds:
+    the profile's extra seeds (0, 1 in the full profile), its seeds where it has none."""
+    runs = []
+    for s in profile["extra_seeds"] or profile["seeds"]:
+        runs.append(Run(seed=s))
+        for m in ("gt", "contracam"):
+            runs += [Run(bg_mixup=P_MIX, masks=m, seed=s), Run(bg_negatives=True, masks=m, seed=s),
+                     Run(bg_negatives=True, bg_mixup=P_MIX, masks=m, seed=s)]
+    return runs
+
+
+# study -> (plan, results stem, the targets it measures)
+STUDIES = {
+    "main": (plan, "fidelity", ("bg_mixup_contracam", "bg_mixup_gt", "contracam_vs_centre", "iterative_recall",
+                                "oa_crop_multi")),
+    "bg-negatives": (plan_bg_negatives, "fidelity_bg_negatives",
+                     ("bg_mixup_gt", "bg_mixup_contracam", "bg_negatives_gt", "bg_negatives_contracam")),
+}
 
 
 class Bench:
@@ -264,33 +285,11 @@ class Bench:
         _write_json(path, entry)
         return entry
 
-    def reuse(self, earlier: dict, rerun: List[str]) -> int:
-        """Seed this work folder with the finished runs of an earlier fidelity.json (each keeps the
-        commit it was made at), except those named in ``rerun``; returns how many were taken."""
-        taken = 0
-        for entry in earlier["runs"]:
-            run = Run(**{k: entry[k] for k in Run.__dataclass_fields__ if k in entry})
-            path = os.path.join(self.run_dir(run), "result.json")
-            if run.name in rerun or os.path.isfile(path):
-                continue
-            os.makedirs(self.run_dir(run), exist_ok=True)
-            _write_json(path, {**entry, "commit": entry.get("commit", earlier["commit"])})
-            taken += 1
-        loc_path = os.path.join(self.work, "localisation", "reused.json")
-        if earlier.get("localisation") and "localisation" not in rerun and not os.path.isfile(loc_path):
-            os.makedirs(os.path.dirname(loc_path), exist_ok=True)
-            _write_json(loc_path, {**earlier["localisation"],
-                                   "commit": earlier["localisation"].get("commit", earlier["commit"])})
-        return taken
-
     def localisation(self) -> dict:
         """Table 1 in miniature from the vanilla encoder of the first seed (cached)."""
         from objloader.cli import cam as cam_cli
 
         out = os.path.join(self.work, "localisation")
-        if os.path.isfile(os.path.join(out, "reused.json")):  # see reuse()
-            with open(os.path.join(out, "reused.json"), encoding="utf-8") as f:
-                return json.load(f)
         path = os.path.join(out, "contracam_eval.json")
         if not os.path.isfile(path):
             ckpt = self.train(Run(seed=self.p["seeds"][0]))
@@ -357,7 +356,7 @@ def targets(runs: List[dict], loc: Optional[dict]) -> List[dict]:
     van = cfg()
     for masks in ("contracam", "gt"):
         mix = cfg(bg_mixup=P_MIX, masks=masks)
-        t = {"target": f"BG-Mixup ({masks} masks) lowers the BG-gap by >= 3 points (mean; every seed below every "
+        t = {"id": f"bg_mixup_{masks}", "target": f"BG-Mixup ({masks} masks) lowers the BG-gap by >= 3 points (mean; every seed below every "
                        "vanilla seed), val top-1 at most 1 point lower, mixed_rand higher", "met": None}
         if van and mix:
             gap_v, gap_m = [r["bg_gap"] for r in van], [r["bg_gap"] for r in mix]
@@ -370,20 +369,20 @@ def targets(runs: List[dict], loc: Optional[dict]) -> List[dict]:
                               "seeds": [len(van), len(mix)]},
                      met=bool(d_gap <= -3 and separated and d_val >= -1 and d_rand > 0))
         out.append(t)
-    t = {"target": "ContraCAM single-step + CRF: higher mIoU than the centre prior + CRF on the multi-object set",
+    t = {"id": "contracam_vs_centre", "target": "ContraCAM single-step + CRF: higher mIoU than the centre prior + CRF on the multi-object set",
          "met": None}
     if loc and "multi" in loc:
         a, b = loc["multi"]["single-step + CRF"]["miou"], loc["multi"]["centre prior + CRF"]["miou"]
         t.update(figures={"single-step + CRF": a, "centre prior + CRF": b}, met=a > b)
     out.append(t)
-    t = {"target": "Iterative ContraCAM: higher object recall than single-step on the multi-object set", "met": None}
+    t = {"id": "iterative_recall", "target": "Iterative ContraCAM: higher object recall than single-step on the multi-object set", "met": None}
     if loc and "multi_recall" in loc:
         a, b = loc["multi_recall"]["iterative"], loc["multi_recall"]["single-step"]
         t.update(figures={"iterative": a, "single-step": b,
                           "iterative + CRF": loc["multi_recall"]["iterative + CRF"],
                           "single-step + CRF": loc["multi_recall"]["single-step + CRF"]}, met=a > b)
     out.append(t)
-    t = {"target": "OA-Crop raises the object-crop top-1 on the multi-object set (mean over seeds)", "met": None}
+    t = {"id": "oa_crop_multi", "target": "OA-Crop raises the object-crop top-1 on the multi-object set (mean over seeds)", "met": None}
     mv, mo = cfg(data="multi"), cfg(data="multi", oa_crop=True, masks="gt")
     if mv and mo:
         a, b = [r["crop_top1"] for r in mo], [r["crop_top1"] for r in mv]
@@ -391,18 +390,30 @@ def targets(runs: List[dict], loc: Optional[dict]) -> List[dict]:
                           "seeds": [len(b), len(a)]}, met=sum(a) / len(a) > sum(b) / len(b))
     out.append(t)
     for masks in ("gt", "contracam"):  # issue 23 §3: two seeds, so no every-seed condition
-        t = {"target": f"Background negatives ({masks} masks) lower the BG-gap against vanilla of the same seeds "
+        t = {"id": f"bg_negatives_{masks}",
+             "target": f"Background negatives ({masks} masks) lower the BG-gap against vanilla of the same seeds "
                        "(mean), val top-1 at most 1 point lower", "met": None}
         neg = cfg(bg_negatives=True, masks=masks)
-        seeds = {r["seed"] for r in neg}
-        same = [r for r in van if r["seed"] in seeds]
-        if neg and len(same) == len(seeds):
-            d_gap = sum(r["bg_gap"] for r in neg) / len(neg) - sum(r["bg_gap"] for r in same) / len(same)
-            d_val = _mean(neg, "val") - _mean(same, "val")
-            t.update(figures={"bg_gap_change": round(d_gap, 2), "val_change": round(d_val, 2),
-                              "seeds": sorted(seeds)}, met=bool(d_gap < 0 and d_val >= -1))
+        paired = _paired(neg, van)
+        if paired:
+            t.update(figures=paired, met=bool(paired["bg_gap_change"] < 0 and paired["val_change"] >= -1))
+            on_mix = _paired(cfg(bg_negatives=True, bg_mixup=P_MIX, masks=masks), cfg(bg_mixup=P_MIX, masks=masks))
+            if on_mix:  # reported beside it: the same comparison on top of BG-Mixup
+                t["figures"]["with_bg_mixup_against_bg_mixup"] = on_mix
         out.append(t)
     return out
+
+
+def _paired(runs: List[dict], baseline: List[dict]) -> Optional[dict]:
+    """Mean changes of ``runs`` against ``baseline`` over the seeds both have (None: no such seed)."""
+    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in baseline})
+    if not seeds:
+        return None
+    a = [r for r in runs if r["seed"] in seeds]
+    b = [r for r in baseline if r["seed"] in seeds]
+    return {"bg_gap_change": round(sum(r["bg_gap"] for r in a) / len(a) - sum(r["bg_gap"] for r in b) / len(b), 2),
+            "val_change": round(_mean(a, "val") - _mean(b, "val"), 2),
+            "mixed_rand_change": round(_mean(a, "mixed_rand") - _mean(b, "mixed_rand"), 2), "seeds": seeds}
 
 
 def _mean(runs: List[dict], col: str) -> float:
@@ -411,7 +422,8 @@ def _mean(runs: List[dict], col: str) -> float:
 
 def render_md(doc: dict) -> str:
     runs, loc = doc["runs"], doc.get("localisation")
-    lines = [f"# Fidelity benchmark ({doc['profile']} profile; {doc['date']}, commit {doc['commit']}, "
+    study = "" if doc.get("study", "main") == "main" else f", {doc['study']} study"
+    lines = [f"# Fidelity benchmark{study} ({doc['profile']} profile; {doc['date']}, commit {doc['commit']}, "
              f"{doc['machine']['cores']} CPUs, {doc['machine']['cpu']})", "",
              f"Recipe: {json.dumps(doc['recipe'])}. Top-1 in % (chance 11.1), linear probe fitted on the biased "
              "train originals; each cell: mean (min–max) [seeds]. BG-gap = mixed_same − mixed_rand (lower: "
@@ -449,10 +461,9 @@ def render_md(doc: dict) -> str:
     commits: Dict[str, int] = {}
     for r in runs:
         commits[r.get("commit", "?")] = commits.get(r.get("commit", "?"), 0) + 1
-    if len(commits) > 1 or (loc and loc.get("commit", doc["commit"]) != doc["commit"]):
-        lines += ["", "Runs were made at more than one commit (each run's own is in the json): "
-                  + ", ".join(f"{c}: {n} runs" for c, n in commits.items())
-                  + (f"; localisation: {loc.get('commit', '?')}" if loc else "") + "."]
+    if len(commits) > 1:
+        lines += ["", "Runs were evaluated at more than one commit (each run's is in the json): "
+                  + ", ".join(f"{c}: {n} runs" for c, n in commits.items()) + "."]
     if doc["pending"]:
         lines += ["", f"Not run yet ({len(doc['pending'])}): " + ", ".join(doc["pending"])]
     return "\n".join(lines) + "\n"
@@ -489,7 +500,7 @@ def render_png(doc: dict, path: str) -> None:
 
 def write_results(doc: dict, results: str) -> None:
     os.makedirs(results, exist_ok=True)
-    stem = "fidelity" if doc["profile"] == "full" else f"fidelity_{doc['profile']}"
+    stem = STUDIES[doc.get("study", "main")][1] + ("" if doc["profile"] == "full" else f"_{doc['profile']}")
     _write_json(os.path.join(results, f"{stem}.json"), doc)
     with open(os.path.join(results, f"{stem}.md"), "w", encoding="utf-8") as f:
         f.write(render_md(doc))
@@ -501,43 +512,29 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed of the main comparison at 8 epochs (~20 minutes)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the CI test's profile
-    p.add_argument("--work", default=None, help="folder for data, checkpoints and logs (default: runs/fidelity[_quick])")
-    p.add_argument("--results", default=RESULTS, help="folder for fidelity.json, .md and .png")
+    p.add_argument("--work", default=None, help="folder for data, checkpoints and logs (default: runs/<results stem>[_quick])")
+    p.add_argument("--results", default=RESULTS, help="folder for fidelity[_bg_negatives].json, .md and .png")
     p.add_argument("--max-runs", type=int, default=None, help="stop after finishing N more runs (the rest stays pending)")
     p.add_argument("--list", action="store_true", help="list the runs in order and exit")
-    p.add_argument("--reuse", metavar="FIDELITY_JSON", default=None,
-                   help="take the finished runs (and localisation) of an earlier fidelity.json instead of running "
-                        "them again; each keeps the commit it was made at")
-    p.add_argument("--rerun", nargs="+", default=[], metavar="NAME",
-                   help="with --reuse: run these again (names as --list prints them; 'localisation' for it)")
+    p.add_argument("--study", choices=sorted(STUDIES), default="main",
+                   help="main: the paper's tables; bg-negatives: MoCo v2 --bg-negatives against its baselines")
     args = p.parse_args(argv)
-    if args.rerun and not args.reuse:
-        p.error("--rerun goes with --reuse")
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
     profile = PROFILES[name]
-    runs = plan(profile)
+    plan_of, stem, target_ids = STUDIES[args.study]
+    runs = plan_of(profile)
     if args.list:
         for i, r in enumerate(runs):
             print(f"{i + 1:2d}. {r.name}")
         return 0
     from throughput import git_state, machine
 
-    work = os.path.abspath(args.work or os.path.join("runs", "fidelity" if name == "full" else f"fidelity_{name}"))
+    work = os.path.abspath(args.work or os.path.join("runs", stem + ("" if name == "full" else f"_{name}")))
     state = git_state()
     bench = Bench(work, profile, log=lambda m: print(m, flush=True), commit=state["commit"])
     bench.ensure_data()
-    if args.reuse:
-        with open(args.reuse, encoding="utf-8") as f:
-            earlier = json.load(f)
-        if earlier.get("profile") != name:
-            raise SystemExit(f"fidelity: {args.reuse} holds runs of the {earlier.get('profile')} profile, not {name}")
-        unknown = sorted(set(args.rerun) - {r.name for r in runs} - {"localisation"})
-        if unknown:
-            raise SystemExit(f"fidelity: --rerun names no planned run: {', '.join(unknown)} (see --list)")
-        print(f"reusing {bench.reuse(earlier, args.rerun)} finished runs of {args.reuse} "
-              f"(commit {earlier['commit']})", flush=True)
     recipe = {k: profile[k] for k in ("width", "image_size", "batch_size", "epochs")}
-    doc = {"machine": machine(), "date": None, **state, "profile": name,
+    doc = {"machine": machine(), "date": None, **state, "study": args.study, "profile": name,
            "recipe": {**recipe, "lr": LRS, "loader": LOADER, "p_mix": P_MIX}, "plan_seeds": profile["seeds"],
            "runs": [], "localisation": None, "targets": [], "pending": []}
     finished = 0
@@ -548,13 +545,13 @@ def main(argv=None) -> int:
         cached = os.path.isfile(os.path.join(bench.run_dir(run), "result.json"))
         print(f"[{i + 1}/{len(runs)}] {run.name}" + (" (done before)" if cached else ""), flush=True)
         doc["runs"].append(bench.evaluate(run))
-        if doc["localisation"] is None:  # right after the first vanilla run
+        if doc["localisation"] is None and args.study == "main":  # right after the first vanilla run
             doc["localisation"] = bench.localisation()
         finished += not cached
         done = {r.name for r in runs[:i + 1]}
         doc.update(date=datetime.datetime.now().isoformat(timespec="seconds"),
                    pending=[r.name for r in runs if r.name not in done])
-        doc["targets"] = targets(doc["runs"], doc["localisation"])
+        doc["targets"] = [t for t in targets(doc["runs"], doc["localisation"]) if t["id"] in target_ids]
         write_results(doc, args.results)
         if not cached:
             print(f"    {run.name}: {json.dumps({k: doc['runs'][-1][k] for k in ('top1', 'bg_gap', 'crop_top1')})} "

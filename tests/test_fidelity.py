@@ -42,8 +42,8 @@ def test_tiny_benchmark_end_to_end_then_resumes(tmp_path, capsys):
     loc = doc["localisation"]
     assert set(loc["multi_recall"]) == set(loc["val"]) == set(loc["multi"]) and "iterative + CRF" in loc["val"]
     assert all(0 <= v <= 1 for v in loc["multi_recall"].values())
-    # the tiny profile has no background-negative runs (they take the extra seeds): those two wait
-    assert len(doc["targets"]) == 7 and [t["met"] is None for t in doc["targets"]] == [False] * 5 + [True] * 2
+    assert [t["id"] for t in doc["targets"]] == list(fid.STUDIES["main"][2])
+    assert all(t["met"] is not None for t in doc["targets"])
     assert all("commit" in r for r in doc["runs"]) and "commit" in loc
     md = open(os.path.join(results, "fidelity_tiny.md")).read()
     assert "## Localisation" in md and "## Debiasing" in md and "## Multi-object" in md and "## Targets" in md
@@ -87,28 +87,34 @@ def test_bg_negative_targets_compare_the_same_seeds():
     fid = _fidelity()
     vanilla = [_run(fid, s, g, val=50.0) for s, g in enumerate((20.0, 22.0, 30.0))]
     neg = [_run(fid, s, g, val=49.5, bg_negatives=True, masks="gt") for s, g in enumerate((19.0, 20.0))]
-    gt, cc = fid.targets(vanilla + neg, None)[-2:]
+    mix = [_run(fid, s, g, val=48.0, bg_mixup=0.4, masks="gt") for s, g in enumerate((18.0, 18.0))]
+    neg_mix = [_run(fid, s, g, val=47.0, bg_negatives=True, bg_mixup=0.4, masks="gt") for s, g in enumerate((16.0, 17.0))]
+    gt, cc = fid.targets(vanilla + neg + mix + neg_mix, None)[-2:]
+    assert gt["id"] == "bg_negatives_gt" and cc["id"] == "bg_negatives_contracam"
     # against seeds 0 and 1 only (mean 21), not seed 2's 30
     assert gt["met"] is True and gt["figures"]["bg_gap_change"] == pytest.approx(-1.5) and gt["figures"]["seeds"] == [0, 1]
+    on_mix = gt["figures"]["with_bg_mixup_against_bg_mixup"]
+    assert on_mix["bg_gap_change"] == pytest.approx(-1.5) and on_mix["val_change"] == pytest.approx(-1.0)
     assert cc["met"] is None
     lower_val = [_run(fid, s, g, val=48.0, bg_negatives=True, masks="gt") for s, g in enumerate((19.0, 20.0))]
     assert fid.targets(vanilla + lower_val, None)[-2]["met"] is False
 
 
-def test_reuse_seeds_earlier_runs_with_their_commit_except_reruns(tmp_path):
+def test_bg_negatives_study_pairs_every_run_with_its_baselines_seed_major():
     fid = _fidelity()
-    bench = fid.Bench(str(tmp_path), fid.PROFILES["tiny"], commit="new")
-    old_vanilla, old_mix = _run(fid, 0, 20.0), _run(fid, 0, 15.0, bg_mixup=0.4, masks="gt")
-    old_mix["commit"] = "older"
-    earlier = {"commit": "old", "runs": [old_vanilla, old_mix], "localisation": {"val": {}, "commit": "old"}}
-    assert bench.reuse(earlier, rerun=["moco-train-s0"]) == 1
-    assert not os.path.exists(os.path.join(bench.run_dir(fid.Run(seed=0)), "result.json"))
-    mix = bench.evaluate(fid.Run(bg_mixup=0.4, masks="gt", seed=0))  # cached: nothing trained
-    assert mix["commit"] == "older" and mix["bg_gap"] == 15.0
-    assert bench.localisation() == {"val": {}, "commit": "old"}
-    # a second call keeps what is there
-    assert bench.reuse({**earlier, "runs": [{**old_mix, "bg_gap": 99.0}]}, rerun=[]) == 0
-    assert bench.evaluate(fid.Run(bg_mixup=0.4, masks="gt", seed=0))["bg_gap"] == 15.0
+    runs = fid.plan_bg_negatives(fid.PROFILES["full"])
+    assert [r.seed for r in runs] == [0] * 7 + [1] * 7
+    for s in (0, 1):
+        mine = [r for r in runs if r.seed == s]
+        assert mine[0] == fid.Run(seed=s)  # vanilla first: ContraCAM masks come from it
+        for m in ("gt", "contracam"):
+            assert {r for r in mine if r.masks == m} == {
+                fid.Run(bg_mixup=0.4, masks=m, seed=s), fid.Run(bg_negatives=True, masks=m, seed=s),
+                fid.Run(bg_negatives=True, bg_mixup=0.4, masks=m, seed=s)}
+    # the tiny profile has no extra seeds: its main seed
+    assert {r.seed for r in fid.plan_bg_negatives(fid.PROFILES["tiny"])} == {0}
+    assert not any(r.bg_negatives for r in fid.plan(fid.PROFILES["full"]))  # the main study keeps its 31 runs
+    assert len(fid.plan(fid.PROFILES["full"])) == 31
 
 
 def test_object_crops_are_the_boxes_with_their_classes(tmp_path):
