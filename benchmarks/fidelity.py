@@ -1,6 +1,6 @@
 """The paper's tables in miniature, over seeds: does the object-aware loader debias anything?
 
-    python benchmarks/fidelity.py [--quick] [--work runs/fidelity] [--list]
+    python benchmarks/fidelity.py [--quick] [--study main|bg-negatives] [--work DIR] [--list]
 
 On the demo data and the small-compute recipe (benchmarks/recipe_search.md), in this order:
 1. Localisation (Table 1 in miniature) from the vanilla MoCo v2 encoder of seed 0: mask mIoU,
@@ -14,6 +14,11 @@ On the demo data and the small-compute recipe (benchmarks/recipe_search.md), in 
    multi-object set, scored by a linear probe on object crops (scenes split in halves), 3 seeds.
 4. BYOL vanilla and +both (ContraCAM masks), BG-HardMix against soft BG-Mixup: 2 seeds; then
    +OA-Crop and +both on ground-truth masks.
+
+`--study bg-negatives` is a study of its own (results fidelity_bg_negatives.*, work folder
+runs/fidelity_bg_negatives): MoCo v2 --bg-negatives (after CLAD) with and without BG-Mixup, on
+ground-truth and ContraCAM masks, beside vanilla and BG-Mixup runs of the same seeds (0, 1)
+trained in the same folder, since trained weights depend on the machine's CPU kernels.
 
 Every step is skipped when its output exists and training resumes from its checkpoint, so an
 interrupted benchmark continues where it stopped. After each finished run,
