@@ -86,16 +86,18 @@ def test_targets_need_every_seed_below_and_val_kept():
 def test_bg_negative_targets_compare_the_same_seeds():
     fid = _fidelity()
     vanilla = [_run(fid, s, g, val=50.0) for s, g in enumerate((20.0, 22.0, 30.0))]
-    neg = [_run(fid, s, g, val=49.5, bg_negatives=True, masks="gt") for s, g in enumerate((19.0, 20.0))]
+    neg = [_run(fid, s, g, val=49.5, bg_negatives=True, masks="gt") for s, g in enumerate((18.0, 19.0))]
     mix = [_run(fid, s, g, val=48.0, bg_mixup=0.4, masks="gt") for s, g in enumerate((18.0, 18.0))]
     neg_mix = [_run(fid, s, g, val=47.0, bg_negatives=True, bg_mixup=0.4, masks="gt") for s, g in enumerate((16.0, 17.0))]
     gt, cc = fid.targets(vanilla + neg + mix + neg_mix, None)[-2:]
     assert gt["id"] == "bg_negatives_gt" and cc["id"] == "bg_negatives_contracam"
     # against seeds 0 and 1 only (mean 21), not seed 2's 30
-    assert gt["met"] is True and gt["figures"]["bg_gap_change"] == pytest.approx(-1.5) and gt["figures"]["seeds"] == [0, 1]
+    assert gt["met"] is True and gt["figures"]["bg_gap_change"] == pytest.approx(-2.5) and gt["figures"]["seeds"] == [0, 1]
     on_mix = gt["figures"]["with_bg_mixup_against_bg_mixup"]
     assert on_mix["bg_gap_change"] == pytest.approx(-1.5) and on_mix["val_change"] == pytest.approx(-1.0)
     assert cc["met"] is None
+    overlap = [_run(fid, s, g, val=49.5, bg_negatives=True, masks="gt") for s, g in enumerate((17.0, 23.0))]
+    assert fid.targets(vanilla + overlap, None)[-2]["met"] is False  # a lower mean, one seed above vanilla's 20
     lower_val = [_run(fid, s, g, val=48.0, bg_negatives=True, masks="gt") for s, g in enumerate((19.0, 20.0))]
     assert fid.targets(vanilla + lower_val, None)[-2]["met"] is False
 
