@@ -355,6 +355,8 @@ def training(ctx) -> dict:
 def process_group(ctx) -> dict:
     import torch.distributed as dist
 
+    from objloader.runtime import leave_process_group
+
     backend = "nccl" if ctx["device"].type == "cuda" else "gloo"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -366,7 +368,7 @@ def process_group(ctx) -> dict:
         dist.all_reduce(x)
         ok = bool((x == 2.0).all())
     finally:
-        dist.destroy_process_group()
+        leave_process_group(True)  # destroy_process_group alone can deadlock (see there)
     return {"backend": backend, "all_reduce_ok": ok, "seconds": round(time.perf_counter() - t0, 2)}
 
 

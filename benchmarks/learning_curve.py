@@ -1,7 +1,7 @@
 """Does more compute teach the encoder the object? MoCo v2 checkpoints along one long schedule.
 
     python benchmarks/learning_curve.py [--work runs/learning_curve] [--budgets 10,30,100,300]
-                                        [--quick] [--list]
+                                        [--runs vanilla,+OA-Crop,+BG-Mixup] [--quick] [--list]
 
 On the demo data with the recipe of benchmarks/fidelity.py (half-width ResNet-18, 64 px, batch
 256, base lr 0.06) and MoCo v2's own crop scale (0.2, 1), three runs of one seed share one
@@ -18,7 +18,8 @@ Every step is skipped when its output exists and training resumes from the run's
 so an interrupted benchmark continues where it stopped (``kill -STOP``/``-CONT`` pauses it).
 After each evaluation benchmarks/results/learning_curve.{json,md,png} are rewritten. Settings
 are the fidelity benchmark's (chosen on val); the Background Challenge is only reported.
-``--quick``: budgets 1, 2 on the tiny profile (a smoke run, minutes).
+``--runs`` trains a subset of the three (by label). ``--quick``: budgets 1, 2 on the tiny profile
+(a smoke run, minutes).
 """
 from __future__ import annotations
 
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=os.path.join(REPO, "runs", "learning_curve"))
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="epochs at which checkpoints are kept")
+    ap.add_argument("--runs", default=",".join(r.label for r in RUNS), help="which runs, by label")
     ap.add_argument("--quick", action="store_true", help="the tiny profile, budgets 1,2: a smoke run")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -219,7 +221,11 @@ def main(argv=None) -> int:
     budgets = [1, 2] if args.quick else [int(b) for b in args.budgets.split(",") if b.strip()]
     if not budgets or min(budgets) < 1:
         ap.error("--budgets: positive epoch counts, e.g. 10,30,100,300")
-    plan = [(run, b) for b in sorted(budgets) for run in RUNS]
+    labels = [x.strip() for x in args.runs.split(",") if x.strip()]
+    unknown = sorted(set(labels) - {r.label for r in RUNS})
+    if unknown or not labels:
+        ap.error(f"--runs: labels among {', '.join(r.label for r in RUNS)}; got {args.runs!r}")
+    plan = [(run, b) for b in sorted(budgets) for run in RUNS if run.label in labels]
     if args.render:
         with open(os.path.join(args.results, "learning_curve.json"), encoding="utf-8") as f:
             write_results(json.load(f), args.results)

@@ -18,6 +18,7 @@ reading the ranks or the worker count imports no torch.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 from dataclasses import dataclass
@@ -138,11 +139,25 @@ def join_process_group(device, timeout: float = DEFAULT_DIST_TIMEOUT, r: Optiona
     return True
 
 
+# Process groups this process has left, kept referenced until it exits: destructing one can
+# deadlock. ~ProcessGroupGloo joins its worker threads while the destructing thread holds the GIL,
+# and a worker that has just finished a collective on Python-owned tensors needs the GIL to
+# release them (seen as a one-in-~40 hang of the 2-rank CPU test under load, pytorch#75097). A
+# group that is never destructed cannot deadlock there; its idle threads end with the process.
+# The list itself holds one extra reference, so interpreter shutdown never frees it either.
+_LEFT_GROUPS: list = []
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_LEFT_GROUPS))
+
+
 def leave_process_group(owned: bool) -> None:
-    """Destroy the process group when this process created it (``owned``, join_process_group's answer)."""
+    """Leave the process group when this process created it (``owned``, join_process_group's
+    answer): destroy_process_group ends its use (shuts its backends down, frees the default
+    group's place, so a later join_process_group starts afresh), but the group object itself is
+    kept alive (_LEFT_GROUPS)."""
     if owned:
         import torch.distributed as dist
 
+        _LEFT_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 

@@ -39,15 +39,20 @@ def test_rates_are_points_per_doubling_between_consecutive_budgets():
 
 
 def test_quick_run_keeps_a_checkpoint_per_budget_and_resumes(tmp_path, capsys):
+    """Two of the three runs (the third differs only in its flags): CI time."""
     lc = _curve()
     work = str(tmp_path / "work")
-    assert lc.main(["--quick", "--work", work]) == 0
+    argv = ["--quick", "--work", work, "--runs", "vanilla,+BG-Mixup"]
+    runs = [r for r in lc.RUNS if r.label in ("vanilla", "+BG-Mixup")]
+    assert lc.main(argv) == 0
     doc = json.load(open(os.path.join(work, "results", "learning_curve.json")))
     got = sorted((e["label"], e["epochs"]) for e in doc["evaluations"])
-    assert got == sorted((r.label, b) for b in (1, 2) for r in lc.RUNS) and doc["missing"] == []
+    assert got == sorted((r.label, b) for b in (1, 2) for r in runs) and doc["missing"] == []
     spe = doc["settings"]["steps_per_epoch"]
     assert spe >= 1 and all(e["steps"] == e["epochs"] * spe for e in doc["evaluations"])
-    for run in lc.RUNS:
+    left_out = next(r for r in lc.RUNS if r.label == "+OA-Crop")
+    assert not os.path.exists(os.path.join(work, "runs", left_out.name))  # a run left out is not trained
+    for run in runs:
         for b in (1, 2):
             assert os.path.isfile(os.path.join(work, "runs", run.name, f"ckpt_e{b}.pt"))
         # one schedule: the metrics of the 2-epoch budget continue the 1-epoch part (no second warm-up)
@@ -58,5 +63,14 @@ def test_quick_run_keeps_a_checkpoint_per_budget_and_resumes(tmp_path, capsys):
     assert "| vanilla | 1 -> 2 |" in md and "Rate between budgets" in md
     assert os.path.getsize(os.path.join(work, "results", "learning_curve.png")) > 1000
     capsys.readouterr()
-    assert lc.main(["--quick", "--work", work]) == 0  # everything there: nothing trained again
+    assert lc.main(argv) == 0  # everything there: nothing trained again
     assert "training" not in capsys.readouterr().out
+
+
+def test_runs_must_name_labels_of_the_plan(capsys):
+    lc = _curve()
+    with pytest.raises(SystemExit):
+        lc.main(["--list", "--runs", "vanilla,+OA-crop"])
+    assert "--runs: labels among vanilla, +OA-Crop, +BG-Mixup" in capsys.readouterr().err
+    assert lc.main(["--list", "--runs", "+OA-Crop"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"moco-train-oacrop-gt-s0 to epoch {b}" for b in lc.BUDGETS]

@@ -146,3 +146,18 @@ def test_objloader_cam_joins_with_the_backend_of_its_device(env, gpus, joins, cu
 def test_one_process_joins_no_group(env, joins):
     assert runtime.join_process_group(torch.device("cpu"), 10) is False
     assert joins == [] and runtime.group_rank_world() == (0, 1)
+
+
+def test_a_left_group_is_shut_down_but_never_destructed(tmp_path):
+    """leave_process_group ends the group's use (a new one can be joined after it) but keeps the
+    object: destructing a gloo group joins its threads under the GIL, which deadlocks when one of
+    them still has to release a finished collective's Python tensors."""
+    for i in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{i}", rank=0, world_size=1)
+        group = dist.group.WORLD
+        x = torch.ones(3)
+        dist.all_reduce(x)
+        del x
+        runtime.leave_process_group(True)
+        assert not dist.is_initialized()
+        assert any(g is group for g in runtime._LEFT_GROUPS)
