@@ -142,9 +142,10 @@ def join_process_group(device, timeout: float = DEFAULT_DIST_TIMEOUT, r: Optiona
 # Process groups this process has left, kept referenced until it exits: destructing one can
 # deadlock. ~ProcessGroupGloo joins its worker threads while the destructing thread holds the GIL,
 # and a worker that has just finished a collective on Python-owned tensors needs the GIL to
-# release them (seen as a one-in-~40 hang of the 2-rank CPU test under load, pytorch#75097). A
-# group that is never destructed cannot deadlock there; its idle threads end with the process.
-# The list itself holds one extra reference, so interpreter shutdown never frees it either.
+# release them (5 of 120 2-rank CPU jobs hung so on a loaded machine, benchmarks/ddp_teardown.py;
+# pytorch#75097). A group that is never destructed cannot deadlock there; its idle threads end
+# with the process. The list itself holds one extra reference, so interpreter shutdown never
+# frees it either.
 _LEFT_GROUPS: list = []
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_LEFT_GROUPS))
 
