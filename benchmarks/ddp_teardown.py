@@ -10,7 +10,8 @@ OA-Crop, BG-Mixup and the kNN monitor) ``--runs`` times,
 measures (a rank that finished training but never exited: a process group destructed while
 one of its threads waits for the GIL, objloader/runtime.py ``leave_process_group``) needs a
 loaded machine to show. A job that has not ended after ``--timeout`` seconds counts as hung,
-its ranks' stacks are dumped with py-spy when it is installed, and it is killed.
+its ranks' stacks are dumped with py-spy when it is installed, and it is killed. A job that
+ended keeps only its log.
 Writes ddp_teardown.{json,md} to ``--results`` (benchmarks/results).
 """
 from __future__ import annotations
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
                     job.wait()
                 log.close()
                 del running[i]
+                if not hung and job.returncode == 0:  # its checkpoint (~180 MB) proves nothing more
+                    shutil.rmtree(os.path.join(out, "run"), ignore_errors=True)
                 results.append({"job": i, "seconds": round(seconds, 1), "rc": job.returncode, "hung": hung})
                 print(f"job {i}: {'HUNG' if hung else f'rc {job.returncode}'} after {seconds:.1f} s "
                       f"({len(results)}/{args.runs})", flush=True)

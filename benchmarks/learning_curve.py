@@ -1,7 +1,8 @@
 """Does more compute teach the encoder the object? MoCo v2 checkpoints along one long schedule.
 
     python benchmarks/learning_curve.py [--work runs/learning_curve] [--budgets 10,30,100,300]
-                                        [--runs vanilla,+OA-Crop,+BG-Mixup] [--quick] [--list]
+                                        [--runs vanilla,+OA-Crop,+BG-Mixup] [--seed 0]
+                                        [--schedule-epochs N] [--quick] [--list]
 
 On the demo data with the recipe of benchmarks/fidelity.py (half-width ResNet-18, 64 px, batch
 256, base lr 0.06) and MoCo v2's own crop scale (0.2, 1), three runs of one seed share one
@@ -18,8 +19,10 @@ Every step is skipped when its output exists and training resumes from the run's
 so an interrupted benchmark continues where it stopped (``kill -STOP``/``-CONT`` pauses it).
 After each evaluation benchmarks/results/learning_curve.{json,md,png} are rewritten. Settings
 are the fidelity benchmark's (chosen on val); the Background Challenge is only reported.
-``--runs`` trains a subset of the three (by label). ``--quick``: budgets 1, 2 on the tiny profile
-(a smoke run, minutes).
+``--runs`` trains a subset of the three (by label); ``--seed`` another seed (its results are
+learning_curve_s<seed>.*); ``--schedule-epochs`` a schedule longer than the largest budget, so a
+second seed can stop at 100 epochs of the same 300-epoch schedule as the first. ``--quick``:
+budgets 1, 2 on the tiny profile (a smoke run, minutes).
 """
 from __future__ import annotations
 
@@ -50,9 +53,13 @@ RUNS = (Run(), Run(oa_crop=True, masks="gt"), Run(bg_mixup=P_MIX, masks="gt"))
 class Curve(Bench):
     """Bench's data and evaluation, with runs trained to a budget along one long schedule."""
 
-    def __init__(self, work: str, profile: dict, budgets: List[int], log=print):
-        super().__init__(work, dict(profile, budgets=list(budgets), crop_scale=list(CROP_SCALE)), log)
+    def __init__(self, work: str, profile: dict, budgets: List[int], log=print, schedule_epochs: int = 0):
         self.budgets = sorted(budgets)
+        self.schedule_epochs = schedule_epochs or self.budgets[-1]
+        p = dict(profile, budgets=list(budgets), crop_scale=list(CROP_SCALE))
+        if self.schedule_epochs != self.budgets[-1]:  # recorded only then: older work folders stay resumable
+            p["schedule_epochs"] = self.schedule_epochs
+        super().__init__(work, p, log)
 
     def steps_per_epoch(self) -> int:
         from objloader.store.reader import read_manifest
@@ -75,7 +82,7 @@ class Curve(Bench):
         argv = ["--loader", "ffcv", "--data", self.train_data(run), "--out", out, "--seed", str(run.seed),
                 "--width", str(self.p["width"]), "--image-size", str(self.p["image_size"]),
                 "--batch-size", str(self.p["batch_size"]), "--lr", str(LRS[run.method]),
-                "--epochs", str(self.budgets[-1]), "--max-steps", str(budget * self.steps_per_epoch()),
+                "--epochs", str(self.schedule_epochs), "--max-steps", str(budget * self.steps_per_epoch()),
                 "--crop-scale", *(str(x) for x in CROP_SCALE), "--no-progress"]
         if run.oa_crop:
             argv.append("--oa-crop")
@@ -116,7 +123,7 @@ def render_md(doc: dict) -> str:
              + (" + uncommitted changes" if doc["commit"].get("uncommitted") else "") + ". "
              f"Demo data ({doc['records']['train']} train records), half-width ResNet-18, "
              f"{doc['settings']['image_size']} px, batch {doc['settings']['batch_size']}, base lr "
-             f"{doc['settings']['lr']}, crop scale {tuple(doc['settings']['crop_scale'])}, seed 0, one cosine "
+             f"{doc['settings']['lr']}, crop scale {tuple(doc['settings']['crop_scale'])}, seed {doc['settings']['seed']}, one cosine "
              f"schedule of {doc['settings']['schedule_epochs']} epochs; object-aware runs on ground-truth masks. "
              "Top-1 (%) of a linear probe fitted on the biased train originals; BG-gap = mixed_same - mixed_rand "
              "(smaller is less biased); fg probe: a probe fitted and scored on halves of mixed_rand (a "
@@ -198,13 +205,18 @@ def render_png(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+def results_stem(seed: int) -> str:
+    return "learning_curve" if seed == 0 else f"learning_curve_s{seed}"
+
+
 def write_results(doc: dict, results: str) -> None:
     os.makedirs(results, exist_ok=True)
-    _write_json(os.path.join(results, "learning_curve.json"), doc)
-    with open(os.path.join(results, "learning_curve.md"), "w", encoding="utf-8") as f:
+    stem = os.path.join(results, results_stem(doc["settings"]["seed"]))
+    _write_json(stem + ".json", doc)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(render_md(doc))
     if doc["evaluations"]:
-        render_png(doc, os.path.join(results, "learning_curve.png"))
+        render_png(doc, stem + ".png")
 
 
 def main(argv=None) -> int:
@@ -212,6 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(REPO, "runs", "learning_curve"))
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="epochs at which checkpoints are kept")
     ap.add_argument("--runs", default=",".join(r.label for r in RUNS), help="which runs, by label")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schedule-epochs", type=int, default=0,
+                    help="epochs the cosine schedule spans (default: the largest budget)")
     ap.add_argument("--quick", action="store_true", help="the tiny profile, budgets 1,2: a smoke run")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -225,16 +240,21 @@ def main(argv=None) -> int:
     unknown = sorted(set(labels) - {r.label for r in RUNS})
     if unknown or not labels:
         ap.error(f"--runs: labels among {', '.join(r.label for r in RUNS)}; got {args.runs!r}")
-    plan = [(run, b) for b in sorted(budgets) for run in RUNS if run.label in labels]
+    if args.seed < 0:
+        ap.error("--seed: a non-negative integer")
+    if args.schedule_epochs and args.schedule_epochs < max(budgets):
+        ap.error(f"--schedule-epochs {args.schedule_epochs}: at least the largest budget, {max(budgets)}")
+    runs = [dataclasses.replace(r, seed=args.seed) for r in RUNS if r.label in labels]
+    plan = [(run, b) for b in sorted(budgets) for run in runs]
     if args.render:
-        with open(os.path.join(args.results, "learning_curve.json"), encoding="utf-8") as f:
+        with open(os.path.join(args.results, results_stem(args.seed) + ".json"), encoding="utf-8") as f:
             write_results(json.load(f), args.results)
         return 0
     if args.list:
         for run, b in plan:
             print(f"{run.name} to epoch {b}")
         return 0
-    curve = Curve(args.work, profile, budgets)
+    curve = Curve(args.work, profile, budgets, schedule_epochs=args.schedule_epochs)
     curve.ensure_data()
     from objloader.store.reader import read_manifest
 
@@ -248,7 +268,8 @@ def main(argv=None) -> int:
                "records": {"train": read_manifest(os.path.join(curve.built, "train"))["counts"]["records"]},
                "settings": {"image_size": profile["image_size"], "batch_size": profile["batch_size"],
                             "width": profile["width"], "lr": LRS["moco"], "crop_scale": list(CROP_SCALE),
-                            "schedule_epochs": max(budgets), "budgets": sorted(budgets), "p_mix": P_MIX, "seed": 0,
+                            "schedule_epochs": curve.schedule_epochs, "budgets": sorted(budgets), "p_mix": P_MIX,
+                            "seed": args.seed,
                             "steps_per_epoch": curve.steps_per_epoch()},
                "evaluations": evaluations, "missing": missing}
         write_results(doc, args.results if not args.quick else os.path.join(args.work, "results"))

@@ -74,3 +74,38 @@ def test_runs_must_name_labels_of_the_plan(capsys):
     assert "--runs: labels among vanilla, +OA-Crop, +BG-Mixup" in capsys.readouterr().err
     assert lc.main(["--list", "--runs", "+OA-Crop"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"moco-train-oacrop-gt-s0 to epoch {b}" for b in lc.BUDGETS]
+
+
+def test_another_seed_on_a_longer_schedule_reaches_the_trainer_and_its_own_results(tmp_path, monkeypatch):
+    """--seed 1 --schedule-epochs 6 with budgets 1, 2: the trainer gets --seed 1 and --epochs 6
+    with --max-steps at each budget; the work folder records the schedule; results go to
+    learning_curve_s1.* (seed 0's files untouched)."""
+    lc = _curve()
+    curve = lc.Curve(str(tmp_path / "work"), lc.PROFILES["tiny"], [1, 2], schedule_epochs=6)
+    monkeypatch.setattr(curve, "steps_per_epoch", lambda: 3)
+    calls = []
+
+    def fake_step(what, log_name, fn, method, argv):
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "checkpoint.pt"), "w").close()
+
+    monkeypatch.setattr(curve, "_step", fake_step)
+    curve.check_profile()
+    run = lc.dataclasses.replace(lc.RUNS[0], seed=1)
+    for budget in (1, 2):
+        assert os.path.isfile(curve.train_to(run, budget))
+    opt = [dict(zip(a[::2], a[1::2])) for a in (c[:c.index("--crop-scale")] for c in calls)]
+    assert [(o["--seed"], o["--epochs"], o["--max-steps"]) for o in opt] == [("1", "6", "3"), ("1", "6", "6")]
+    assert "--resume" in calls[1] and "--resume" not in calls[0]
+    assert json.load(open(tmp_path / "work" / "profile.json"))["schedule_epochs"] == 6
+    assert "schedule_epochs" not in lc.Curve(str(tmp_path / "w2"), lc.PROFILES["tiny"], [1, 2]).p
+    doc = {"machine": {}, "date": "d", "commit": {"commit": "c"}, "records": {"train": 9}, "missing": [],
+           "settings": {"seed": 1, "image_size": 32, "batch_size": 16, "lr": 0.06, "crop_scale": [0.2, 1.0],
+                        "schedule_epochs": 6},
+           "evaluations": [_eval("vanilla", 1, 20.0, 10.0, 30.0) | {"steps": 3}]}
+    lc.write_results(doc, str(tmp_path / "results"))
+    assert sorted(os.listdir(tmp_path / "results")) == ["learning_curve_s1.json", "learning_curve_s1.md",
+                                                         "learning_curve_s1.png"]
+    assert "seed 1, one cosine schedule of 6 epochs" in open(tmp_path / "results" / "learning_curve_s1.md").read()
