@@ -80,6 +80,7 @@ def _dump_stacks(pids: list, path: str) -> None:
 
 
 def _kill(pids: list) -> None:
+    """SIGKILL each of ``pids`` (one already gone is skipped)."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
