@@ -21,7 +21,8 @@ After each evaluation benchmarks/results/learning_curve.{json,md,png} are rewrit
 are the fidelity benchmark's (chosen on val); the Background Challenge is only reported.
 ``--runs`` trains a subset of the three (by label); ``--seed`` another seed (its results are
 learning_curve_s<seed>.*); ``--schedule-epochs`` a schedule longer than the largest budget, so a
-second seed can stop at 100 epochs of the same 300-epoch schedule as the first. ``--quick``:
+second seed can stop at 100 epochs of the same 300-epoch schedule as the first;
+``--seeds-summary`` sets the seeds' files side by side (learning_curve_seeds.md). ``--quick``:
 budgets 1, 2 on the tiny profile (a smoke run, minutes).
 """
 from __future__ import annotations
@@ -205,6 +206,77 @@ def render_png(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+SEED_COLUMNS = ("val", "mixed_rand", "BG-gap", "fg probe")
+
+
+def _cell(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{sum(values) / len(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def render_seeds(docs: List[dict]) -> str:
+    """The curves of several seeds side by side (learning_curve_seeds.md): per budget and run,
+    mean (min–max) over the seeds that reached it; then +BG-Mixup against vanilla over the seeds
+    both reached, with the fidelity benchmark's target (BG-gap mean >= 3 points lower and every
+    seed's below every vanilla seed's, val at most 1 point lower, mixed_rand higher)."""
+    docs = sorted(docs, key=lambda d: d["settings"]["seed"])
+    by: Dict[tuple, Dict[int, dict]] = {}
+    for doc in docs:
+        for e in doc["evaluations"]:
+            by.setdefault((e["epochs"], e["label"]), {})[doc["settings"]["seed"]] = e
+    lines = ["# Learning curve over seeds", "",
+             "One file a seed, each with its machine, date and commit: "
+             + "; ".join(f"seed {d['settings']['seed']} ({results_stem(d['settings']['seed'])}.md): "
+                         f"{d['machine'].get('cpu', '?')}, {d['date'][:10]}, commit {d['commit'].get('commit')}"
+                         for d in docs) + ". The same recipe and schedule "
+             f"({docs[0]['settings']['schedule_epochs']} epochs) in every file; trained weights also depend on "
+             "the machine. Cells: mean (min–max) over the seeds that reached the budget.", "",
+             "| run | epochs | seeds | " + " | ".join(SEED_COLUMNS) + " |", "|---|---:|---|" + "---:|" * len(SEED_COLUMNS)]
+    order = sorted(by, key=lambda k: (k[0], k[1] != "vanilla", k[1]))
+    for epochs, label in order:
+        evals = by[(epochs, label)]
+        cells = " | ".join(_cell([_metric(e, c) for e in evals.values() if _metric(e, c) is not None]) or "–"
+                           for c in SEED_COLUMNS)
+        lines.append(f"| {label} | {epochs} | {', '.join(map(str, sorted(evals)))} | {cells} |")
+    lines += ["", "+BG-Mixup against vanilla over the seeds both reached (changes in points; per seed in brackets):", "",
+              "| epochs | seeds | BG-gap change | every seed below | val change | mixed_rand change | target |",
+              "|---:|---|---:|---|---:|---:|---|"]
+    for epochs in sorted({k[0] for k in by}):
+        van, mix = by.get((epochs, "vanilla"), {}), by.get((epochs, "+BG-Mixup"), {})
+        seeds = sorted(set(van) & set(mix))
+        if not seeds:
+            continue
+
+        def change(col):
+            d = [_metric(mix[s], col) - _metric(van[s], col) for s in seeds]
+            return sum(d) / len(d), "[" + ", ".join(f"{x:+.1f}" for x in d) + "]"
+
+        (d_gap, per_gap), (d_val, per_val), (d_rand, per_rand) = change("BG-gap"), change("val"), change("mixed_rand")
+        below = max(mix[s]["bg_gap"] for s in seeds) < min(van[s]["bg_gap"] for s in seeds)
+        met = d_gap <= -3 and below and d_val >= -1 and d_rand > 0
+        lines.append(f"| {epochs} | {', '.join(map(str, seeds))} | {d_gap:+.1f} {per_gap} | {'yes' if below else 'no'} | "
+                     f"{d_val:+.1f} {per_val} | {d_rand:+.1f} {per_rand} | {'met' if met else 'missed'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seeds(results: str) -> str:
+    """learning_curve_seeds.md from every seed's JSON in ``results``; returns its path."""
+    names = sorted(n for n in os.listdir(results)
+                   if n == "learning_curve.json" or (n.startswith("learning_curve_s") and n.endswith(".json")
+                                                      and n[len("learning_curve_s"):-5].isdigit()))
+    docs = []
+    for n in names:
+        with open(os.path.join(results, n), encoding="utf-8") as f:
+            docs.append(json.load(f))
+    if not docs:
+        raise SystemExit(f"learning_curve: no learning_curve*.json in {results}")
+    path = os.path.join(results, "learning_curve_seeds.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_seeds(docs))
+    return path
+
+
 def results_stem(seed: int) -> str:
     return "learning_curve" if seed == 0 else f"learning_curve_s{seed}"
 
@@ -231,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
     ap.add_argument("--render", action="store_true", help="rewrite the .md and .png from the results' JSON and exit")
+    ap.add_argument("--seeds-summary", action="store_true",
+                    help="write learning_curve_seeds.md from every seed's JSON in --results and exit")
     args = ap.parse_args(argv)
     profile = PROFILES["tiny" if args.quick else "full"]
     budgets = [1, 2] if args.quick else [int(b) for b in args.budgets.split(",") if b.strip()]
@@ -246,6 +320,9 @@ def main(argv=None) -> int:
         ap.error(f"--schedule-epochs {args.schedule_epochs}: at least the largest budget, {max(budgets)}")
     runs = [dataclasses.replace(r, seed=args.seed) for r in RUNS if r.label in labels]
     plan = [(run, b) for b in sorted(budgets) for run in runs]
+    if args.seeds_summary:
+        print(write_seeds(args.results))
+        return 0
     if args.render:
         with open(os.path.join(args.results, results_stem(args.seed) + ".json"), encoding="utf-8") as f:
             write_results(json.load(f), args.results)

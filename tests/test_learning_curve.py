@@ -109,3 +109,30 @@ def test_another_seed_on_a_longer_schedule_reaches_the_trainer_and_its_own_resul
     assert sorted(os.listdir(tmp_path / "results")) == ["learning_curve_s1.json", "learning_curve_s1.md",
                                                          "learning_curve_s1.png"]
     assert "seed 1, one cosine schedule of 6 epochs" in open(tmp_path / "results" / "learning_curve_s1.md").read()
+
+
+def test_seeds_summary_sets_each_seeds_file_side_by_side(tmp_path, capsys):
+    """Mean (min–max) over the seeds that reached a budget, and BG-Mixup's paired changes with the
+    fidelity target: met only when the mean gap is >= 3 lower, every seed's gap below every
+    vanilla seed's, val at most 1 lower and mixed_rand higher."""
+    lc = _curve()
+
+    def doc(seed, evals):
+        return {"machine": {"cpu": f"cpu{seed}"}, "date": "2026-12-06T00:00", "commit": {"commit": f"c{seed}"},
+                "settings": {"seed": seed, "schedule_epochs": 300}, "evaluations": evals}
+
+    s0 = doc(0, [_eval("vanilla", 10, 30.0, 20.0, 14.0), _eval("+BG-Mixup", 10, 29.5, 15.0, 15.0),
+                 _eval("vanilla", 100, 40.0, 30.0, 20.0), _eval("+BG-Mixup", 100, 45.0, 14.0, 30.0)])
+    s1 = doc(1, [_eval("vanilla", 10, 32.0, 16.0, 16.0), _eval("+BG-Mixup", 10, 31.0, 15.5, 17.0)])
+    for d in (s0, s1):
+        lc._write_json(str(tmp_path / f"{lc.results_stem(d['settings']['seed'])}.json"), d)
+    (tmp_path / "learning_curve_sx.json").write_text("{}")  # not a seed's file: ignored
+    assert lc.main(["--seeds-summary", "--results", str(tmp_path)]) == 0
+    md = (tmp_path / "learning_curve_seeds.md").read_text()
+    assert "seed 0 (learning_curve.md): cpu0" in md and "seed 1 (learning_curve_s1.md): cpu1" in md
+    assert "| vanilla | 10 | 0, 1 | 31.0 (30.0–32.0) | 15.5 (15.0–16.0) | 18.0 (16.0–20.0) | 15.0 (14.0–16.0) |" in md
+    assert "| +BG-Mixup | 100 | 0 | 45.0 | 22.5 | 14.0 | 30.0 |" in md
+    # 10 epochs: every seed's mix gap (15.0, 15.5) is below every vanilla gap (20.0, 16.0), but the mean
+    # change is -2.75, short of -3 (mixed_rand = val / 2 here: lower too)
+    assert "| 10 | 0, 1 | -2.8 [-5.0, -0.5] | yes | -0.8 [-0.5, -1.0] | -0.4 [-0.2, -0.5] | missed |" in md
+    assert "| 100 | 0 | -16.0 [-16.0] | yes | +5.0 [+5.0] | +2.5 [+2.5] | met |" in md
