@@ -33,6 +33,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from typing import Dict, List
@@ -42,7 +43,7 @@ REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
 
-from fidelity import LRS, P_MIX, PROFILES, Bench, Run, _write_json  # noqa: E402
+from fidelity import LRS, P_MIX, PROFILES, Bench, Run, _write_json, bg_mixup_met  # noqa: E402
 from throughput import git_state, machine  # noqa: E402
 
 CROP_SCALE = (0.2, 1.0)  # MoCo v2's published recipe (facebookresearch/moco main_moco.py, aug_plus)
@@ -249,12 +250,13 @@ def render_seeds(docs: List[dict]) -> str:
             continue
 
         def change(col):
+            # the mean of the per-seed changes, from unrounded figures (fidelity's _paired rounds first)
             d = [_metric(mix[s], col) - _metric(van[s], col) for s in seeds]
             return sum(d) / len(d), "[" + ", ".join(f"{x:+.1f}" for x in d) + "]"
 
         (d_gap, per_gap), (d_val, per_val), (d_rand, per_rand) = change("BG-gap"), change("val"), change("mixed_rand")
         below = max(mix[s]["bg_gap"] for s in seeds) < min(van[s]["bg_gap"] for s in seeds)
-        met = d_gap <= -3 and below and d_val >= -1 and d_rand > 0
+        met = bg_mixup_met(d_gap, below, d_val, d_rand)
         lines.append(f"| {epochs} | {', '.join(map(str, seeds))} | {d_gap:+.1f} {per_gap} | {'yes' if below else 'no'} | "
                      f"{d_val:+.1f} {per_val} | {d_rand:+.1f} {per_rand} | {'met' if met else 'missed'} |")
     return "\n".join(lines) + "\n"
@@ -262,9 +264,7 @@ def render_seeds(docs: List[dict]) -> str:
 
 def write_seeds(results: str) -> str:
     """learning_curve_seeds.md from every seed's JSON in ``results``; returns its path."""
-    names = sorted(n for n in os.listdir(results)
-                   if n == "learning_curve.json" or (n.startswith("learning_curve_s") and n.endswith(".json")
-                                                      and n[len("learning_curve_s"):-5].isdigit()))
+    names = sorted(n for n in os.listdir(results) if re.fullmatch(r"learning_curve(_s\d+)?\.json", n))  # the names results_stem gives
     docs = []
     for n in names:
         with open(os.path.join(results, n), encoding="utf-8") as f:
